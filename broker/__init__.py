@@ -1,0 +1,1 @@
+"""The controller: ring host, ZMQ router, ingress, lease reaper, Redis mirror, CLI."""

@@ -1,0 +1,245 @@
+"""The `stagepool` command.
+
+    stagepool up --config FILE [--workers STAGE=N ...] [--redis-url URL] [--state-dir DIR]
+    stagepool demo [--config FILE]          a local cluster, one job through every stage
+    stagepool broker --config FILE
+    stagepool worker --stage S --config FILE [--transport auto|shm|tcp|verbs]
+    stagepool submit [--param K=V ...] [--params JSON] [--job-id ID] [--json]
+    stagepool status ID [--json]
+    stagepool wait ID [--timeout S]
+    stagepool cancel ID
+    stagepool queues [--json]
+
+Client commands find the broker from --broker, then STAGEPOOL_BROKER_ENDPOINT, then the
+`cluster.json` that `stagepool up` writes in its state dir (default .stagepool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from ..common import config as config_mod
+from ..common.client import BrokerClient
+from ..common.errors import RemoteError, StagepoolError
+
+log = logging.getLogger("stagepool")
+
+TERMINAL = {"succeeded", "failed", "cancelled", "dead"}
+DEFAULT_STATE_DIR = ".stagepool"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
+
+
+def _broker_endpoint(args) -> str:
+    if getattr(args, "broker", None):
+        return args.broker
+    if os.environ.get("STAGEPOOL_BROKER_ENDPOINT"):
+        return os.environ["STAGEPOOL_BROKER_ENDPOINT"]
+    info = Path(args.state_dir) / "cluster.json"
+    if info.exists():
+        return json.loads(info.read_text())["broker"]
+    return config_mod.load(getattr(args, "config", None)).broker.endpoint
+
+
+def _parse_workers(items: list[str]) -> dict[str, int]:
+    workers = {}
+    for item in items:
+        stage, _, count = item.partition("=")
+        if not count.isdigit():
+            raise SystemExit(f"--workers takes STAGE=N, got {item!r}")
+        workers[stage] = int(count)
+    return workers
+
+
+def cmd_broker(args) -> int:
+    from .server import Broker
+
+    broker = Broker(config_mod.load(args.config))
+    broker.install_signal_handlers()
+    broker.serve()
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from ..stages.worker import Worker
+
+    worker = Worker(config_mod.load(args.config), args.stage, broker_endpoint=args.broker,
+                    transport=args.transport)
+    worker.install_signal_handlers()
+    worker.run()
+    return 0
+
+
+def cmd_up(args) -> int:
+    from .cluster import Cluster
+
+    config = config_mod.load(args.config)
+    cluster = Cluster(config, args.config, Path(args.state_dir), _parse_workers(args.workers),
+                      redis_url=args.redis_url)
+    info = cluster.start()
+    print(f"stagepool up: broker {info['broker']}, redis {info['redis_url']}, "
+          f"state in {args.state_dir}", flush=True)
+    try:
+        cluster.supervise(info)
+    finally:
+        cluster.stop()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .cluster import Cluster
+
+    config = config_mod.load(args.config)
+    state_dir = Path(args.state_dir)
+    cluster = Cluster(config, args.config, state_dir, {}, redis_url=args.redis_url)
+    info = cluster.start()
+    try:
+        with BrokerClient(info["broker"], timeout_s=30) as client:
+            submitted = client.submit({"prompt": args.prompt})
+            print(f"submitted job {submitted.job_id}", flush=True)
+            status = _follow(client, submitted.job_id, timeout_s=120, show=True)
+        result_path = state_dir / "results" / f"{submitted.job_id}.json"
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        result_path.write_bytes(msgspec.json.format(msgspec.json.encode(status), indent=2))
+        print(f"job {submitted.job_id}: {status.state}; result written to {result_path}")
+        return 0 if status.state == "succeeded" else 1
+    finally:
+        cluster.stop()
+
+
+def _follow(client: BrokerClient, job_id: str, timeout_s: float, show: bool):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        status = client.status(job_id)
+        if show and status.state != last:
+            print(f"  {job_id}: {status.state}", flush=True)
+            last = status.state
+        if status.state in TERMINAL:
+            return status
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"job {job_id} still {status.state} after {timeout_s} s")
+        time.sleep(0.05)
+
+
+def cmd_submit(args) -> int:
+    params = json.loads(args.params) if args.params else {}
+    for item in args.param:
+        key, _, value = item.partition("=")
+        params[key] = value
+    with BrokerClient(_broker_endpoint(args)) as client:
+        submitted = client.submit(params, job_id=args.job_id, priority=args.priority)
+    if args.json:
+        print(msgspec.json.encode(submitted).decode())
+    else:
+        print(submitted.job_id)
+    return 0
+
+
+def cmd_status(args) -> int:
+    with BrokerClient(_broker_endpoint(args)) as client:
+        status = client.status(args.job_id)
+    if args.json:
+        print(msgspec.json.encode(status).decode())
+    else:
+        print(f"{status.job_id} {status.state}" + (f" ({status.error})" if status.error else ""))
+    return 0
+
+
+def cmd_wait(args) -> int:
+    with BrokerClient(_broker_endpoint(args)) as client:
+        try:
+            status = _follow(client, args.job_id, args.timeout, show=False)
+        except TimeoutError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+    print(f"{status.job_id} {status.state}")
+    return 0 if status.state == "succeeded" else 1
+
+
+def cmd_cancel(args) -> int:
+    with BrokerClient(_broker_endpoint(args)) as client:
+        result = client.cancel(args.job_id)
+    print(f"{result.job_id} {result.state}")
+    return 0 if result.cancelled else 1
+
+
+def cmd_queues(args) -> int:
+    with BrokerClient(_broker_endpoint(args)) as client:
+        queues = client.queues()
+    if args.json:
+        print(msgspec.json.encode(queues).decode())
+        return 0
+    print(f"{'stage':<12}{'depth':>8}{'backlog':>9}{'in flight':>11}{'workers':>9}")
+    for q in queues.queues:
+        print(f"{q.stage:<12}{q.depth:>8}{q.backlog:>9}{q.in_flight:>11}{q.workers:>9}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stagepool", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_text):
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(fn=fn)
+        p.add_argument("--config", default=None, help="pipeline config (TOML)")
+        p.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+        p.add_argument("--broker", default=None, help="broker control endpoint")
+        return p
+
+    p = add("up", cmd_up, "run a local cluster in the foreground")
+    p.add_argument("--workers", action="append", default=[], metavar="STAGE=N")
+    p.add_argument("--redis-url", default=None)
+    p = add("demo", cmd_demo, "local cluster, one job through all stages, result written")
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--prompt", default="a lighthouse at dawn, oil painting")
+    add("broker", cmd_broker, "run the broker")
+    p = add("worker", cmd_worker, "run one worker")
+    p.add_argument("--stage", required=True)
+    p.add_argument("--transport", default=None, choices=["auto", "shm", "tcp", "verbs"])
+    p = add("submit", cmd_submit, "submit a job; prints its id")
+    p.add_argument("--param", action="append", default=[], metavar="K=V")
+    p.add_argument("--params", default=None, help="params as a JSON object")
+    p.add_argument("--job-id", default=None)
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p = add("status", cmd_status, "show a job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p = add("wait", cmd_wait, "wait for a job to end")
+    p.add_argument("job_id")
+    p.add_argument("--timeout", type=float, default=600)
+    p = add("cancel", cmd_cancel, "cancel a job")
+    p.add_argument("job_id")
+    p = add("queues", cmd_queues, "queue depth per stage")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except (StagepoolError, RemoteError) as exc:
+        print(f"stagepool: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

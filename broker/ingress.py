@@ -1,0 +1,109 @@
+"""Ingress: jobs written straight into Redis by any language.
+
+    XADD {ns}:ingress * job '{"params": {...}, "job_id": "optional", "priority": 0}'
+
+A thread reads the stream through a consumer group, submits each entry like a ZMQ `Submit`,
+and acknowledges it after the job record exists: a broker killed in between re-reads its
+pending entries at start, and submission is idempotent on job id, so nothing is lost or doubled.
+An entry that does not decode is acknowledged and reported: as a `failed` job record when it
+names a usable job id (so its sender can read the error), and always as a `rejected` event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import msgspec
+
+from ..common.errors import ProtocolError, StagepoolError
+from ..common.jobstore import JobStore
+from ..common.wire import JOB_ID
+
+log = logging.getLogger(__name__)
+
+_BATCH = 100
+_BLOCK_MS = 500
+
+
+class IngressJob(msgspec.Struct, forbid_unknown_fields=True):
+    params: dict[str, Any] = {}
+    job_id: str | None = None
+    pipeline: str = ""
+    priority: int = 0
+
+
+_decoder = msgspec.json.Decoder(IngressJob)
+
+
+class Ingress:
+    def __init__(self, store: JobStore, submit, consumer: str = "broker"):
+        """`submit(job_id, params, pipeline, priority)` is the broker's submit path."""
+        self.store = store
+        self.submit = submit
+        self.consumer = consumer
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.store.ensure_ingress_group()
+        self._thread = threading.Thread(target=self._run, name="ingress", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        pending = True  # first our own unacknowledged entries from a previous life
+        while not self._stop.is_set():
+            try:
+                entries = self.store.read_ingress(self.consumer, _BATCH, _BLOCK_MS, pending)
+                if pending and not entries:
+                    pending = False
+                    continue
+                for entry_id, fields in entries:
+                    self.handle(entry_id, fields)
+                self.store.ack_ingress([entry_id for entry_id, _ in entries])
+            except StagepoolError:
+                log.warning("ingress: redis unavailable; retrying", exc_info=True)
+                self._stop.wait(1.0)
+            except Exception:
+                log.exception("ingress loop error; continuing")
+                self._stop.wait(0.1)
+
+    def handle(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Submit one entry; never raises for bad input."""
+        raw = fields.get(b"job")
+        try:
+            if raw is None:
+                raise ProtocolError("entry has no 'job' field")
+            try:
+                job = _decoder.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ProtocolError(f"bad job JSON: {exc}") from None
+            self.submit(job.job_id, job.params, job.pipeline, job.priority)
+        except ProtocolError as exc:
+            self._reject(entry_id, raw, str(exc))
+
+    def _reject(self, entry_id: bytes, raw: bytes | None, reason: str) -> None:
+        log.warning("ingress entry %s rejected: %s", entry_id.decode(), reason)
+        job_id = _salvage_job_id(raw)
+        if job_id:
+            self.store.reject(job_id, f"rejected at ingress: {reason}")
+        self.store.redis.xadd(
+            self.store.keys.events,
+            {"job": job_id or "", "event": "rejected", "entry": entry_id, "detail": reason[:500]},
+            maxlen=self.store.events_maxlen, approximate=True,
+        )
+
+
+def _salvage_job_id(raw: bytes | None) -> str:
+    try:
+        value = msgspec.json.decode(raw or b"")
+    except msgspec.DecodeError:
+        return ""
+    job_id = value.get("job_id") if isinstance(value, dict) else None
+    return job_id if isinstance(job_id, str) and JOB_ID.match(job_id) else ""

@@ -1,0 +1,152 @@
+"""The lease reaper: finds work whose worker is gone and gives it back to a pool.
+
+Every tick, for each stage ring, on the broker's own memory:
+  1. lease cells: a held lease whose beat has not changed for its lease_ms (by the broker's
+     monotonic clock) is expired -> `recover`;
+  2. slots claimed but not released for claim_grace_ms (a consumer died between claim and
+     lease) -> `Ring.reclaim`, then `recover` from the slot's own record;
+  3. a head slot taken but not published for publish_grace_ms (a producer died mid-write)
+     -> `Ring.skip` (its producer's lease, if any, brings the job back through step 1);
+  4. records waiting for ring space are moved in (`Dispatcher.drain`).
+`recover` asks Redis (jobs.lua `retry`, mode crash) what to do: publish the stage again with
+attempt + 1, publish the hand-on a dead worker had committed but not delivered, dead-letter
+after max_attempts, or nothing (the attempt was already superseded).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..common.config import Config
+from ..common.errors import ProtocolError, StagepoolError
+from ..common.jobstore import JobStore
+from ..common.ring import Ring
+from ..common.wire import decode_dispatch
+from .dispatcher import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    def __init__(self, config: Config, rings: dict[str, Ring], store: JobStore,
+                 dispatcher: Dispatcher):
+        self.config = config
+        self.rings = rings
+        self.store = store
+        self.dispatcher = dispatcher
+        self._beats: dict[tuple[str, int], tuple[int, int, float]] = {}  # -> gen, beat, seen_at
+        self._recovered: set[tuple[str, int, int]] = set()  # (stage, cell, gen)
+        self._claimed_since: dict[tuple[str, int], float] = {}
+        self._unpublished_since: dict[tuple[str, int], float] = {}
+        self._scan_from: dict[str, int] = {stage: 0 for stage in rings}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.recovered_total = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        interval_s = self.config.broker.reaper_interval_ms / 1000
+        while not self._stop.wait(interval_s):
+            try:
+                self.tick(time.monotonic())
+            except StagepoolError:
+                log.warning("reaper tick failed; retrying next tick", exc_info=True)
+            except Exception:
+                log.exception("reaper tick crashed; retrying next tick")
+
+    def tick(self, now: float) -> None:
+        for stage, ring in self.rings.items():
+            self._scan_leases(stage, ring, now)
+            self._scan_slots(stage, ring, now)
+        self.dispatcher.drain()
+
+    def cell_is_free(self, stage: str, cell: int) -> bool:
+        """True when no lease in the cell still needs recovering (safe to give it away)."""
+        lease = self.rings[stage].read_lease(cell)
+        with self._lock:
+            return lease is None or (stage, cell, lease.gen) in self._recovered
+
+    def _scan_leases(self, stage: str, ring: Ring, now: float) -> None:
+        for cell in range(ring.layout.cells):
+            lease = ring.read_lease(cell)
+            key = (stage, cell)
+            if lease is None:
+                self._beats.pop(key, None)
+                continue
+            gen, beat, seen_at = self._beats.get(key, (-1, -1, now))
+            if (gen, beat) != (lease.gen, lease.beat):
+                self._beats[key] = (lease.gen, lease.beat, now)
+                continue
+            if now - seen_at < lease.lease_ms / 1000:
+                continue
+            with self._lock:
+                if (stage, cell, lease.gen) in self._recovered:
+                    continue
+                self._recovered.add((stage, cell, lease.gen))
+            log.warning("lease expired: job %s stage %s attempt %d (cell %d)",
+                        lease.job_id, stage, lease.attempt, cell)
+            self.recover(stage, lease.job_id, lease.attempt, "lease expired")
+
+    def _scan_slots(self, stage: str, ring: Ring, now: float) -> None:
+        claim_grace_s = self.config.ring.claim_grace_ms / 1000
+        publish_grace_s = self.config.ring.publish_grace_ms / 1000
+        claimed, unpublished, dequeue = ring.stuck(self._scan_from[stage])
+        self._scan_from[stage] = claimed[0] if claimed else dequeue
+        live = set()
+        for position in claimed:
+            key = (stage, position)
+            live.add(key)
+            first = self._claimed_since.setdefault(key, now)
+            if now - first < claim_grace_s:
+                continue
+            payload = ring.reclaim(position)
+            if payload is None:
+                continue
+            try:
+                dispatch = decode_dispatch(payload)
+            except ProtocolError:
+                log.error("reclaimed an undecodable record at %s/%d; dropped", stage, position)
+                continue
+            log.warning("slot %s/%d claimed but never released: job %s attempt %d",
+                        stage, position, dispatch.job_id, dispatch.attempt)
+            self.recover(stage, dispatch.job_id, dispatch.attempt, "claimed, never leased")
+        for key in [k for k in self._claimed_since if k[0] == stage and k not in live]:
+            del self._claimed_since[key]
+        if unpublished is None:
+            self._unpublished_since = {k: v for k, v in self._unpublished_since.items()
+                                       if k[0] != stage}
+            return
+        first = self._unpublished_since.setdefault((stage, unpublished), now)
+        if now - first >= publish_grace_s and ring.skip(unpublished):
+            log.warning("skipped slot %s/%d: taken but never published", stage, unpublished)
+
+    def recover(self, stage: str, job_id: str, attempt: int, reason: str) -> None:
+        stage_config = self.config.stage(stage)
+        next_stage = self.config.next_stage(stage)
+        outcome = self.store.retry(
+            job_id, stage, attempt, "broker", reason, stage_config.max_attempts, crash=True,
+            next_stage=next_stage.name if next_stage else "",
+        )
+        if outcome.status == "retry":
+            new_attempt, dispatch = int(outcome.values[0]), outcome.values[1]
+            self.dispatcher.republish(stage, dispatch, new_attempt)
+            self.recovered_total += 1
+        elif outcome.status == "republish":
+            target, new_attempt, dispatch = outcome.values[0].decode(), int(outcome.values[1]), outcome.values[2]
+            self.dispatcher.republish(target, dispatch, new_attempt)
+            self.recovered_total += 1
+        elif outcome.status == "dead":
+            log.error("job %s dead-lettered after %d attempts of %s", job_id, attempt, stage)
+        else:
+            log.info("recovery of %s/%s attempt %d: %s", job_id, stage, attempt, outcome.status)

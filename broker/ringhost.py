@@ -1,0 +1,95 @@
+"""The rings the broker owns: one per stage, in shared memory, reachable three ways.
+
+Each ring lives in one shm segment. Same-host workers map it (`shm`); remote workers reach the
+same bytes through the `TcpRingServer` thread or an RDMA registration (`VerbsHost`), so all
+three kinds of client are atomic with respect to each other on one ring.
+
+Segment names carry the broker id: a restarted broker makes fresh rings (rebuilt from Redis)
+and never maps a dead broker's memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+from ..common.config import Config
+from ..common.errors import RingError
+from ..common.ring import Layout, Ring
+from ..common.ring.shm import ShmMemory
+from ..common.ring.tcp import TcpRingServer
+from ..common.wire import RingAttach
+
+log = logging.getLogger(__name__)
+
+
+class RingHost:
+    """Creates, serves and finally unlinks the stage rings. Also hands out lease cells."""
+
+    def __init__(self, config: Config, broker_id: str):
+        self.config = config
+        self.host = socket.gethostname()
+        layout = Layout(config.ring.capacity, config.ring.slot_bytes, config.ring.cells)
+        self.layout = layout
+        self.memories: dict[str, ShmMemory] = {}
+        self.rings: dict[str, Ring] = {}
+        ns = config.redis.namespace
+        for stage in config.pipeline.stages:
+            name = f"stagepool-{ns}-{broker_id}-{stage.name}"
+            memory = ShmMemory(name, layout.nbytes, create=True)
+            self.memories[stage.name] = memory
+            self.rings[stage.name] = Ring.format(memory, layout)
+        self.tcp: TcpRingServer | None = None
+        if config.ring.tcp_bind:
+            regions = {stage: memory._region for stage, memory in self.memories.items()}
+            sizes = {stage: memory.nbytes for stage, memory in self.memories.items()}
+            self.tcp = TcpRingServer(config.ring.tcp_bind, regions, sizes)
+            self.tcp.start()
+        self.verbs = None
+        if config.ring.verbs_device:
+            from ..common.ring.verbs import VerbsHost
+
+            regions = {stage: (m._map, m.nbytes) for stage, m in self.memories.items()}
+            self.verbs = VerbsHost(config.ring.verbs_device, regions)
+        self._cells: dict[str, dict[int, str]] = {s: {} for s in self.rings}
+        self._lock = threading.Lock()
+
+    def attach_info(self, stage: str) -> RingAttach:
+        memory = self.memories[stage]
+        return RingAttach(
+            stage=stage,
+            shm_name=memory.name,
+            tcp_endpoint=self.tcp.endpoint if self.tcp else "",
+            host=self.host,
+            verbs={"device": self.config.ring.verbs_device} if self.verbs else {},
+            nbytes=memory.nbytes,
+        )
+
+    def allocate_cell(self, stage: str, worker_id: str, is_free) -> int:
+        """A lease cell for `worker_id`; `is_free(stage, cell)` vetoes cells with live leases."""
+        with self._lock:
+            owners = self._cells[stage]
+            for cell, owner in owners.items():
+                if owner == worker_id:
+                    return cell
+            for cell in range(self.layout.cells):
+                if cell not in owners and is_free(stage, cell):
+                    owners[cell] = worker_id
+                    return cell
+        raise RingError(f"no free lease cell in the {stage} ring ({self.layout.cells} cells)")
+
+    def free_cell(self, stage: str, worker_id: str) -> None:
+        with self._lock:
+            owners = self._cells[stage]
+            for cell, owner in list(owners.items()):
+                if owner == worker_id:
+                    del owners[cell]
+
+    def close(self) -> None:
+        if self.tcp:
+            self.tcp.stop()
+        if self.verbs:
+            self.verbs.close()
+        for memory in self.memories.values():
+            memory.close()

@@ -1,0 +1,295 @@
+"""The broker: one process per deployment that owns the rings and answers the control socket.
+
+Lifecycle of a job through the broker:
+  1. a `Submit` arrives on the ZMQ ROUTER (or an entry on the Redis ingress stream);
+  2. jobs.lua `submit` writes the record (idempotent on job id), then the first stage's
+     `Dispatch` is published into its ring (or queued in the Dispatcher while the ring is full);
+  3. workers take it from there: they claim, lease, run, commit to Redis and publish the
+     hand-on into the next ring themselves: the broker is not on the per-stage hot path;
+  4. the Reaper re-publishes work whose lease expired or whose slot was never released.
+On start the broker makes fresh rings and rebuilds them from Redis: every non-terminal job's
+current stage is published again with a new attempt, which also fences off any worker still
+running an attempt from before the restart.
+
+Threads: this one (control socket), the ingress reader, the reaper, and the ring servers.
+Each owns its sockets; they share only the JobStore (thread-safe) and the rings (atomics).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import zmq
+
+from ..common import wire
+from ..common.config import Config
+from ..common.errors import Code, ProtocolError, StagepoolError
+from ..common.jobstore import JobStore
+from ..common.wire import (
+    Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, Heartbeat, HeartbeatAck,
+    Hello, JobStatus, QueueInfo, Queues, Register, Registered, Submit, Submitted, Unregister,
+    VerbsAccept, VerbsConnect, Welcome, Ack,
+)
+from .dispatcher import Dispatcher
+from .ingress import Ingress
+from .reaper import Reaper
+from .ringhost import RingHost
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 100
+_MAX_GREETED = 100_000  # identities remembered as having said Hello
+
+
+class _WorkerEntry:
+    __slots__ = ("stage", "cell", "last_seen", "busy")
+
+    def __init__(self, stage: str, cell: int, now: float):
+        self.stage = stage
+        self.cell = cell
+        self.last_seen = now
+        self.busy = False
+
+
+class Broker:
+    def __init__(self, config: Config):
+        self.config = config
+        self.broker_id = uuid.uuid4().hex[:12]
+        self.schema = wire.schema_hash()
+        self.store = JobStore.from_config(config)
+        self.ringhost = RingHost(config, self.broker_id)
+        self.dispatcher = Dispatcher(self.ringhost.rings)
+        self.reaper = Reaper(config, self.ringhost.rings, self.store, self.dispatcher)
+        self.ingress = Ingress(self.store, self.submit, consumer="broker")
+        self.workers: dict[str, _WorkerEntry] = {}
+        self._greeted: dict[bytes, float] = {}
+        self._codec = Codec(wire.Request)
+        self._stop = threading.Event()
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 16 * wire.MAX_FRAME_BYTES)
+        self._sock.bind(config.broker.endpoint)
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stage_names = [s.name for s in config.pipeline.stages]
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Rebuild from Redis, start the threads, answer the control socket until `stop`."""
+        rebuilt = self.rebuild()
+        log.info("broker %s on %s: rebuilt %d jobs; rings: %s", self.broker_id, self.endpoint,
+                 rebuilt, ", ".join(self._stage_names))
+        self.reaper.start()
+        self.ingress.start()
+        try:
+            while not self._stop.is_set():
+                if self._sock.poll(_POLL_MS):
+                    for _ in range(1000):
+                        try:
+                            frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_frames(frames)
+                self._expire_workers(time.monotonic())
+        finally:
+            self.close()
+
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.ingress.stop()
+        self.reaper.stop()
+        self._sock.close(linger=0)
+        self.ringhost.close()
+        self.store.close()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def rebuild(self) -> int:
+        """Publish every non-terminal job's current stage again (fresh rings after a start)."""
+        count = 0
+        for job_id in list(self.store.active_ids()):
+            outcome = self.store.rebuild(job_id, self._stage_names)
+            if outcome.status != "retry":
+                continue
+            attempt, dispatch, stage = outcome.values
+            self.dispatcher.republish(stage.decode(), dispatch, int(attempt))
+            count += 1
+        return count
+
+    # -- the submit path (control socket and ingress) -----------------------------------------
+
+    def submit(self, job_id: str | None, params: dict, pipeline: str, priority: int) -> Submitted:
+        name = self.config.pipeline.name
+        if pipeline and pipeline != name:
+            raise ProtocolError(f"unknown pipeline {pipeline!r}; this broker runs {name!r}")
+        job_id = wire.check_job_id(job_id) if job_id else uuid.uuid4().hex
+        params_json = wire.check_params(params)
+        first = self._stage_names[0]
+        dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, priority))
+        outcome = self.store.submit(job_id, name, params_json, first, dispatch, priority)
+        if outcome.ok:
+            self.dispatcher.publish(first, dispatch)
+        return Submitted(job_id=job_id, created=outcome.ok)
+
+    # -- control socket ----------------------------------------------------------------------
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            log.warning("control: dropped a message of %d frames (send exactly one)", len(frames))
+            if frames:
+                self._reply(frames[0], Error(code=Code.BAD_REQUEST,
+                                             message="send exactly one frame per message"), False)
+            return
+        identity, frame = frames
+        as_json = frame[:1] == b"{"
+        rid = 0
+        try:
+            request, as_json = self._codec.decode(frame)
+            rid = request.rid
+            reply = self._handle(identity, request)
+        except StagepoolError as exc:
+            log.warning("control: refused a request from %s: %s", identity.hex(), exc)
+            reply = wire.error_reply(exc, rid)
+        except Exception as exc:
+            log.exception("control: request from %s failed", identity.hex())
+            reply = Error(code=Code.INTERNAL, message=f"internal error: {exc}", rid=rid)
+        reply.rid = rid
+        self._reply(identity, reply, as_json)
+
+    def _reply(self, identity: bytes, reply, as_json: bool) -> None:
+        try:
+            self._sock.send_multipart([identity, self._codec.encode(reply, as_json)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("control: dropped a reply to %s (peer not reading)", identity.hex())
+
+    def _handle(self, identity: bytes, request):
+        if isinstance(request, Hello):
+            return self._hello(identity, request)
+        if identity not in self._greeted:
+            return Error(code=Code.HANDSHAKE, message="send hello first")
+        match request:
+            case Submit(job_id=job_id, params=params, pipeline=pipeline, priority=priority):
+                return self.submit(job_id, params, pipeline, priority)
+            case GetStatus(job_id=job_id):
+                return self._status(job_id)
+            case Cancel(job_id=job_id):
+                outcome = self.store.cancel(wire.check_job_id(job_id))
+                if outcome.status == "missing":
+                    return Error(code=Code.NOT_FOUND, message=f"no job {job_id}")
+                state = outcome.values[0].decode() if outcome.values else "cancelled"
+                return CancelResult(job_id=job_id, cancelled=outcome.ok, state=state)
+            case GetQueues():
+                return self._queues()
+            case Register():
+                return self._register(request)
+            case Heartbeat(worker_id=worker_id, busy=busy):
+                entry = self.workers.get(worker_id)
+                if entry is None:
+                    return Error(code=Code.UNKNOWN_WORKER, message="register again")
+                entry.last_seen = time.monotonic()
+                entry.busy = busy
+                return HeartbeatAck(broker_id=self.broker_id)
+            case Unregister(worker_id=worker_id):
+                self._drop_worker(worker_id)
+                return Ack()
+            case VerbsConnect(stage=stage, qp=qp):
+                if self.ringhost.verbs is None:
+                    return Error(code=Code.UNAVAILABLE, message="verbs is not enabled")
+                return VerbsAccept(qp=self.ringhost.verbs.accept(stage, qp))
+        raise ProtocolError(f"unexpected {type(request).__name__}")
+
+    def _hello(self, identity: bytes, hello: Hello):
+        if hello.version != wire.PROTOCOL_VERSION:
+            return Error(code=Code.VERSION,
+                         message=f"broker speaks version {wire.PROTOCOL_VERSION}, not {hello.version}")
+        if hello.schema and hello.schema != self.schema:
+            return Error(code=Code.VERSION, message=f"schema {hello.schema} != {self.schema}")
+        if len(self._greeted) >= _MAX_GREETED:
+            oldest = sorted(self._greeted, key=self._greeted.get)[: _MAX_GREETED // 10]
+            for key in oldest:
+                del self._greeted[key]
+        self._greeted[identity] = time.monotonic()
+        return Welcome(version=wire.PROTOCOL_VERSION, schema=self.schema, broker_id=self.broker_id)
+
+    def _status(self, job_id: str):
+        record = self.store.get(wire.check_job_id(job_id))
+        if record is None:
+            return Error(code=Code.NOT_FOUND, message=f"no job {job_id}")
+        return job_status(job_id, record, self._stage_names)
+
+    def _queues(self) -> Queues:
+        queues = []
+        for stage, ring in self.ringhost.rings.items():
+            in_flight = sum(ring.read_lease(c) is not None for c in range(ring.layout.cells))
+            workers = sum(1 for w in self.workers.values() if w.stage == stage)
+            queues.append(QueueInfo(stage=stage, depth=ring.depth(),
+                                    backlog=self.dispatcher.backlog(stage), in_flight=in_flight,
+                                    workers=workers, capacity=ring.layout.capacity))
+        return Queues(queues=queues, recovered=self.reaper.recovered_total)
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _register(self, request: Register) -> Registered:
+        stage = self.config.stage(request.stage)
+        next_stage = self.config.next_stage(stage.name)
+        self._drop_worker(request.worker_id)
+        cell = self.ringhost.allocate_cell(stage.name, request.worker_id, self.reaper.cell_is_free)
+        self.workers[request.worker_id] = _WorkerEntry(stage.name, cell, time.monotonic())
+        log.info("worker %s (%s, pid %d on %s) registered for %s, cell %d", request.worker_id,
+                 request.transport, request.pid, request.host, stage.name, cell)
+        return Registered(
+            broker_id=self.broker_id, cell=cell,
+            consume=self.ringhost.attach_info(stage.name),
+            produce=self.ringhost.attach_info(next_stage.name) if next_stage else None,
+            next_stage=next_stage.name if next_stage else "",
+            lease_ms=stage.lease_ms, heartbeat_ms=self.config.worker.heartbeat_ms,
+            max_attempts=stage.max_attempts, redis_url=self.config.redis.url,
+            namespace=self.config.redis.namespace,
+        )
+
+    def _drop_worker(self, worker_id: str) -> None:
+        entry = self.workers.pop(worker_id, None)
+        if entry is not None:
+            self.ringhost.free_cell(entry.stage, worker_id)
+
+    def _expire_workers(self, now: float) -> None:
+        timeout_s = self.config.broker.worker_timeout_ms / 1000
+        for worker_id, entry in list(self.workers.items()):
+            if now - entry.last_seen > timeout_s:
+                log.warning("worker %s (%s) silent for %.1f s: dropped", worker_id, entry.stage,
+                            now - entry.last_seen)
+                self._drop_worker(worker_id)
+
+
+def job_status(job_id: str, record: dict[str, str], stage_names: list[str]) -> JobStatus:
+    """A Redis job record as the wire's JobStatus."""
+    stages: dict[str, dict[str, Any]] = {}
+    for name in stage_names:
+        info = {}
+        for field in ("attempt", "worker", "enqueued_ms", "started_ms", "finished_ms", "retries"):
+            value = record.get(f"{name}.{field}")
+            if value is not None:
+                info[field] = value if field == "worker" else int(value)
+        if info:
+            stages[name] = info
+    result = record.get("result")
+    return JobStatus(
+        job_id=job_id, state=record.get("state", ""), pipeline=record.get("pipeline", ""),
+        params=msgspec.json.decode(record.get("params") or "{}"),
+        error=record.get("error", ""),
+        result=msgspec.json.decode(result) if result else None,
+        created_ms=int(record.get("created_ms", 0)), updated_ms=int(record.get("updated_ms", 0)),
+        stages=stages,
+    )

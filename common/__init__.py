@@ -1,0 +1,1 @@
+"""What the broker and the workers share: wire schemas, config, rings, the Redis job store."""

@@ -1,0 +1,74 @@
+"""A ZMQ client of the broker's control socket: handshake, then one request at a time.
+
+Used by the CLI, the worker runtime and tests. Any-language clients do the same with one
+DEALER socket: send `hello`, then requests; see docs/wire.md.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import zmq
+
+from . import wire
+from .errors import RemoteError, TransportError
+
+
+class BrokerClient:
+    """Not thread-safe: one per thread. Every call has a timeout; `close` releases the socket."""
+
+    def __init__(self, endpoint: str, *, timeout_s: float = 10.0, name: str = ""):
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._codec = wire.Codec(wire.Reply)
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._rid = 0
+        self.welcome: wire.Welcome = self.call(wire.Hello(
+            version=wire.PROTOCOL_VERSION, schema=wire.schema_hash(),
+            client=name or f"{socket.gethostname()}:{os.getpid()}",
+        ))
+
+    def call(self, request, timeout_s: float | None = None):
+        """Send one request; return its reply, or raise RemoteError / TransportError."""
+        self._rid += 1
+        request.rid = self._rid
+        self._sock.send(self._codec.encode(request))
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._sock.poll(remaining_ms):
+                raise TransportError(f"no reply from broker at {self.endpoint}")
+            reply, _ = self._codec.decode(self._sock.recv())
+            if reply.rid == request.rid:
+                break
+        if isinstance(reply, wire.Error):
+            raise RemoteError(reply.code, reply.message)
+        return reply
+
+    def submit(self, params: dict[str, Any] | None = None, job_id: str | None = None,
+               priority: int = 0) -> wire.Submitted:
+        return self.call(wire.Submit(params=params or {}, job_id=job_id, priority=priority))
+
+    def status(self, job_id: str) -> wire.JobStatus:
+        return self.call(wire.GetStatus(job_id=job_id))
+
+    def cancel(self, job_id: str) -> wire.CancelResult:
+        return self.call(wire.Cancel(job_id=job_id))
+
+    def queues(self) -> wire.Queues:
+        return self.call(wire.GetQueues())
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,135 @@
+"""Settings as typed structs, loaded from TOML and overridable by environment.
+
+Environment overrides name a section and a field: `STAGEPOOL_<SECTION>_<FIELD>`, e.g.
+`STAGEPOOL_REDIS_URL`, `STAGEPOOL_REDIS_NAMESPACE`, `STAGEPOOL_BROKER_ENDPOINT`,
+`STAGEPOOL_RING_BACKEND`. Values are parsed as the field's type (numbers, booleans, strings).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .errors import ConfigError
+
+ENV_PREFIX = "STAGEPOOL_"
+
+
+class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """One stage of the pipeline and its worker pool."""
+
+    name: str
+    state: str = ""  # the job state while in this stage; default "<name>ing"-like below
+    kind: str = "noop"  # stage implementation: "noop", or a model family stage
+    sleep_ms: float = 0.0  # noop stages: simulated work per job
+    workers: int = 1  # pool size that `stagepool up` starts
+    max_attempts: int = 3
+    lease_ms: int = 10_000  # a lease not refreshed for this long is expired
+    options: dict[str, Any] = {}
+
+    def job_state(self) -> str:
+        return self.state or f"{self.name}:running"
+
+
+class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = "default"
+    stages: list[StageConfig] = []
+
+
+class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
+    url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "stagepool"
+    events_maxlen: int = 100_000  # approximate cap of the events stream
+    socket_timeout_s: float = 5.0
+
+
+class RingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    capacity: int = 1024  # slots per stage ring, a power of two
+    slot_bytes: int = 1024
+    cells: int = 64  # lease cells per ring = most workers per stage
+    tcp_bind: str = "tcp://127.0.0.1:0"  # "" disables the tcp ring server
+    verbs_device: str = ""  # e.g. "mlx5_0"; "" disables verbs
+    claim_grace_ms: int = 2000  # a slot claimed but not released this long is reclaimed
+    publish_grace_ms: int = 2000  # a head slot taken but not published this long is skipped
+
+
+class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    endpoint: str = "tcp://127.0.0.1:5555"  # control ROUTER; binds default to loopback
+    reaper_interval_ms: int = 100
+    worker_timeout_ms: int = 10_000  # a worker silent this long is dropped from the registry
+
+
+class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    transport: str = "auto"  # "auto" | "shm" | "tcp" | "verbs"
+    heartbeat_ms: int = 1000
+    claim_wait_s: float = 0.5
+    spin_us: int = 50  # busy-poll this long before sleeping on an empty ring
+    drain_timeout_s: float = 30.0
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    ring: RingConfig = msgspec.field(default_factory=RingConfig)
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.pipeline.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(f"no stage {name!r} in pipeline {self.pipeline.name!r}")
+
+    def next_stage(self, name: str) -> StageConfig | None:
+        names = [stage.name for stage in self.pipeline.stages]
+        index = names.index(name)
+        return self.pipeline.stages[index + 1] if index + 1 < len(names) else None
+
+
+def load(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read a TOML file (or defaults), apply `STAGEPOOL_*` overrides, validate."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+    for section_name, section_type in _sections().items():
+        for field in msgspec.structs.fields(section_type):
+            key = f"{ENV_PREFIX}{section_name}_{field.name}".upper()
+            if key in env:
+                raw.setdefault(section_name, {})[field.name] = _parse_env(key, env[key])
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config {path or '(defaults)'}: {exc}") from None
+    _check(config)
+    return config
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in msgspec.structs.fields(Config) if f.name != "pipeline"}
+
+
+def _parse_env(key: str, value: str) -> Any:
+    # TOML's value grammar gives numbers, booleans and quoted strings; anything else is a string.
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _check(config: Config) -> None:
+    names = [stage.name for stage in config.pipeline.stages]
+    if not names:
+        raise ConfigError("the pipeline has no stages")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"duplicate stage names in {names}")
+    for stage in config.pipeline.stages:
+        if stage.max_attempts < 1 or stage.lease_ms < 100:
+            raise ConfigError(f"stage {stage.name}: max_attempts >= 1 and lease_ms >= 100")

@@ -1,0 +1,78 @@
+"""One error tree for stagepool. Foreign errors are translated where they cross in.
+
+Errors that cross a process boundary travel as data (`wire.Error` with a code from `Code`),
+never as pickled exceptions; `StagepoolError.code` is what goes on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.StrEnum):
+    """Error codes sent to peers. Stable strings: clients in any language match on them."""
+
+    BAD_REQUEST = "bad_request"
+    HANDSHAKE = "handshake_required"
+    VERSION = "version_mismatch"
+    TOO_LARGE = "too_large"
+    NOT_FOUND = "not_found"
+    UNKNOWN_WORKER = "unknown_worker"
+    NO_CAPACITY = "no_capacity"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class StagepoolError(Exception):
+    """Root of every error stagepool raises on purpose."""
+
+    code: Code = Code.INTERNAL
+
+
+class ConfigError(StagepoolError):
+    """A config file or environment override is invalid."""
+
+    code = Code.BAD_REQUEST
+
+
+class ProtocolError(StagepoolError):
+    """A peer sent something that does not decode, or broke the message order."""
+
+    code = Code.BAD_REQUEST
+
+
+class PayloadTooLarge(StagepoolError):
+    """A record does not fit where it must go (a ring slot, a frame limit)."""
+
+    code = Code.TOO_LARGE
+
+
+class RingError(StagepoolError):
+    """A ring's memory is not what the protocol expects (bad magic, version, layout)."""
+
+
+class RingFull(StagepoolError):
+    """Backpressure: the ring had no free slot before the deadline."""
+
+    code = Code.NO_CAPACITY
+
+
+class TransportError(StagepoolError):
+    """A remote-memory or control connection failed or timed out."""
+
+    code = Code.UNAVAILABLE
+
+
+class StoreUnavailable(StagepoolError):
+    """Redis could not be reached; the translation of redis.ConnectionError/TimeoutError."""
+
+    code = Code.UNAVAILABLE
+
+
+class RemoteError(StagepoolError):
+    """An error reply from a peer, raised on the caller's side."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code  # type: ignore[assignment]
+        self.message = message

@@ -1,0 +1,35 @@
+"""Every Redis key stagepool touches, in one place.
+
+All keys of a deployment share the hash tag `{namespace}`, so they land in one Cluster slot and
+the Lua scripts may touch several of them atomically. Several deployments share a Redis by
+using different namespaces.
+
+    {ns}:job:<id>     hash   the job record (fields: see jobstore.py)
+    {ns}:events       stream every state transition (job, event, stage, attempt, worker, ts_ms)
+    {ns}:ingress      stream submissions from any language: XADD {ns}:ingress * job <json>
+    {ns}:active       zset   jobs not yet terminal, scored by creation ms (broker rebuild)
+    {ns}:jobs         zset   every job, scored by creation ms (listing)
+    {ns}:results      zset   succeeded jobs, scored by finish ms
+    {ns}:dead         list   dead-lettered job ids, newest first
+"""
+
+from __future__ import annotations
+
+INGRESS_GROUP = "stagepool"
+
+
+class Keys:
+    def __init__(self, namespace: str):
+        if not namespace or any(ch in namespace for ch in "{}: "):
+            raise ValueError(f"bad namespace {namespace!r}")
+        self.namespace = namespace
+        self.prefix = "{" + namespace + "}:"
+        self.events = self.prefix + "events"
+        self.ingress = self.prefix + "ingress"
+        self.active = self.prefix + "active"
+        self.jobs = self.prefix + "jobs"
+        self.results = self.prefix + "results"
+        self.dead = self.prefix + "dead"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"

@@ -1,0 +1,185 @@
+-- stagepool job state machine: every transition of a job record, atomically.
+--
+-- KEYS (every command gets all of them, in this order; one hash tag, one Cluster slot):
+--   1 {ns}:job:<id>   hash   the job record
+--   2 {ns}:events     stream transitions
+--   3 {ns}:active     zset   non-terminal jobs (score: created ms)
+--   4 {ns}:jobs       zset   all jobs (score: created ms)
+--   5 {ns}:results    zset   succeeded jobs (score: finished ms)
+--   6 {ns}:dead       list   dead-lettered ids
+--
+-- ARGV[1] = command, ARGV[2] = events stream MAXLEN (approximate), ARGV[3] = job id, then:
+--   submit   pipeline, params_json, first_stage, dispatch, priority
+--   start    stage, attempt, worker, state_name, stage_index
+--   finish   stage, attempt, worker, next_stage, next_dispatch
+--   complete stage, attempt, worker, result_json
+--   retry    stage, attempt, worker, error, max_attempts, mode ("error" | "crash"), next_stage
+--   rebuild  stage names in pipeline order...
+--   cancel   (nothing more)
+--   reject   error   (an ingress entry whose job id is valid but whose body is not)
+--
+-- Record fields: id, pipeline, params, priority, state, state_index, stage, created_ms,
+-- updated_ms, error, result, commits, and per stage S:
+--   S.attempt      the attempt currently dispatched: a fencing token, only the holder of the
+--                  current attempt may start, finish or fail the stage
+--   S.started      the attempt that has started (at most one start per attempt)
+--   S.done         the attempt whose result was committed (at most one per stage)
+--   S.retries      failed attempts so far (errors and expired leases; not broker restarts)
+--   S.worker, S.enqueued_ms, S.started_ms, S.finished_ms
+--   S.dispatch     the msgpack Dispatch that (re)starts the stage, kept for republishing
+--
+-- Replies are arrays whose first element is a status string: ok, exists, missing, terminal,
+-- duplicate, stale, retry, republish, dead, failed.
+
+local job, events, active, jobs, results, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local cmd, maxlen, id = ARGV[1], ARGV[2], ARGV[3]
+
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local terminal = {succeeded = true, failed = true, cancelled = true, dead = true}
+
+local function event(name, stage, attempt, worker, detail)
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'job', id, 'event', name,
+    'stage', stage or '', 'attempt', attempt or '', 'worker', worker or '', 'detail', detail or '',
+    'ts_ms', now_ms)
+end
+
+local function finish_job(state, stage, attempt, worker, detail)
+  redis.call('HSET', job, 'state', state, 'updated_ms', now_ms)
+  redis.call('ZREM', active, id)
+  event(state, stage, attempt, worker, detail)
+end
+
+-- The checks every stage-scoped command shares; returns nil when the caller may proceed.
+local function fence(stage, attempt, want_started)
+  local state = redis.call('HGET', job, 'state')
+  if not state then return {'missing'} end
+  if terminal[state] then return {'terminal', state} end
+  if redis.call('HEXISTS', job, stage .. '.done') == 1 then return {'duplicate'} end
+  if redis.call('HGET', job, stage .. '.attempt') ~= attempt then return {'stale'} end
+  if want_started and redis.call('HGET', job, stage .. '.started') ~= attempt then
+    return {'stale'}
+  end
+  return nil
+end
+
+if cmd == 'submit' then
+  local pipeline, params, first, dispatch, priority = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+  local state = redis.call('HGET', job, 'state')
+  if state then return {'exists', state} end
+  redis.call('HSET', job, 'id', id, 'pipeline', pipeline, 'params', params, 'priority', priority,
+    'state', 'queued', 'state_index', -1, 'stage', first, 'created_ms', now_ms,
+    'updated_ms', now_ms, 'commits', 0, first .. '.attempt', '1', first .. '.retries', 0,
+    first .. '.enqueued_ms', now_ms, first .. '.dispatch', dispatch)
+  redis.call('ZADD', active, now_ms, id)
+  redis.call('ZADD', jobs, now_ms, id)
+  event('submitted', first, '1')
+  return {'ok', 'queued'}
+
+elseif cmd == 'start' then
+  local stage, attempt, worker, state_name, index = ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+  local refused = fence(stage, attempt, false)
+  if refused then return refused end
+  -- A duplicate delivery of an attempt that already started (a republished hand-on).
+  if redis.call('HGET', job, stage .. '.started') == attempt then return {'duplicate'} end
+  redis.call('HSET', job, stage .. '.started', attempt, stage .. '.worker', worker,
+    stage .. '.started_ms', now_ms, 'updated_ms', now_ms)
+  -- Stages start in order, but a late retry of an earlier stage never moves the state back.
+  if index >= tonumber(redis.call('HGET', job, 'state_index')) then
+    redis.call('HSET', job, 'state', state_name, 'state_index', index)
+  end
+  event('started', stage, attempt, worker)
+  return {'ok', redis.call('HGET', job, 'params')}
+
+elseif cmd == 'finish' then
+  local stage, attempt, worker, next_stage, dispatch = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+  local refused = fence(stage, attempt, true)
+  if refused then return refused end
+  redis.call('HSET', job, stage .. '.done', attempt, stage .. '.finished_ms', now_ms,
+    'stage', next_stage, 'updated_ms', now_ms, next_stage .. '.attempt', '1',
+    next_stage .. '.retries', 0, next_stage .. '.enqueued_ms', now_ms,
+    next_stage .. '.dispatch', dispatch)
+  event('finished', stage, attempt, worker)
+  return {'ok'}
+
+elseif cmd == 'complete' then
+  local stage, attempt, worker, result = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  local refused = fence(stage, attempt, true)
+  if refused then return refused end
+  redis.call('HSET', job, stage .. '.done', attempt, stage .. '.finished_ms', now_ms,
+    'result', result)
+  redis.call('HINCRBY', job, 'commits', 1)
+  redis.call('ZADD', results, now_ms, id)
+  finish_job('succeeded', stage, attempt, worker)
+  return {'ok'}
+
+elseif cmd == 'retry' then
+  local stage, attempt, worker, err = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  local max_attempts, mode, next_stage = tonumber(ARGV[8]), ARGV[9], ARGV[10]
+  local refused = fence(stage, attempt, false)
+  if refused then
+    -- A worker that committed its stage and died before handing on: the hand-on is in the
+    -- record, so publish it again unless the next stage has started (duplicates are fenced).
+    if refused[1] == 'duplicate' and mode == 'crash' and next_stage ~= ''
+        and not redis.call('HGET', job, next_stage .. '.started') then
+      return {'republish', next_stage, redis.call('HGET', job, next_stage .. '.attempt'),
+        redis.call('HGET', job, next_stage .. '.dispatch')}
+    end
+    return refused
+  end
+  local retries = redis.call('HINCRBY', job, stage .. '.retries', 1)
+  redis.call('HSET', job, 'error', err, 'updated_ms', now_ms)
+  if retries >= max_attempts then
+    if mode == 'crash' then
+      redis.call('LPUSH', dead, id)
+      finish_job('dead', stage, attempt, worker, err)
+      return {'dead'}
+    end
+    finish_job('failed', stage, attempt, worker, err)
+    return {'failed'}
+  end
+  local next_attempt = tostring(tonumber(attempt) + 1)
+  redis.call('HSET', job, stage .. '.attempt', next_attempt, stage .. '.enqueued_ms', now_ms)
+  event('retried', stage, next_attempt, worker, err)
+  return {'retry', next_attempt, redis.call('HGET', job, stage .. '.dispatch')}
+
+elseif cmd == 'rebuild' then
+  local state = redis.call('HGET', job, 'state')
+  if not state or terminal[state] then
+    redis.call('ZREM', active, id)
+    return {'terminal', state or ''}
+  end
+  for i = 4, #ARGV do
+    local stage = ARGV[i]
+    if redis.call('HEXISTS', job, stage .. '.done') == 0 then
+      local dispatch = redis.call('HGET', job, stage .. '.dispatch')
+      if not dispatch then return {'missing'} end
+      -- A new attempt fences off any worker still running the old one on the lost ring.
+      local next_attempt = redis.call('HINCRBY', job, stage .. '.attempt', 1)
+      redis.call('HSET', job, stage .. '.enqueued_ms', now_ms, 'updated_ms', now_ms)
+      event('rebuilt', stage, tostring(next_attempt))
+      return {'retry', tostring(next_attempt), dispatch, stage}
+    end
+  end
+  return {'missing'}
+
+elseif cmd == 'cancel' then
+  local state = redis.call('HGET', job, 'state')
+  if not state then return {'missing'} end
+  if terminal[state] then return {'terminal', state} end
+  finish_job('cancelled')
+  return {'ok', 'cancelled'}
+
+elseif cmd == 'reject' then
+  local err = ARGV[4]
+  local state = redis.call('HGET', job, 'state')
+  if state then return {'exists', state} end
+  redis.call('HSET', job, 'id', id, 'state', 'failed', 'error', err, 'created_ms', now_ms,
+    'updated_ms', now_ms)
+  redis.call('ZADD', jobs, now_ms, id)
+  event('failed', '', '', '', err)
+  return {'ok', 'failed'}
+end
+
+return redis.error_reply('unknown command ' .. tostring(cmd))

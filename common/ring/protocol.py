@@ -1,0 +1,392 @@
+"""The ring: Vyukov's bounded MPMC queue over one-sided operations, plus lease cells.
+
+Memory layout (all integers little-endian):
+
+    0     magic u64 | version u32 | slot_bytes u32 | capacity u64 | cells u32 | cell_bytes u32
+    64    enqueue counter u64         (its own 64-byte line: producers CAS it)
+    128   dequeue counter u64         (its own line: consumers CAS it)
+    192   sleepers u64                (consumers asleep in `wait`; producers wake only if > 0)
+    256   capacity slots of slot_bytes:  seq u64 | len u32 | crc32 u32 | payload
+    ...   cells lease cells of 128 bytes (below)
+
+Slot protocol, position p (slot p % capacity):
+    seq == p          free for the producer of lap p // capacity
+    seq == p + 1      published (payload valid) or claimed but not yet freed
+    seq == p + cap    freed: free for position p + cap
+  produce: read seq; seq == p -> CAS(enqueue, p, p+1), write len|crc|payload,
+           CAS(seq, p, p+1) to publish. seq < p -> full.
+  claim:   read slot; seq == p+1 -> CAS(dequeue, p, p+1); verify crc (a torn read retries);
+           the caller writes its lease cell; then `release` does CAS(seq, p+1, p+cap).
+           seq < p+1 -> empty.
+Publishing and freeing are CASes, not stores, because the ring's owner may step in: it frees a
+slot whose consumer died between claim and lease (`reclaim`), and publishes a tombstone over a
+slot whose producer died between its CAS and its publish (`skip`). Whoever loses the CAS learns
+it lost and backs off; nothing is overwritten behind anyone's back.
+
+Lease cell (128 bytes, one per worker, written only by the worker that owns it):
+    0 gen u64 (odd while a lease is held) | 8 beat u64 | 16 ticket u64 | 24 attempt u32 |
+    28 lease_ms u32 | 32 job_len u32 | 40 job_id[64]
+A lease is taken by writing the body and then gen = gen + 1 (odd), refreshed by bumping beat,
+dropped by gen = gen + 1 (even). The owner reads gen, body, gen (a seqlock), and judges expiry
+by its own monotonic clock from the last change of beat: no clocks are compared across hosts.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+
+from ..errors import PayloadTooLarge, RingError, RingFull
+from .base import RemoteMemory
+
+MAGIC = 0x31474E4952505053  # b"SPPRING1" little-endian
+VERSION = 1
+OFF_ENQUEUE = 64
+OFF_DEQUEUE = 128
+OFF_SLEEPERS = 192
+HEADER_BYTES = 256
+SLOT_HEADER_BYTES = 16
+CELL_BYTES = 128
+JOB_ID_MAX_BYTES = 64
+TOMBSTONE = 0xFFFFFFFF  # slot len marking a position the owner skipped
+OWNER_LOCK = 1 << 63  # seq bit the owner holds while it writes a tombstone
+
+_HEADER = struct.Struct("<QIIQII")
+_SLOT_HEADER = struct.Struct("<QII")
+_LEN_CRC = struct.Struct("<II")
+_CELL_BODY = struct.Struct("<QIII4x64s")  # ticket, attempt, lease_ms, job_len, job_id
+_TORN_READ_RETRIES = 100
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Geometry of one ring. `capacity` is a power of two; `slot_bytes` a multiple of 64."""
+
+    capacity: int
+    slot_bytes: int = 1024
+    cells: int = 64
+
+    def __post_init__(self):
+        if self.capacity < 2 or self.capacity & (self.capacity - 1):
+            raise RingError(f"capacity must be a power of two >= 2, got {self.capacity}")
+        if self.slot_bytes < 64 or self.slot_bytes % 64:
+            raise RingError(f"slot_bytes must be a multiple of 64, got {self.slot_bytes}")
+        if self.cells < 1:
+            raise RingError("a ring needs at least one lease cell")
+
+    @property
+    def payload_max(self) -> int:
+        return self.slot_bytes - SLOT_HEADER_BYTES
+
+    @property
+    def cells_offset(self) -> int:
+        return HEADER_BYTES + self.capacity * self.slot_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.cells_offset + self.cells * CELL_BYTES
+
+    def slot_offset(self, position: int) -> int:
+        return HEADER_BYTES + (position & (self.capacity - 1)) * self.slot_bytes
+
+    def cell_offset(self, cell: int) -> int:
+        if not 0 <= cell < self.cells:
+            raise RingError(f"lease cell {cell} outside 0..{self.cells - 1}")
+        return self.cells_offset + cell * CELL_BYTES
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(MAGIC, VERSION, self.slot_bytes, self.capacity, self.cells, CELL_BYTES)
+
+    @classmethod
+    def unpack(cls, header: bytes) -> Layout:
+        magic, version, slot_bytes, capacity, cells, cell_bytes = _HEADER.unpack_from(header)
+        if magic != MAGIC:
+            raise RingError(f"not a stagepool ring (magic {magic:#x})")
+        if version != VERSION or cell_bytes != CELL_BYTES:
+            raise RingError(f"ring version {version} / cell size {cell_bytes} not supported")
+        return cls(capacity=capacity, slot_bytes=slot_bytes, cells=cells)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claimed slot: the caller leases it, then calls `Ring.release`."""
+
+    ticket: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A held lease cell as the owner sees it."""
+
+    cell: int
+    gen: int
+    beat: int
+    ticket: int
+    attempt: int
+    lease_ms: int
+    job_id: str
+
+
+class Ring:
+    """One bounded MPMC queue. Not thread-safe per instance; share the memory, not the Ring."""
+
+    def __init__(self, mem: RemoteMemory, layout: Layout):
+        self.mem = mem
+        self.layout = layout
+        self._mask = layout.capacity - 1
+        self._cell_gen: dict[int, int] = {}
+
+    # -- setup ---------------------------------------------------------------------------
+
+    @classmethod
+    def format(cls, mem: RemoteMemory, layout: Layout) -> Ring:
+        """Initialise fresh memory (owner only, before anyone attaches)."""
+        if mem.nbytes < layout.nbytes:
+            raise RingError(f"memory of {mem.nbytes} bytes < layout's {layout.nbytes}")
+        mem.write(0, bytes(HEADER_BYTES))
+        for position in range(layout.capacity):
+            mem.write(layout.slot_offset(position), _SLOT_HEADER.pack(position, 0, 0))
+        mem.write(layout.cells_offset, bytes(layout.cells * CELL_BYTES))
+        mem.write(0, layout.pack())  # magic last: attachers never see a half-made ring
+        return cls(mem, layout)
+
+    @classmethod
+    def attach(cls, mem: RemoteMemory) -> Ring:
+        """Open a ring someone else formatted; checks magic, version and size."""
+        layout = Layout.unpack(mem.read(0, _HEADER.size))
+        if mem.nbytes and mem.nbytes < layout.nbytes:
+            raise RingError(f"ring needs {layout.nbytes} bytes, memory has {mem.nbytes}")
+        return cls(mem, layout)
+
+    # -- producer ------------------------------------------------------------------------
+
+    def try_produce(self, payload: bytes) -> bool:
+        """Publish `payload`; False when the ring is full (backpressure). Never blocks."""
+        if len(payload) > self.layout.payload_max:
+            raise PayloadTooLarge(
+                f"record of {len(payload)} bytes > slot payload of {self.layout.payload_max}"
+            )
+        mem = self.mem
+        body = _LEN_CRC.pack(len(payload), zlib.crc32(payload)) + payload
+        position = mem.load(OFF_ENQUEUE)
+        while True:
+            offset = self.layout.slot_offset(position)
+            seq = mem.load(offset)
+            if seq == position:
+                previous = mem.compare_and_swap(OFF_ENQUEUE, position, position + 1)
+                if previous != position:
+                    position = previous
+                    continue
+                mem.write(offset + 8, body)
+                if mem.compare_and_swap(offset, position, position + 1) == position:
+                    break
+                # The owner skipped this position while we stalled: take another one.
+                position = mem.load(OFF_ENQUEUE)
+            elif seq < position:
+                return False
+            else:
+                position = mem.load(OFF_ENQUEUE)
+        if mem.load(OFF_SLEEPERS):
+            mem.wake(OFF_ENQUEUE)
+        return True
+
+    def produce(self, payload: bytes, timeout_s: float) -> None:
+        """Publish, backing off while the ring is full; `RingFull` after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        pause_s = 0.0001
+        while not self.try_produce(payload):
+            if time.monotonic() >= deadline:
+                raise RingFull(f"ring full for {timeout_s:.3f} s")
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 0.01)
+
+    # -- consumer ------------------------------------------------------------------------
+
+    def try_claim(self) -> Claim | None:
+        """Claim the oldest published slot, or None when the ring is empty. Never blocks.
+
+        The slot stays claimed-but-not-freed until `release`: write the lease cell first.
+        """
+        mem = self.mem
+        slot_bytes = self.layout.slot_bytes
+        position = mem.load(OFF_DEQUEUE)
+        while True:
+            offset = self.layout.slot_offset(position)
+            raw = mem.read(offset, slot_bytes)
+            seq = int.from_bytes(raw[:8], "little")
+            if seq == position + 1:
+                previous = mem.compare_and_swap(OFF_DEQUEUE, position, position + 1)
+                if previous != position:
+                    position = previous
+                    continue
+                payload = self._verified_payload(offset, raw)
+                if payload is None:  # a tombstone: free it and look further
+                    self.release(Claim(position, b""))
+                    position += 1
+                    continue
+                return Claim(position, payload)
+            if seq < position + 1:
+                return None
+            position = mem.load(OFF_DEQUEUE)
+
+    def _verified_payload(self, offset: int, raw: bytes) -> bytes | None:
+        # After our CAS on dequeue the slot cannot change until freed, so a crc mismatch is a
+        # read that raced the producer's payload write: read again.
+        for _ in range(_TORN_READ_RETRIES):
+            length, crc = _LEN_CRC.unpack_from(raw, 8)
+            if length == TOMBSTONE:
+                return None
+            payload = raw[SLOT_HEADER_BYTES : SLOT_HEADER_BYTES + length]
+            if length <= self.layout.payload_max and zlib.crc32(payload) == crc:
+                return payload
+            raw = self.mem.read(offset, self.layout.slot_bytes)
+        raise RingError(f"slot at {offset} keeps failing its crc")
+
+    def release(self, claim: Claim) -> bool:
+        """Free a claimed slot. False: the owner reclaimed it first (drop the item)."""
+        offset = self.layout.slot_offset(claim.ticket)
+        freed = claim.ticket + self.layout.capacity
+        return self.mem.compare_and_swap(offset, claim.ticket + 1, freed) == claim.ticket + 1
+
+    def claim(self, timeout_s: float, spin_s: float = 0.0) -> Claim | None:
+        """Claim, waiting up to `timeout_s`: spin for `spin_s`, then sleep on the enqueue word."""
+        claimed = self.try_claim()
+        if claimed is not None:
+            return claimed
+        now = time.monotonic()
+        deadline = now + timeout_s
+        spin_until = now + min(spin_s, timeout_s)
+        while time.monotonic() < spin_until:
+            claimed = self.try_claim()
+            if claimed is not None:
+                return claimed
+        mem = self.mem
+        while True:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return None
+            mem.fetch_add(OFF_SLEEPERS, 1)
+            try:
+                # Read the word before the last look: a publish after it changes the word, so
+                # the wait returns at once instead of missing the wake-up.
+                word = mem.load(OFF_ENQUEUE) & 0xFFFFFFFF
+                claimed = self.try_claim()
+                if claimed is not None:
+                    return claimed
+                mem.wait(OFF_ENQUEUE, word, min(remaining_s, 0.1))
+            finally:
+                mem.fetch_add(OFF_SLEEPERS, -1)
+            claimed = self.try_claim()
+            if claimed is not None:
+                return claimed
+
+    # -- lease cells (written by their worker) --------------------------------------------
+
+    def lease(self, cell: int, ticket: int, attempt: int, job_id: str, lease_ms: int) -> None:
+        """Take a lease in our cell: body first, then gen to odd."""
+        job = job_id.encode()
+        if len(job) > JOB_ID_MAX_BYTES:
+            raise PayloadTooLarge(f"job id longer than {JOB_ID_MAX_BYTES} bytes")
+        offset = self.layout.cell_offset(cell)
+        gen = self._gen(cell)
+        if gen & 1:  # a lease we did not drop (a crash of ours before a restart): drop it
+            gen += 1
+        self.mem.write(offset + 16, _CELL_BODY.pack(ticket, attempt, lease_ms, len(job), job))
+        self.mem.store(offset, gen + 1)
+        self._cell_gen[cell] = gen + 1
+
+    def beat(self, cell: int) -> None:
+        """Refresh our lease (the heartbeat)."""
+        self.mem.fetch_add(self.layout.cell_offset(cell) + 8, 1)
+
+    def unlease(self, cell: int) -> None:
+        """Drop our lease; a no-op when none is held."""
+        gen = self._gen(cell)
+        if gen & 1:
+            self.mem.store(self.layout.cell_offset(cell), gen + 1)
+            self._cell_gen[cell] = gen + 1
+
+    def _gen(self, cell: int) -> int:
+        if cell not in self._cell_gen:
+            self._cell_gen[cell] = self.mem.load(self.layout.cell_offset(cell))
+        return self._cell_gen[cell]
+
+    # -- owner side: scans and repairs -----------------------------------------------------
+
+    def read_lease(self, cell: int) -> Lease | None:
+        """A consistent snapshot of a cell, or None when it holds no lease."""
+        offset = self.layout.cell_offset(cell)
+        mem = self.mem
+        while True:
+            gen = mem.load(offset)
+            if not gen & 1:
+                return None
+            raw = mem.read(offset + 8, 8 + _CELL_BODY.size)
+            if mem.load(offset) == gen:
+                break
+        beat = int.from_bytes(raw[:8], "little")
+        ticket, attempt, lease_ms, job_len, job = _CELL_BODY.unpack_from(raw, 8)
+        job_id = job[: min(job_len, JOB_ID_MAX_BYTES)].decode(errors="replace")
+        return Lease(cell, gen, beat, ticket, attempt, lease_ms, job_id)
+
+    def counters(self) -> tuple[int, int]:
+        """(enqueue, dequeue)."""
+        return self.mem.load(OFF_ENQUEUE), self.mem.load(OFF_DEQUEUE)
+
+    def depth(self) -> int:
+        """Published or in-production positions not yet claimed."""
+        enqueue, dequeue = self.counters()
+        return max(0, enqueue - dequeue)
+
+    def stuck(self, start: int = 0) -> tuple[list[int], int | None, int]:
+        """Positions needing the owner's eye right now.
+
+        Returns (claimed, unpublished, dequeue): positions claimed but not freed (a consumer between
+        claim and release, or dead there), and the head position if its producer took it but
+        has not published (a producer mid-write, or dead there), and the dequeue counter the
+        scan stopped at (every position below it not in `claimed` was freed). The caller decides, by how
+        long it has seen them, whether to `reclaim` or `skip`. `start` skips positions the
+        caller knows are freed (the scan is then proportional to what is in flight).
+        """
+        enqueue, dequeue = self.counters()
+        claimed = []
+        for position in range(max(start, dequeue - self.layout.capacity), dequeue):
+            if self.mem.load(self.layout.slot_offset(position)) == position + 1:
+                claimed.append(position)
+        unpublished = None
+        if enqueue > dequeue and self.mem.load(self.layout.slot_offset(dequeue)) == dequeue:
+            unpublished = dequeue
+        return claimed, unpublished, dequeue
+
+    def reclaim(self, ticket: int) -> bytes | None:
+        """Free a claimed-but-never-released slot; its payload if we won the race, else None."""
+        offset = self.layout.slot_offset(ticket)
+        raw = self.mem.read(offset, self.layout.slot_bytes)
+        if int.from_bytes(raw[:8], "little") != ticket + 1:
+            return None
+        length, _ = _LEN_CRC.unpack_from(raw, 8)
+        if not self.release(Claim(ticket, b"")):
+            return None
+        if length == TOMBSTONE:
+            return None
+        return self._verified_payload(offset, raw)
+
+    def skip(self, position: int) -> bool:
+        """Publish a tombstone over an unpublished head slot; True if we won the race.
+
+        Lock the slot first (CAS to a seq no one else waits for), then write the tombstone,
+        then publish: the stalled producer's publish CAS fails, and nobody reads the slot
+        between our claim of it and the tombstone landing.
+        """
+        offset = self.layout.slot_offset(position)
+        locked = position | OWNER_LOCK
+        if self.mem.compare_and_swap(offset, position, locked) != position:
+            return False
+        self.mem.write(offset + 8, _LEN_CRC.pack(TOMBSTONE, 0))
+        self.mem.store(offset, position + 1)
+        if self.mem.load(OFF_SLEEPERS):
+            self.mem.wake(OFF_ENQUEUE)
+        return True

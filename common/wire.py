@@ -1,0 +1,307 @@
+"""Wire schemas: every ZMQ control message and the ring's `Dispatch` record.
+
+Messages are tagged msgspec Structs (`{"type": "submit", ...}` in JSON, the same map in
+msgpack). A socket has one decoder for the union it accepts and matches on the decoded type.
+New fields always get defaults, so older peers keep decoding newer messages.
+
+A control connection starts with `Hello` (protocol version and a schema hash); the broker
+answers `Welcome` or `Error(version_mismatch)`. Every request carries `rid`, echoed in its reply,
+so a client can drop late replies to requests it gave up on.
+
+Frames are single: one msgpack or JSON document per ZMQ message, never positional parts.
+JSON is accepted on the control socket for clients without msgpack; the broker answers in the
+encoding it received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Literal
+
+import msgspec
+
+from .errors import Code, ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 1 << 20  # a control frame above this is refused with `too_large`
+MAX_PARAMS_BYTES = 64 << 10  # a job's params, as JSON
+JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+Stage = str
+TransportName = Literal["shm", "tcp", "verbs"]
+
+
+class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
+    """Base of every control message."""
+
+
+# -- handshake -----------------------------------------------------------------------------
+
+
+class Hello(Message, tag="hello"):
+    version: int
+    schema: str = ""
+    client: str = ""
+    rid: int = 0
+
+
+class Welcome(Message, tag="welcome"):
+    version: int
+    schema: str
+    broker_id: str
+    rid: int = 0
+
+
+# -- clients -------------------------------------------------------------------------------
+
+
+class Submit(Message, tag="submit"):
+    """Create a job. `job_id` is optional; the same id twice is one job (idempotent)."""
+
+    params: dict[str, Any] = {}
+    job_id: str | None = None
+    pipeline: str = ""
+    priority: int = 0
+    rid: int = 0
+
+
+class Submitted(Message, tag="submitted"):
+    job_id: str
+    created: bool
+    rid: int = 0
+
+
+class GetStatus(Message, tag="status"):
+    job_id: str
+    rid: int = 0
+
+
+class JobStatus(Message, tag="job"):
+    """A job record as clients see it. `stages` maps stage name to its timings and attempt."""
+
+    job_id: str
+    state: str
+    pipeline: str = ""
+    params: dict[str, Any] = {}
+    error: str = ""
+    result: Any = None
+    created_ms: int = 0
+    updated_ms: int = 0
+    stages: dict[str, dict[str, Any]] = {}
+    rid: int = 0
+
+
+class Cancel(Message, tag="cancel"):
+    job_id: str
+    rid: int = 0
+
+
+class CancelResult(Message, tag="cancel_result"):
+    job_id: str
+    cancelled: bool
+    state: str
+    rid: int = 0
+
+
+# -- workers -------------------------------------------------------------------------------
+
+
+class RingAttach(Message, tag="ring"):
+    """How to reach one stage's ring, by any backend the broker offers."""
+
+    stage: Stage
+    shm_name: str = ""
+    tcp_endpoint: str = ""
+    host: str = ""
+    verbs: dict[str, Any] = {}
+    nbytes: int = 0
+
+
+class Register(Message, tag="register"):
+    worker_id: str
+    stage: Stage
+    host: str
+    pid: int
+    transport: TransportName = "shm"
+    rid: int = 0
+
+
+class Registered(Message, tag="registered"):
+    """The broker's answer: our lease cell in the consume ring, and where to hand on."""
+
+    broker_id: str
+    cell: int
+    consume: RingAttach
+    produce: RingAttach | None = None
+    next_stage: Stage = ""
+    lease_ms: int = 10_000
+    heartbeat_ms: int = 1000
+    max_attempts: int = 3
+    redis_url: str = ""
+    namespace: str = ""
+    rid: int = 0
+
+
+class Heartbeat(Message, tag="heartbeat"):
+    worker_id: str
+    busy: bool = False
+    jobs_done: int = 0
+    rid: int = 0
+
+
+class HeartbeatAck(Message, tag="heartbeat_ack"):
+    broker_id: str
+    rid: int = 0
+
+
+class Unregister(Message, tag="unregister"):
+    worker_id: str
+    rid: int = 0
+
+
+class VerbsConnect(Message, tag="verbs_connect"):
+    """A worker's RC QP details for one ring; answered by `VerbsAccept` with the broker's."""
+
+    worker_id: str
+    stage: Stage
+    qp: dict[str, Any]
+    rid: int = 0
+
+
+class VerbsAccept(Message, tag="verbs_accept"):
+    qp: dict[str, Any]
+    rid: int = 0
+
+
+class GetQueues(Message, tag="queues"):
+    rid: int = 0
+
+
+class QueueInfo(msgspec.Struct, omit_defaults=True):
+    stage: Stage
+    depth: int  # published, not yet claimed (ring occupancy)
+    backlog: int = 0  # waiting in the broker for ring space
+    in_flight: int = 0  # leases held
+    workers: int = 0
+    capacity: int = 0
+
+
+class Queues(Message, tag="queue_list"):
+    queues: list[QueueInfo]
+    recovered: int = 0
+    rid: int = 0
+
+
+class Ack(Message, tag="ack"):
+    rid: int = 0
+
+
+class Error(Message, tag="error"):
+    """Every failure reply. `code` is one of `errors.Code`."""
+
+    code: str
+    message: str
+    rid: int = 0
+
+
+Request = (Hello | Submit | GetStatus | Cancel | GetQueues | Register | Heartbeat | Unregister
+           | VerbsConnect)
+Reply = (Welcome | Submitted | JobStatus | CancelResult | Queues | Registered | HeartbeatAck
+         | VerbsAccept | Ack | Error)
+
+
+def schema_hash() -> str:
+    """A short hash of the message schemas: peers with different schemas refuse each other."""
+    info = msgspec.json.encode(msgspec.json.schema(tuple[Request, Reply, Dispatch]))
+    return hashlib.sha256(info).hexdigest()[:16]
+
+
+# -- the ring record -------------------------------------------------------------------------
+
+
+class TensorDesc(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Where a producer holds one tensor; the consumer pulls it (DESIGN section 5)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    address: int = 0
+    checksum: int = 0
+
+
+class Dispatch(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One ring slot's payload: what a consumer needs to start the job's next stage.
+
+    Never prompts or tensors: params live in Redis, tensors in the producer's memory.
+    `deadline_ms` is wall-clock epoch milliseconds (0: none); it crosses hosts, so it cannot
+    be monotonic.
+    """
+
+    job_id: str
+    attempt: int
+    stage: Stage
+    priority: int = 0
+    deadline_ms: int = 0
+    endpoint: str = ""
+    tensors: list[TensorDesc] = []
+
+
+class Codec:
+    """One encoder and typed decoders for a socket; JSON or msgpack chosen per frame."""
+
+    def __init__(self, accepts: Any):
+        self._msgpack_decoder = msgspec.msgpack.Decoder(accepts)
+        self._json_decoder = msgspec.json.Decoder(accepts)
+        self._msgpack = msgspec.msgpack.Encoder()
+        self._json = msgspec.json.Encoder()
+
+    def decode(self, frame: bytes) -> tuple[Any, bool]:
+        """Decode one frame; returns (message, was_json). Raises ProtocolError with the reason."""
+        if len(frame) > MAX_FRAME_BYTES:
+            raise ProtocolError(f"frame of {len(frame)} bytes > limit of {MAX_FRAME_BYTES}")
+        is_json = frame[:1] in (b"{", b" ", b"\n", b"\t")
+        try:
+            if is_json:
+                return self._json_decoder.decode(frame), True
+            return self._msgpack_decoder.decode(frame), False
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(f"undecodable {'JSON' if is_json else 'msgpack'} frame: {exc}")
+
+    def encode(self, message: Any, as_json: bool = False) -> bytes:
+        return self._json.encode(message) if as_json else self._msgpack.encode(message)
+
+
+_dispatch_encoder = msgspec.msgpack.Encoder()
+_dispatch_decoder = msgspec.msgpack.Decoder(Dispatch)
+
+
+def encode_dispatch(dispatch: Dispatch) -> bytes:
+    return _dispatch_encoder.encode(dispatch)
+
+
+def decode_dispatch(payload: bytes) -> Dispatch:
+    try:
+        return _dispatch_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"undecodable dispatch record: {exc}") from None
+
+
+def check_job_id(job_id: str) -> str:
+    if not JOB_ID.match(job_id):
+        raise ProtocolError(f"job id must match {JOB_ID.pattern}, got {job_id[:80]!r}")
+    return job_id
+
+
+def check_params(params: dict[str, Any]) -> bytes:
+    """The params as the JSON stored in Redis; ProtocolError if too large."""
+    blob = msgspec.json.encode(params)
+    if len(blob) > MAX_PARAMS_BYTES:
+        raise ProtocolError(f"params of {len(blob)} bytes > limit of {MAX_PARAMS_BYTES}")
+    return blob
+
+
+def error_reply(exc: Exception, rid: int = 0) -> Error:
+    code = getattr(exc, "code", Code.INTERNAL)
+    return Error(code=str(code), message=str(exc), rid=rid)

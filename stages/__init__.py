@@ -1,0 +1,1 @@
+"""Worker runtime (the pull loop) and stage implementations."""
