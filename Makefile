@@ -1,0 +1,42 @@
+# make setup  - idempotent: Debian packages (as root, if missing), .venv, pinned installs
+# make demo   - setup, then a local cluster runs one job through every stage
+# make test   - setup, then the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := redis-server libibverbs1 ibverbs-providers librdmacm1 libnuma1 python3-pyverbs
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py constraints.txt common/ring/_atomics.c
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "warning: missing Debian packages (run as root to install): $$missing"; fi; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@# pyverbs comes from Debian (python3-pyverbs), built for CPython 3.11: link it in.
+	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	if [ -d /usr/lib/python3/dist-packages/pyverbs ]; then \
+	  ln -sfn /usr/lib/python3/dist-packages/pyverbs $$site/pyverbs; fi
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/stagepool demo --config configs/noop.toml --state-dir .stagepool/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/ring.py --json
+
+clean:
+	rm -rf $(VENV) .stagepool build *.egg-info common/ring/*.so
