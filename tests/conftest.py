@@ -116,3 +116,104 @@ def make_ring(ring_backend):
 
 def pytest_configure(config):
     os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+TEST_PIPELINE = """
+[pipeline]
+name = "noop"
+{stages}
+
+[redis]
+namespace = "{namespace}"
+
+[ring]
+capacity = 256
+claim_grace_ms = 500
+publish_grace_ms = 500
+
+[broker]
+reaper_interval_ms = 50
+worker_timeout_ms = 3000
+
+[worker]
+heartbeat_ms = 200
+"""
+
+STAGE = """
+[[pipeline.stages]]
+name = "{name}"
+state = "{state}"
+sleep_ms = {sleep_ms}
+workers = {workers}
+lease_ms = 1000
+max_attempts = 5
+"""
+
+
+class Cluster:
+    """`stagepool up` as a real process tree on a real Redis."""
+
+    def __init__(self, tmp_path, redis_url, namespace, workers=2, sleep_ms=0):
+        import json
+        import sys
+
+        stages = "".join(STAGE.format(name=n, state=s, sleep_ms=sleep_ms, workers=workers)
+                         for n, s in [("encode", "encoding"), ("denoise", "denoising"),
+                                      ("decode", "decoding")])
+        self.config_path = tmp_path / "pipeline.toml"
+        self.config_path.write_text(TEST_PIPELINE.format(stages=stages, namespace=namespace))
+        self.state_dir = tmp_path / "state"
+        self.log = open(tmp_path / "up.log", "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stagepool.broker.cli", "up", "--config",
+             str(self.config_path), "--redis-url", redis_url, "--state-dir", str(self.state_dir)],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        info_path = self.state_dir / "cluster.json"
+        deadline = time.monotonic() + 30
+        while not info_path.exists():
+            assert self.process.poll() is None, "stagepool up exited"
+            assert time.monotonic() < deadline, "stagepool up did not start"
+            time.sleep(0.05)
+        self.info = json.loads(info_path.read_text())
+        self.broker = self.info["broker"]
+
+    def pids(self) -> dict[str, int]:
+        import json
+
+        return json.loads((self.state_dir / "cluster.json").read_text())["children"]
+
+    def wait_ready(self, client, workers_per_stage: int, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            queues = client.queues().queues
+            if all(q.workers >= workers_per_stage for q in queues):
+                return
+            assert time.monotonic() < deadline, f"workers never registered: {queues}"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def cluster_factory(tmp_path, redis_server, namespace):
+    made = []
+
+    def make(**kwargs):
+        cluster = Cluster(tmp_path, redis_server.url, namespace, **kwargs)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop()

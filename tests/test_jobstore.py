@@ -1,0 +1,132 @@
+"""The Redis job store: transitions, fencing, and multi-process commit races (real Redis)."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+
+from stagepool.common.jobstore import JobStore
+
+ctx = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def store(redis_server, namespace):
+    s = JobStore(redis_server.url, namespace)
+    yield s
+    s.close()
+
+
+def _submit(store, job_id="j1"):
+    return store.submit(job_id, "noop", b'{"prompt": "p"}', "encode", b"dispatch-encode")
+
+
+def test_the_same_job_id_submitted_twice_is_one_job(store):
+    assert _submit(store).ok
+    again = _submit(store)
+    assert again.status == "exists"
+    assert store.redis.zcard(store.keys.jobs) == 1
+
+
+def test_a_job_walks_through_every_stage_to_succeeded(store):
+    _submit(store)
+    assert store.start("j1", "encode", 1, "w1", "encoding", 0).values[0] == b'{"prompt": "p"}'
+    assert store.get("j1")["state"] == "encoding"
+    assert store.finish("j1", "encode", 1, "w1", "decode", b"dispatch-decode").ok
+    assert store.start("j1", "decode", 1, "w2", "decoding", 1).ok
+    assert store.complete("j1", "decode", 1, "w2", {"ok": True}).ok
+    record = store.get("j1")
+    assert record["state"] == "succeeded" and record["commits"] == "1"
+    assert store.redis.zscore(store.keys.results, "j1") is not None
+    assert store.redis.zscore(store.keys.active, "j1") is None
+
+
+def test_a_stale_attempt_cannot_start_or_commit(store):
+    _submit(store)
+    store.start("j1", "encode", 1, "w1", "encoding", 0)
+    outcome = store.retry("j1", "encode", 1, "broker", "lease expired", 3, crash=True)
+    assert outcome.status == "retry" and outcome.values[0] == b"2"
+    assert store.finish("j1", "encode", 1, "w1", "decode", b"d").status == "stale"
+    assert store.start("j1", "encode", 2, "w2", "encoding", 0).ok
+    assert store.start("j1", "encode", 2, "w3", "encoding", 0).status == "duplicate"
+
+
+def test_crashes_past_max_attempts_dead_letter_the_job(store):
+    _submit(store)
+    assert store.retry("j1", "encode", 1, "b", "boom", 2, crash=True).status == "retry"
+    assert store.retry("j1", "encode", 2, "b", "boom", 2, crash=True).status == "dead"
+    assert store.get("j1")["state"] == "dead"
+    assert store.redis.lrange(store.keys.dead, 0, -1) == [b"j1"]
+
+
+def test_errors_past_max_attempts_fail_the_job_with_its_error(store):
+    _submit(store)
+    store.retry("j1", "encode", 1, "w", "ValueError: bad", 1, crash=False)
+    record = store.get("j1")
+    assert record["state"] == "failed" and record["error"] == "ValueError: bad"
+
+
+def test_a_committed_but_undelivered_hand_on_is_republished(store):
+    _submit(store)
+    store.start("j1", "encode", 1, "w1", "encoding", 0)
+    store.finish("j1", "encode", 1, "w1", "decode", b"dispatch-decode")
+    # The worker died before publishing into the decode ring; its lease expires.
+    outcome = store.retry("j1", "encode", 1, "broker", "lease expired", 3, crash=True,
+                          next_stage="decode")
+    assert outcome.status == "republish"
+    assert outcome.values == (b"decode", b"1", b"dispatch-decode")
+
+
+def test_a_cancelled_job_refuses_further_stages(store):
+    _submit(store)
+    assert store.cancel("j1").ok
+    assert store.start("j1", "encode", 1, "w", "encoding", 0).status == "terminal"
+    assert store.cancel("j1").status == "terminal"
+
+
+def test_rebuild_fences_off_the_attempt_running_before_a_restart(store):
+    _submit(store)
+    store.start("j1", "encode", 1, "w1", "encoding", 0)
+    outcome = store.rebuild("j1", ["encode", "decode"])
+    assert outcome.status == "retry" and outcome.values[0] == b"2"
+    assert store.finish("j1", "encode", 1, "w1", "decode", b"d").status == "stale"
+
+
+def _race_complete(url, namespace, worker, results):
+    store = JobStore(url, namespace)
+    results.put((worker, store.complete("race", "decode", 1, f"w{worker}", {"w": worker}).status))
+
+
+def test_five_processes_committing_one_result_exactly_one_wins(store, redis_server, namespace):
+    store.submit("race", "noop", b"{}", "decode", b"d")
+    store.start("race", "decode", 1, "w0", "decoding", 0)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_race_complete, args=(redis_server.url, namespace, i, results))
+             for i in range(5)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=30)
+    statuses = [results.get(timeout=5)[1] for _ in procs]
+    assert statuses.count("ok") == 1
+    assert statuses.count("duplicate") + statuses.count("terminal") == 4
+    assert store.get("race")["commits"] == "1"
+
+
+def _race_start(url, namespace, worker, results):
+    store = JobStore(url, namespace)
+    results.put(store.start("race", "encode", 1, f"w{worker}", "encoding", 0).status)
+
+
+def test_five_processes_starting_one_attempt_exactly_one_wins(store, redis_server, namespace):
+    store.submit("race", "noop", b"{}", "encode", b"d")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_race_start, args=(redis_server.url, namespace, i, results))
+             for i in range(5)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=30)
+    statuses = [results.get(timeout=5) for _ in procs]
+    assert statuses.count("ok") == 1 and statuses.count("duplicate") == 4
