@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .errors import Code, ProtocolError
+from .errors import Code, PayloadTooLarge, ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20  # a control frame above this is refused with `too_large`
@@ -258,9 +258,12 @@ class Codec:
         self._json = msgspec.json.Encoder()
 
     def decode(self, frame: bytes) -> tuple[Any, bool]:
-        """Decode one frame; returns (message, was_json). Raises ProtocolError with the reason."""
+        """Decode one frame; returns (message, was_json).
+
+        Raises ProtocolError (or PayloadTooLarge) with a reason fit to send back.
+        """
         if len(frame) > MAX_FRAME_BYTES:
-            raise ProtocolError(f"frame of {len(frame)} bytes > limit of {MAX_FRAME_BYTES}")
+            raise PayloadTooLarge(f"frame of {len(frame)} bytes > limit of {MAX_FRAME_BYTES}")
         is_json = frame[:1] in (b"{", b" ", b"\n", b"\t")
         try:
             if is_json:
