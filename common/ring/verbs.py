@@ -94,7 +94,7 @@ class _Endpoint:
         attr.max_dest_rd_atomic = 1
         attr.min_rnr_timer = 12
         route = self.GlobalRoute(dgid=self.GID(peer["gid"]), sgid_index=_GID_INDEX)
-        attr.ah_attr = self.AHAttr(port_num=_PORT, is_global=1, gr=route, dlid=peer["lid"])
+        attr.ah_attr = self.AHAttr(port_num=_PORT, is_global=1, grh=route, dlid=peer["lid"])
         self.qp.to_rtr(attr)
         attr = self.QPAttr(qp_state=e.IBV_QPS_RTS)
         attr.sq_psn = self.psn
