@@ -42,7 +42,7 @@ def start_redis(state_dir: Path, persist: bool = True) -> tuple[subprocess.Popen
     if binary is None:
         raise ConfigError("redis-server not found: install it (Debian: redis-server) or pass --redis-url")
     port = free_port()
-    data = state_dir / "redis"
+    data = (state_dir / "redis").resolve()  # redis-server chdirs to --dir: paths must be absolute
     data.mkdir(parents=True, exist_ok=True)
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
             "--save", "", "--appendonly", "yes" if persist else "no",

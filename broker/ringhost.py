@@ -11,8 +11,10 @@ and never maps a dead broker's memory.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
+from pathlib import Path
 
 from ..common.config import Config
 from ..common.errors import RingError
@@ -35,8 +37,9 @@ class RingHost:
         self.memories: dict[str, ShmMemory] = {}
         self.rings: dict[str, Ring] = {}
         ns = config.redis.namespace
+        remove_orphan_segments(ns)
         for stage in config.pipeline.stages:
-            name = f"stagepool-{ns}-{broker_id}-{stage.name}"
+            name = f"stagepool-{ns}-{os.getpid()}-{broker_id}-{stage.name}"
             memory = ShmMemory(name, layout.nbytes, create=True)
             self.memories[stage.name] = memory
             self.rings[stage.name] = Ring.format(memory, layout)
@@ -93,3 +96,18 @@ class RingHost:
             self.verbs.close()
         for memory in self.memories.values():
             memory.close()
+
+
+def remove_orphan_segments(namespace: str) -> None:
+    """Unlink ring segments of this namespace left by brokers that died without cleaning up
+    (SIGKILL): their names carry the broker's pid, which no longer runs."""
+    prefix = f"stagepool-{namespace}-"
+    for path in Path("/dev/shm").glob(prefix + "*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        try:
+            path.unlink()
+            log.info("removed orphan ring segment %s", path.name)
+        except OSError:
+            pass
