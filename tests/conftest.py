@@ -11,33 +11,21 @@ import uuid
 import pytest
 import redis
 
-from stagepool.broker.cluster import free_port
+from stagepool.broker.cluster import free_port, start_redis
 from stagepool.common.ring import Layout, Ring
 from stagepool.common.ring.shm import ShmMemory
 from stagepool.common.ring.tcp import TcpMemory, TcpRingServer
 
 
 class RedisServer:
+    """A private redis-server (no persistence unless asked), started as `stagepool up` does."""
+
     def __init__(self, tmp_path, persist: bool = False):
-        binary = shutil.which("redis-server")
-        if binary is None:
+        if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed (make setup installs it)")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tmp_path
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-                "--save", "", "--appendonly", "yes" if persist else "no"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-        client.close()
+        self.process, self.url = start_redis(tmp_path, persist)
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
 
     def stop(self) -> None:
         self.process.terminate()
