@@ -9,9 +9,8 @@ import time
 import uuid
 
 import pytest
-import redis
 
-from stagepool.broker.cluster import free_port, start_redis
+from stagepool.broker.cluster import start_redis
 from stagepool.common.ring import Layout, Ring
 from stagepool.common.ring.shm import ShmMemory
 from stagepool.common.ring.tcp import TcpMemory, TcpRingServer

@@ -93,40 +93,41 @@ def test_rebuild_fences_off_the_attempt_running_before_a_restart(store):
     assert store.finish("j1", "encode", 1, "w1", "decode", b"d").status == "stale"
 
 
-def _race_complete(url, namespace, worker, results):
-    store = JobStore(url, namespace)
-    results.put((worker, store.complete("race", "decode", 1, f"w{worker}", {"w": worker}).status))
+def _race_complete(store, worker):
+    return store.complete("race", "decode", 1, f"w{worker}", {"w": worker}).status
+
+
+def _race_start(store, worker):
+    return store.start("race", "encode", 1, f"w{worker}", "encoding", 0).status
+
+
+def _contender(url, namespace, action, worker, results):
+    results.put(action(JobStore(url, namespace), worker))
+
+
+def _race(redis_server, namespace, action, contenders=5) -> list[str]:
+    """Run `action` in `contenders` processes at once; their statuses."""
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_contender,
+                         args=(redis_server.url, namespace, action, i, results))
+             for i in range(contenders)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=30)
+    return [results.get(timeout=5) for _ in procs]
 
 
 def test_five_processes_committing_one_result_exactly_one_wins(store, redis_server, namespace):
     store.submit("race", "noop", b"{}", "decode", b"d")
     store.start("race", "decode", 1, "w0", "decoding", 0)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_race_complete, args=(redis_server.url, namespace, i, results))
-             for i in range(5)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=30)
-    statuses = [results.get(timeout=5)[1] for _ in procs]
+    statuses = _race(redis_server, namespace, _race_complete)
     assert statuses.count("ok") == 1
     assert statuses.count("duplicate") + statuses.count("terminal") == 4
     assert store.get("race")["commits"] == "1"
 
 
-def _race_start(url, namespace, worker, results):
-    store = JobStore(url, namespace)
-    results.put(store.start("race", "encode", 1, f"w{worker}", "encoding", 0).status)
-
-
 def test_five_processes_starting_one_attempt_exactly_one_wins(store, redis_server, namespace):
     store.submit("race", "noop", b"{}", "encode", b"d")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_race_start, args=(redis_server.url, namespace, i, results))
-             for i in range(5)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=30)
-    statuses = [results.get(timeout=5) for _ in procs]
+    statuses = _race(redis_server, namespace, _race_start)
     assert statuses.count("ok") == 1 and statuses.count("duplicate") == 4
