@@ -1,4 +1,4 @@
-"""Only the C helper lives here; everything else is declared in pyproject.toml."""
+"""Only the C helpers live here; everything else is declared in pyproject.toml."""
 from setuptools import Extension, setup
 
 setup(
@@ -7,6 +7,11 @@ setup(
             "stagepool.common.ring._atomics",
             sources=["common/ring/_atomics.c"],
             extra_compile_args=["-O2", "-std=c11"],
-        )
+        ),
+        Extension(
+            "stagepool.common.transfer._checksum",
+            sources=["common/transfer/_checksum.c"],
+            extra_compile_args=["-O3", "-std=c11"],
+        ),
     ]
 )

@@ -71,12 +71,29 @@ class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True):
     drain_timeout_s: float = 30.0
 
 
+class TransferConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The data plane: how tensors move between workers (common/transfer)."""
+
+    backend: str = "auto"  # "auto" (same host in place, else Mooncake) | "local" | "mooncake"
+    protocol: str = "tcp"  # Mooncake transport: "tcp" | "rdma"
+    device: str = ""  # Mooncake RDMA device filter, e.g. "mlx5_0"; "" = all
+    host: str = "127.0.0.1"  # the address peers reach this worker's engine and notices at
+    pool_mb: int = 256  # each worker's registered pool (memfd pages are only used as touched)
+    timeout_s: float = 10.0  # MC_TRANSFER_TIMEOUT: how long a frozen peer can block a read
+    retries: int = 2  # reads retried (after backoff_s) before the producer counts as gone
+    backoff_s: float = 0.5  # >= 0.2: the engine can wedge a link retried sooner
+    pull_timeout_s: float = 120.0
+    hold_check_s: float = 5.0  # holds older than this are checked against Redis and swept
+    put_wait_s: float = 30.0  # a full pool waits this long for releases before failing
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     ring: RingConfig = msgspec.field(default_factory=RingConfig)
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    transfer: TransferConfig = msgspec.field(default_factory=TransferConfig)
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.pipeline.stages:

@@ -63,6 +63,12 @@ class TransportError(StagepoolError):
     code = Code.UNAVAILABLE
 
 
+class TransferError(StagepoolError):
+    """A tensor could not be placed in or moved between worker pools."""
+
+    code = Code.UNAVAILABLE
+
+
 class StoreUnavailable(StagepoolError):
     """Redis could not be reached; the translation of redis.ConnectionError/TimeoutError."""
 

@@ -220,6 +220,12 @@ def schema_hash() -> str:
 # -- the ring record -------------------------------------------------------------------------
 
 
+class Release(Message, tag="release"):
+    """Worker to worker (PUSH to the producer's notice socket): free the outputs held as `key`."""
+
+    key: str
+
+
 class TensorDesc(msgspec.Struct, array_like=True, omit_defaults=True):
     """Where a producer holds one tensor; the consumer pulls it (DESIGN section 5)."""
 

@@ -1,0 +1,155 @@
+"""Mooncake Transfer Engine backend: one batched read from the producer's pool into ours.
+
+What this engine does that the design works around:
+  - `*_sync_*` calls spin a core until done: every transfer runs on one engine thread (the
+    GIL is released), so a worker loses at most one core to it, and `Pull.poll()` never
+    blocks the caller;
+  - a frozen peer blocks a read for `MC_TRANSFER_TIMEOUT` seconds: we set it from
+    `transfer.timeout_s` before the engine starts;
+  - retrying within about a millisecond of a failure can leave the link to that peer failing
+    for good: after a failure we wait at least `backoff_s` (>= 0.2 s) before the next read
+    from the same peer;
+  - polling a finished or unknown batch id crashes the process: we never poll batch ids,
+    we use the synchronous batch read on the engine thread;
+  - each engine takes two ports (its RPC port and the tcp transport's).
+Metadata is exchanged peer to peer (`P2PHANDSHAKE`): no etcd or metadata server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from ..errors import TransferError
+from ..wire import TensorDesc
+from ._checksum import checksum
+from .base import Backend, Endpoint, Failure, FailedPull, FailureKind, Pull, PullStatus, \
+    check_descs
+from .pool import Pool, PoolFull
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF_S = 0.2
+
+
+class MooncakePull(Pull):
+    def __init__(self, pool: Pool, future: Future, blocks: list[tuple[int, int]]):
+        self.tensors = {}
+        self._pool = pool
+        self._future = future
+        self._blocks = blocks
+
+    def poll(self) -> PullStatus:
+        if not self._future.done():
+            return PullStatus.PENDING
+        self.tensors, self.failure, self.nbytes = self._future.result()
+        return PullStatus.FAILED if self.failure else PullStatus.DONE
+
+    def close(self) -> None:
+        if not self._future.done():
+            self._future.result()  # the engine is writing into these blocks: let it finish
+        self.tensors = {}
+        for offset, nbytes in self._blocks:
+            self._pool.free(offset, nbytes)
+        self._blocks = []
+
+
+class MooncakeBackend(Backend):
+    name = "mooncake"
+
+    def __init__(self, pool: Pool, *, host: str = "127.0.0.1", protocol: str = "tcp",
+                 device: str = "", timeout_s: float = 10.0, retries: int = 2,
+                 backoff_s: float = 0.5):
+        try:
+            from mooncake.engine import TransferEngine
+        except ImportError as exc:
+            raise TransferError("the Mooncake backend needs mooncake-transfer-engine "
+                                "(pip install 'stagepool[transfer]')") from exc
+        # Read by the engine when it starts, not per call.
+        os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(1, int(timeout_s))))
+        os.environ.setdefault("GLOG_minloglevel", "2")  # the engine logs INFO per connection
+        self.pool = pool
+        self.retries = retries
+        self.backoff_s = max(MIN_BACKOFF_S, backoff_s)
+        self._engine = TransferEngine()
+        if self._engine.initialize(host, "P2PHANDSHAKE", protocol, device) != 0:
+            raise TransferError(f"Mooncake engine failed to start ({protocol} on {host})")
+        if self._engine.register_memory(pool.base, pool.nbytes) != 0:
+            raise TransferError("Mooncake could not register the pool")
+        self._session = f"{host}:{self._engine.get_rpc_port()}"
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mooncake")
+        self._failed_at: dict[str, float] = {}  # peer -> monotonic time of its last failure
+        self._lock = threading.Lock()
+
+    def session(self) -> str:
+        return self._session
+
+    def reaches(self, endpoint: Endpoint) -> bool:
+        return bool(endpoint.session)
+
+    def pull(self, endpoint: Endpoint, descs: list[TensorDesc]) -> Pull:
+        bad = check_descs(endpoint, descs)
+        if bad:
+            return FailedPull(bad)
+        blocks: list[tuple[int, int]] = []
+        try:
+            for desc in descs:
+                blocks.append((self.pool.alloc(desc.nbytes), desc.nbytes))
+        except PoolFull as exc:
+            for offset, nbytes in blocks:
+                self.pool.free(offset, nbytes)
+            return FailedPull(Failure(FailureKind.NO_ROOM, str(exc)))
+        future = self._thread.submit(self._read, endpoint, descs, blocks)
+        return MooncakePull(self.pool, future, blocks)
+
+    def read_raw(self, session: str, local: list[int], remote: list[int],
+                 lengths: list[int]) -> int:
+        """The engine's own batched read, for benchmarks: returns its status code."""
+        return self._engine.batch_transfer_sync_read(session, local, remote, lengths)
+
+    def _read(self, endpoint: Endpoint, descs: list[TensorDesc], blocks):
+        """On the engine thread: read, retry after a backoff, verify."""
+        local = [self.pool.base + offset for offset, _ in blocks]
+        remote = [desc.address for desc in descs]
+        lengths = [desc.nbytes for desc in descs]
+        peer = endpoint.session
+        status = -1
+        for attempt in range(self.retries + 1):
+            with self._lock:
+                failed_at = self._failed_at.get(peer)
+            if failed_at is not None:
+                # Never retry a peer within the engine's bad window after a failure.
+                wait_s = failed_at + self.backoff_s - time.monotonic()
+                if wait_s > 0:
+                    time.sleep(wait_s)
+            status = self._engine.batch_transfer_sync_read(peer, local, remote, lengths)
+            if status >= 0:
+                with self._lock:
+                    self._failed_at.pop(peer, None)
+                break
+            with self._lock:
+                self._failed_at[peer] = time.monotonic()
+            log.warning("Mooncake read from %s failed (status %d, try %d of %d)", peer, status,
+                        attempt + 1, self.retries + 1)
+        if status < 0:
+            return {}, Failure(FailureKind.PRODUCER_GONE,
+                               f"Mooncake read from {peer} failed {self.retries + 1} times "
+                               f"(status {status})"), 0
+        tensors = {}
+        for desc, (offset, _) in zip(descs, blocks):
+            view = self.pool.view(offset, desc.dtype, desc.shape, desc.nbytes)
+            if checksum(self.pool.bytes[offset:offset + desc.nbytes].numpy()) != desc.checksum:
+                return {}, Failure(FailureKind.CHECKSUM,
+                                   f"{desc.name}: checksum mismatch after the read"), 0
+            tensors[desc.name] = view
+        return tensors, None, sum(lengths)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        try:
+            self._engine.unregister_memory(self.pool.base)
+        except Exception:  # noqa: BLE001 - best effort at exit; the process is going away
+            log.debug("unregister failed", exc_info=True)

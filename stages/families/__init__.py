@@ -1,0 +1,1 @@
+"""Model families: adapters over diffusers and transformers classes."""
