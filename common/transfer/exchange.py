@@ -52,7 +52,7 @@ class Exchange:
                 self.mooncake = MooncakeBackend(
                     self.pool, host=config.host, protocol=config.protocol, device=config.device,
                     timeout_s=config.timeout_s, retries=config.retries,
-                    backoff_s=config.backoff_s)
+                    backoff_s=config.backoff_s, inline_bytes=config.inline_kb << 10)
             except TransferError:
                 if config.backend == "mooncake":
                     raise

@@ -1,9 +1,10 @@
 """Mooncake Transfer Engine backend: one batched read from the producer's pool into ours.
 
 What this engine does that the design works around:
-  - `*_sync_*` calls spin a core until done: every transfer runs on one engine thread (the
-    GIL is released), so a worker loses at most one core to it, and `Pull.poll()` never
-    blocks the caller;
+  - `*_sync_*` calls spin a core until done: every transfer larger than `inline_bytes` runs
+    on one engine thread (the GIL is released), so a worker loses at most one core to it and
+    `Pull.poll()` never blocks the caller; smaller reads run in `pull` itself, since a hop to
+    the engine thread costs as much as the read;
   - a frozen peer blocks a read for `MC_TRANSFER_TIMEOUT` seconds: we set it from
     `transfer.timeout_s` before the engine starts;
   - retrying within about a millisecond of a failure can leave the link to that peer failing
@@ -25,7 +26,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import TransferError
 from ..wire import TensorDesc
-from ._checksum import checksum
 from .base import Backend, Endpoint, Failure, FailedPull, FailureKind, Pull, PullStatus, \
     check_descs
 from .pool import Pool, PoolFull
@@ -48,6 +48,13 @@ class MooncakePull(Pull):
         self.tensors, self.failure, self.nbytes = self._future.result()
         return PullStatus.FAILED if self.failure else PullStatus.DONE
 
+    def wait(self, timeout_s: float) -> PullStatus:
+        try:
+            self._future.exception(timeout=timeout_s)
+        except TimeoutError:
+            return PullStatus.PENDING
+        return self.poll()
+
     def close(self) -> None:
         if not self._future.done():
             self._future.result()  # the engine is writing into these blocks: let it finish
@@ -62,17 +69,18 @@ class MooncakeBackend(Backend):
 
     def __init__(self, pool: Pool, *, host: str = "127.0.0.1", protocol: str = "tcp",
                  device: str = "", timeout_s: float = 10.0, retries: int = 2,
-                 backoff_s: float = 0.5):
+                 backoff_s: float = 0.5, inline_bytes: int = 1 << 20):
+        # Read when the engine library loads and starts, not per call.
+        os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(1, int(timeout_s))))
+        os.environ.setdefault("GLOG_minloglevel", "2")  # the engine logs INFO per connection
         try:
             from mooncake.engine import TransferEngine
         except ImportError as exc:
             raise TransferError("the Mooncake backend needs mooncake-transfer-engine "
                                 "(pip install 'stagepool[transfer]')") from exc
-        # Read by the engine when it starts, not per call.
-        os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(1, int(timeout_s))))
-        os.environ.setdefault("GLOG_minloglevel", "2")  # the engine logs INFO per connection
         self.pool = pool
         self.retries = retries
+        self.inline_bytes = inline_bytes
         self.backoff_s = max(MIN_BACKOFF_S, backoff_s)
         self._engine = TransferEngine()
         if self._engine.initialize(host, "P2PHANDSHAKE", protocol, device) != 0:
@@ -102,7 +110,13 @@ class MooncakeBackend(Backend):
             for offset, nbytes in blocks:
                 self.pool.free(offset, nbytes)
             return FailedPull(Failure(FailureKind.NO_ROOM, str(exc)))
-        future = self._thread.submit(self._read, endpoint, descs, blocks)
+        if sum(desc.nbytes for desc in descs) <= self.inline_bytes:
+            # A small read takes about as long as a hop to the engine thread: do it here.
+            # (A frozen peer can then block this call for up to MC_TRANSFER_TIMEOUT.)
+            future = Future()
+            future.set_result(self._read(endpoint, descs, blocks))
+        else:
+            future = self._thread.submit(self._read, endpoint, descs, blocks)
         return MooncakePull(self.pool, future, blocks)
 
     def read_raw(self, session: str, local: list[int], remote: list[int],
@@ -140,11 +154,10 @@ class MooncakeBackend(Backend):
                                f"(status {status})"), 0
         tensors = {}
         for desc, (offset, _) in zip(descs, blocks):
-            view = self.pool.view(offset, desc.dtype, desc.shape, desc.nbytes)
-            if checksum(self.pool.bytes[offset:offset + desc.nbytes].numpy()) != desc.checksum:
+            if self.pool.checksum(offset, desc.nbytes) != desc.checksum:
                 return {}, Failure(FailureKind.CHECKSUM,
                                    f"{desc.name}: checksum mismatch after the read"), 0
-            tensors[desc.name] = view
+            tensors[desc.name] = self.pool.view(offset, desc.dtype, desc.shape, desc.nbytes)
         return tensors, None, sum(lengths)
 
     def close(self) -> None:

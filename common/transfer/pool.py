@@ -49,6 +49,7 @@ class Pool:
         self.token = int.from_bytes(os.urandom(7), "little")
         self._map[:16] = struct.pack("<QQ", MAGIC, self.token)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._mv = memoryview(self._map)
         self.base = self.bytes.data_ptr()
         self._lock = threading.Lock()
         self._free: list[tuple[int, int]] = [(ALIGN_BYTES, nbytes - ALIGN_BYTES)]  # by offset
@@ -100,7 +101,10 @@ class Pool:
         raw = flat.contiguous().view(torch.uint8)
         dst = self.bytes[offset:offset + raw.numel()]
         dst.copy_(raw)
-        return checksum(dst.numpy())
+        return self.checksum(offset, raw.numel())
+
+    def checksum(self, offset: int, nbytes: int) -> int:
+        return checksum(self._mv[offset:offset + nbytes])
 
     def close(self) -> None:
         """Drop our references; the mapping goes when the last tensor view does."""
@@ -108,6 +112,7 @@ class Pool:
             os.close(self.fd)
             self.fd = -1
         self.bytes = None
+        self._mv.release()
         self._map = None
 
 
