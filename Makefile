@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints.txt common/ring/_atomics.c
+$(STAMP): pyproject.toml setup.py constraints.txt common/ring/_atomics.c common/transfer/_checksum.c
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt common/ring/_atomics.c
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,models,transfer]'
 	@# pyverbs comes from Debian (python3-pyverbs), built for CPython 3.11: link it in.
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	if [ -d /usr/lib/python3/dist-packages/pyverbs ]; then \
@@ -30,13 +30,14 @@ $(STAMP): pyproject.toml setup.py constraints.txt common/ring/_atomics.c
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/stagepool demo --config configs/noop.toml --state-dir .stagepool/demo
+	$(VENV)/bin/stagepool demo --config configs/tiny.toml --state-dir .stagepool/demo
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) bench/ring.py --json
+	$(PY) bench/transfer.py --json
 
 clean:
-	rm -rf $(VENV) .stagepool build *.egg-info common/ring/*.so
+	rm -rf $(VENV) .stagepool build *.egg-info common/ring/*.so common/transfer/*.so

@@ -9,6 +9,7 @@
     stagepool wait ID [--timeout S]
     stagepool cancel ID
     stagepool queues [--json]
+    stagepool models init-tiny DIR          build the tiny model directories (no download)
 
 Client commands find the broker from --broker, then STAGEPOOL_BROKER_ENDPOINT, then the
 `cluster.json` that `stagepool up` writes in its state dir (default .stagepool).
@@ -83,10 +84,31 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def _ensure_tiny_models(config) -> None:
+    """Build the tiny family's model directory where a stage names one that is missing."""
+    for stage in config.pipeline.stages:
+        opts = stage.options
+        path = Path(opts.get("model_path") or "")
+        if opts.get("family") == "tiny" and not (path / "model_index.json").exists():
+            from ..stages.families.tiny import init_tiny
+
+            print(f"building the tiny models in {path.parent} (once)", flush=True)
+            init_tiny(path.parent)
+
+
+def cmd_models(args) -> int:
+    from ..stages.families.tiny import init_tiny
+
+    for name, path in init_tiny(args.dir, force=args.force).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def cmd_up(args) -> int:
     from .cluster import Cluster
 
     config = config_mod.load(args.config)
+    _ensure_tiny_models(config)
     cluster = Cluster(config, args.config, Path(args.state_dir), _parse_workers(args.workers),
                       redis_url=args.redis_url)
     info = cluster.start()
@@ -103,21 +125,57 @@ def cmd_demo(args) -> int:
     from .cluster import Cluster
 
     config = config_mod.load(args.config)
+    _ensure_tiny_models(config)
     state_dir = Path(args.state_dir)
     cluster = Cluster(config, args.config, state_dir, {}, redis_url=args.redis_url)
     info = cluster.start()
     try:
-        with BrokerClient(info["broker"], timeout_s=30) as client:
-            submitted = client.submit({"prompt": args.prompt})
-            print(f"submitted job {submitted.job_id}", flush=True)
-            status = _follow(client, submitted.job_id, timeout_s=120, show=True)
-        result_path = state_dir / "results" / f"{submitted.job_id}.json"
-        result_path.parent.mkdir(parents=True, exist_ok=True)
-        result_path.write_bytes(msgspec.json.format(msgspec.json.encode(status), indent=2))
-        print(f"job {submitted.job_id}: {status.state}; result written to {result_path}")
-        return 0 if status.state == "succeeded" else 1
+        with BrokerClient(info["broker"], timeout_s=60) as client:
+            submitted = client.submit({"prompt": args.prompt, "seed": args.seed})
+            print(f"submitted job {submitted.job_id}: {args.prompt!r}", flush=True)
+            status = _follow_with_progress(client, submitted.job_id, config, timeout_s=300)
+        record_path = state_dir / "results" / f"{submitted.job_id}.json"
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record_path.write_bytes(msgspec.json.format(msgspec.json.encode(status), indent=2))
+        if status.state != "succeeded":
+            print(f"job {submitted.job_id}: {status.state} {status.error}; see "
+                  f"{state_dir / 'logs'}", file=sys.stderr)
+            return 1
+        files = (status.result or {}).get("files", {}) if isinstance(status.result, dict) else {}
+        for kind, path in files.items():
+            print(f"result {kind}: {path}")
+        print(f"job record: {record_path}")
+        return 0
     finally:
         cluster.stop()
+
+
+def _follow_with_progress(client: BrokerClient, job_id: str, config, timeout_s: float):
+    """Follow a job with one progress bar per stage (denoise steps as they are reported)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    names = [stage.name for stage in config.pipeline.stages]
+    deadline = time.monotonic() + timeout_s
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[note]}"),
+                  TimeElapsedColumn(), transient=False) as bars:
+        tasks = {name: bars.add_task(name, total=1, note="queued") for name in names}
+        while True:
+            status = client.status(job_id)
+            for name in names:
+                info = status.stages.get(name, {})
+                step = info.get("step")
+                if "finished_ms" in info or (name == names[-1] and status.state == "succeeded"):
+                    bars.update(tasks[name], completed=bars.tasks[tasks[name]].total, note="done")
+                elif step:
+                    done, total = (int(x) for x in step.split("/"))
+                    bars.update(tasks[name], total=total, completed=done, note=f"step {step}")
+                elif "started_ms" in info:
+                    bars.update(tasks[name], note="running")
+            if status.state in TERMINAL:
+                return status
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {status.state} after {timeout_s} s")
+            time.sleep(0.05)
 
 
 def _follow(client: BrokerClient, job_id: str, timeout_s: float, show: bool):
@@ -208,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "local cluster, one job through all stages, result written")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--prompt", default="a lighthouse at dawn, oil painting")
+    p.add_argument("--seed", type=int, default=0)
     add("broker", cmd_broker, "run the broker")
     p = add("worker", cmd_worker, "run one worker")
     p.add_argument("--stage", required=True)
@@ -228,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p = add("queues", cmd_queues, "queue depth per stage")
     p.add_argument("--json", action="store_true")
+    p = add("models", cmd_models, "model directories")
+    p.add_argument("action", choices=["init-tiny"])
+    p.add_argument("dir")
+    p.add_argument("--force", action="store_true", help="rebuild existing directories")
     return parser
 
 

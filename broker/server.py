@@ -34,7 +34,7 @@ from ..common.jobstore import JobStore
 from ..common.wire import (
     Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, Heartbeat, HeartbeatAck,
     Hello, JobStatus, QueueInfo, Queues, Register, Registered, Submit, Submitted, Unregister,
-    VerbsAccept, VerbsConnect, Welcome, Ack,
+    Rewind, RewindResult, VerbsAccept, VerbsConnect, Welcome, Ack,
 )
 from .dispatcher import Dispatcher
 from .ingress import Ingress
@@ -204,11 +204,30 @@ class Broker:
             case Unregister(worker_id=worker_id):
                 self._drop_worker(worker_id)
                 return Ack()
+            case Rewind():
+                return self._rewind(request)
             case VerbsConnect(stage=stage, qp=qp):
                 if self.ringhost.verbs is None:
                     return Error(code=Code.UNAVAILABLE, message="verbs is not enabled")
                 return VerbsAccept(qp=self.ringhost.verbs.accept(stage, qp))
         raise ProtocolError(f"unexpected {type(request).__name__}")
+
+    def _rewind(self, request: Rewind) -> RewindResult:
+        """Send a job back to the stage that produced the inputs a worker could not pull."""
+        stages = self.config.pipeline.stages
+        index = self._stage_names.index(request.stage) if request.stage in self._stage_names else -1
+        if index <= 0:
+            return Error(code=Code.BAD_REQUEST, message=f"{request.stage!r} has no previous stage")
+        prev = stages[index - 1]
+        outcome = self.store.rewind(wire.check_job_id(request.job_id), request.stage,
+                                    request.attempt, request.worker_id, request.error, prev.name,
+                                    prev.job_state(), index - 1, prev.max_attempts)
+        if outcome.status == "retry":
+            attempt, dispatch = outcome.values
+            self.dispatcher.republish(prev.name, dispatch, int(attempt))
+            log.info("job %s: %s inputs lost (%s); %s runs again (attempt %s)", request.job_id,
+                     request.stage, request.error, prev.name, int(attempt))
+        return RewindResult(status=outcome.status)
 
     def _hello(self, identity: bytes, hello: Hello):
         if hello.version != wire.PROTOCOL_VERSION:
@@ -278,10 +297,11 @@ def job_status(job_id: str, record: dict[str, str], stage_names: list[str]) -> J
     stages: dict[str, dict[str, Any]] = {}
     for name in stage_names:
         info = {}
-        for field in ("attempt", "worker", "enqueued_ms", "started_ms", "finished_ms", "retries"):
+        for field in ("attempt", "worker", "enqueued_ms", "started_ms", "finished_ms", "retries",
+                      "rewinds", "step"):
             value = record.get(f"{name}.{field}")
             if value is not None:
-                info[field] = value if field == "worker" else int(value)
+                info[field] = value if field in ("worker", "step") else int(value)
         if info:
             stages[name] = info
     result = record.get("result")

@@ -5,10 +5,13 @@ atomic, and the stage-scoped ones are fenced by the stage's attempt number:
 
   submit    -> queued (idempotent on job id)
   start     -> the stage's state; at most one start per (stage, attempt)
-  finish    -> commits a non-final stage once and records the hand-on for the next stage
+  finish    -> commits a non-final stage once and records the hand-on for the next stage;
+               answers the next stage's attempt (attempts only grow)
   complete  -> succeeded: the result commit, exactly once per job
   retry     -> a failed or expired attempt: attempt + 1, or failed / dead after max_attempts;
                for a stage committed by a worker that died before handing on: republish
+  rewind    -> a stage's inputs died with their producer: the previous stage runs again
+  progress  -> "step i/n" of the running attempt, and a progress event
   rebuild   -> after a broker restart: the job's current stage with a fresh attempt
   cancel    -> cancelled
 
@@ -106,6 +109,17 @@ class JobStore:
     def finish(self, job_id: str, stage: str, attempt: int, worker: str, next_stage: str,
                next_dispatch: bytes) -> Outcome:
         return self._call("finish", job_id, stage, attempt, worker, next_stage, next_dispatch)
+
+    @_translate
+    def rewind(self, job_id: str, stage: str, attempt: int, worker: str, error: str,
+               prev_stage: str, prev_state: str, prev_index: int, max_attempts: int) -> Outcome:
+        """retry -> (prev attempt, prev dispatch); failed; or a fence refusal."""
+        return self._call("rewind", job_id, stage, attempt, worker, error[:2000], prev_stage,
+                          prev_state, prev_index, max_attempts)
+
+    @_translate
+    def progress(self, job_id: str, stage: str, attempt: int, step: int, steps: int) -> Outcome:
+        return self._call("progress", job_id, stage, attempt, step, steps)
 
     @_translate
     def complete(self, job_id: str, stage: str, attempt: int, worker: str,

@@ -193,6 +193,23 @@ class Queues(Message, tag="queue_list"):
     rid: int = 0
 
 
+class Rewind(Message, tag="rewind"):
+    """Worker to broker: this attempt's inputs are gone with their producer; run the previous
+    stage again. The broker records it in Redis and publishes the previous stage's dispatch."""
+
+    job_id: str
+    stage: Stage
+    attempt: int
+    worker_id: str
+    error: str = ""
+    rid: int = 0
+
+
+class RewindResult(Message, tag="rewind_result"):
+    status: str  # "retry" (re-queued), "failed" (retries exhausted), or a fence refusal
+    rid: int = 0
+
+
 class Ack(Message, tag="ack"):
     rid: int = 0
 
@@ -206,9 +223,9 @@ class Error(Message, tag="error"):
 
 
 Request = (Hello | Submit | GetStatus | Cancel | GetQueues | Register | Heartbeat | Unregister
-           | VerbsConnect)
+           | VerbsConnect | Rewind)
 Reply = (Welcome | Submitted | JobStatus | CancelResult | Queues | Registered | HeartbeatAck
-         | VerbsAccept | Ack | Error)
+         | VerbsAccept | RewindResult | Ack | Error)
 
 
 def schema_hash() -> str:

@@ -35,6 +35,8 @@ class StageOutput:
 
 
 class Stage(abc.ABC):
+    uses_tensors = False  # True: the worker opens a transfer pool before registering
+
     def __init__(self, config: StageConfig):
         self.config = config
 
@@ -58,7 +60,7 @@ def register(kind: str):
 
 
 def create(config: StageConfig) -> Stage:
-    from . import noop  # noqa: F401  (registers the built-in kinds)
+    from . import model, noop  # noqa: F401  (registers the built-in kinds)
 
     try:
         factory = _KINDS[config.kind]

@@ -7,12 +7,18 @@ Lifecycle of a dispatch in a worker:
   3. lease it (our cell: job, attempt, ticket), then release the slot; if the broker
      reclaimed the slot first, drop it: it has been published again;
   4. `start` in Redis: refused for a stale or duplicate attempt or a terminal job -> drop;
-  5. run the stage while a heartbeat thread refreshes the lease and pings the broker;
-  6. commit: `complete` (last stage, exactly once) or `finish` + publish the next stage's
-     dispatch into its ring (retrying while it is full, the lease still alive);
-     on an exception, `retry` (error mode) and publish the new attempt, or the job fails;
+  5. pull the inputs the previous stage holds (common/transfer): inputs lost with their
+     producer (or failing their checksum) send the job back to that stage through the broker
+     (`Rewind`); a transfer error retries this stage. Then run the stage while a heartbeat
+     thread refreshes the lease and pings the broker;
+  6. commit: `complete` (last stage, exactly once) or hold the outputs in our pool, `finish`
+     + publish the next stage's dispatch into its ring (retrying while it is full, the lease
+     still alive); on an exception, `retry` (error mode) and publish the new attempt, or the
+     job fails; once committed, tell the previous stage's worker to release our inputs;
   7. drop the lease. A worker killed anywhere in 3-6 leaves a lease or a claimed slot that
-     the broker's reaper recovers.
+     the broker's reaper recovers; its replacement pulls the same held inputs again.
+Held outputs whose release notice was lost are swept by the heartbeat thread once Redis says
+no consumer needs them (the job ended, or the next stage committed).
 SIGTERM drains: the current job finishes, then the worker unregisters and exits.
 A changed broker id (broker restarted) makes the worker register and attach again.
 """
@@ -35,12 +41,14 @@ from ..common.config import Config
 from ..common.errors import RemoteError, StagepoolError, TransportError
 from ..common.jobstore import JobStore
 from ..common.ring import Ring, open_memory
+from ..common.transfer import Exchange, Failure, FailureKind, PoolFull, PullStatus
 from ..common.wire import Dispatch, decode_dispatch, encode_dispatch
 from . import base
 
 log = logging.getLogger(__name__)
 
 _REGISTER_RETRY_S = 0.5
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "dead"})
 _HANDOFF_TIMEOUT_S = 1.0
 
 
@@ -64,6 +72,7 @@ class Worker:
         self._produce: Ring | None = None
         self._store: JobStore | None = None
         self._heartbeat: threading.Thread | None = None
+        self._exchange: Exchange | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -77,6 +86,9 @@ class Worker:
 
     def run(self) -> None:
         self.stage.load()
+        if self.stage.uses_tensors:
+            # Before registering: a worker is only offered jobs once its pool can hold them.
+            self._exchange = self._open_exchange()
         self._attach()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
                                            daemon=True)
@@ -101,6 +113,8 @@ class Worker:
         finally:
             self._stopped.set()
             self._detach(unregister=True)
+            if self._exchange is not None:
+                self._exchange.close()
 
     # -- one dispatch --------------------------------------------------------------------
 
@@ -142,26 +156,133 @@ class Worker:
             log.debug("job %s attempt %d not started: %s", job_id, attempt, started.status)
             return
         params = msgspec.json.decode(started.values[0])
-        job = base.JobContext(job_id=job_id, attempt=attempt, params=params)
-        try:
-            output = self.stage.run(job)
-        except Exception as exc:
-            log.warning("job %s failed in %s (attempt %d)", job_id, stage.name, attempt,
-                        exc_info=True)
-            self._retry(dispatch, f"{type(exc).__name__}: {exc}")
+        pull = self._pull(dispatch) if dispatch.tensors else None
+        if pull is not None and pull.failure is not None:
             return
+        job = base.JobContext(job_id=job_id, attempt=attempt, params=params,
+                              inputs=pull.tensors if pull else {},
+                              progress=self._progress_reporter(dispatch))
+        try:
+            try:
+                output = self.stage.run(job)
+            except Exception as exc:
+                log.warning("job %s failed in %s (attempt %d)", job_id, stage.name, attempt,
+                            exc_info=True)
+                self._retry(dispatch, f"{type(exc).__name__}: {exc}")
+                return
+            if self._commit(dispatch, output) and pull is not None:
+                # Our stage is committed: the producer may let go of our inputs.
+                self._exchange.notify_release(dispatch.endpoint, self._input_key(job_id))
+        finally:
+            if pull is not None:
+                pull.close()
+
+    def _commit(self, dispatch: Dispatch, output: base.StageOutput) -> bool:
+        """`complete` (last stage) or hold the outputs, `finish` and hand on. True if committed."""
+        store, stage = self._store, self.stage_config
+        job_id, attempt = dispatch.job_id, dispatch.attempt
         next_name = self._registered.next_stage
         if not next_name:
             outcome = store.complete(job_id, stage.name, attempt, self.worker_id, output.result)
             if outcome.ok:
                 self.jobs_done += 1
-            return
-        hand_on = encode_dispatch(Dispatch(job_id, 1, next_name, dispatch.priority,
-                                           dispatch.deadline_ms))
-        outcome = store.finish(job_id, stage.name, attempt, self.worker_id, next_name, hand_on)
-        if outcome.ok:
-            self._publish(self._produce, hand_on)
-            self.jobs_done += 1
+            return outcome.ok
+        hand_on = Dispatch(job_id, 1, next_name, dispatch.priority, dispatch.deadline_ms)
+        key = f"{job_id}/{stage.name}"
+        if output.tensors:
+            try:
+                descs = self._hold(key, output.tensors)
+            except StagepoolError as exc:
+                self._retry(dispatch, f"cannot hold outputs: {exc}")
+                return False
+            hand_on = msgspec.structs.replace(hand_on, endpoint=self._exchange.endpoint,
+                                              tensors=descs)
+        outcome = store.finish(job_id, stage.name, attempt, self.worker_id, next_name,
+                               encode_dispatch(hand_on))
+        if not outcome.ok:
+            if output.tensors:
+                self._exchange.release(key)
+            return False
+        hand_on = msgspec.structs.replace(hand_on, attempt=int(outcome.values[0]))
+        self._publish(self._produce, encode_dispatch(hand_on))
+        self.jobs_done += 1
+        return True
+
+    # -- the data plane ------------------------------------------------------------------
+
+    def _input_key(self, job_id: str) -> str:
+        return f"{job_id}/{self.config.pipeline.stages[self.stage_index - 1].name}"
+
+    def _pull(self, dispatch: Dispatch):
+        """Pull the inputs; on failure send the job where it can go on, and return the pull."""
+        if self._exchange is None:
+            self._exchange = self._open_exchange()
+        pull = self._exchange.pull(dispatch.endpoint, dispatch.tensors)
+        status = pull.wait(self.config.transfer.pull_timeout_s)
+        if status is PullStatus.DONE:
+            return pull
+        failure = pull.failure or Failure(FailureKind.TRANSFER, "pull timed out")
+        pull.close()
+        pull.failure = failure
+        log.warning("job %s: pulling inputs failed: %s: %s", dispatch.job_id, failure.kind,
+                    failure.message)
+        if failure.upstream:
+            self._rewind(dispatch, f"{failure.kind}: {failure.message}")
+        else:
+            self._retry(dispatch, f"{failure.kind}: {failure.message}")
+        return pull
+
+    def _rewind(self, dispatch: Dispatch, error: str) -> None:
+        with BrokerClient(self.endpoint, timeout_s=10, name=self.worker_id) as client:
+            result = client.call(wire.Rewind(job_id=dispatch.job_id, stage=dispatch.stage,
+                                             attempt=dispatch.attempt,
+                                             worker_id=self.worker_id, error=error))
+        log.info("job %s: sent back to the previous stage: %s", dispatch.job_id, result.status)
+
+    def _hold(self, key: str, tensors: dict) -> list:
+        """Put outputs in the pool; while it is full, sweep old holds and wait a little."""
+        if self._exchange is None:
+            self._exchange = self._open_exchange()
+        deadline = time.monotonic() + self.config.transfer.put_wait_s
+        while True:
+            try:
+                return self._exchange.put(key, tensors)
+            except PoolFull:
+                if time.monotonic() >= deadline:
+                    raise
+                self._sweep_holds(older_than_s=0.0)
+                time.sleep(0.05)
+
+    def _open_exchange(self) -> Exchange:
+        return Exchange(self.config.transfer)
+
+    def _sweep_holds(self, older_than_s: float) -> int:
+        """Release held outputs that no consumer can need: a lost release notice's leftovers.
+
+        A hold is needed while its job is live and the next stage has not committed.
+        """
+        exchange, store = self._exchange, self._store
+        if exchange is None or store is None or self._registered is None:
+            return 0
+        next_name = self._registered.next_stage
+        released = 0
+        for key in exchange.held(older_than_s):
+            job_id, _, _ = key.rpartition("/")
+            record = store.get(job_id)
+            if (record is None or record.get("state") in TERMINAL_STATES
+                    or f"{next_name}.done" in record):
+                released += exchange.release(key)
+        return released
+
+    def _progress_reporter(self, dispatch: Dispatch):
+        def report(step: int, steps: int) -> None:
+            try:
+                self._store.progress(dispatch.job_id, dispatch.stage, dispatch.attempt, step,
+                                     steps)
+            except StagepoolError:
+                log.debug("progress not recorded", exc_info=True)
+
+        return report
 
     def _retry(self, dispatch: Dispatch, error: str) -> None:
         outcome = self._store.retry(dispatch.job_id, self.stage_config.name, dispatch.attempt,
@@ -233,6 +354,7 @@ class Worker:
         """Refresh the lease while busy; ping the broker; notice a restarted broker."""
         client = None
         next_ping = 0.0
+        next_sweep = time.monotonic() + self.config.transfer.hold_check_s
         while not self._stopped.is_set():
             registered = self._registered
             period_s = min(registered.heartbeat_ms, registered.lease_ms / 3) / 1000
@@ -259,6 +381,12 @@ class Worker:
                     if client is not None:
                         client.close()
                     client = None
+            if self._exchange is not None and now >= next_sweep:
+                next_sweep = now + self.config.transfer.hold_check_s
+                try:
+                    self._sweep_holds(self.config.transfer.hold_check_s)
+                except StagepoolError:
+                    log.warning("sweeping held outputs failed", exc_info=True)
             self._stopped.wait(period_s)
         if client is not None:
             client.close()

@@ -11,9 +11,12 @@
 -- ARGV[1] = command, ARGV[2] = events stream MAXLEN (approximate), ARGV[3] = job id, then:
 --   submit   pipeline, params_json, first_stage, dispatch, priority
 --   start    stage, attempt, worker, state_name, stage_index
---   finish   stage, attempt, worker, next_stage, next_dispatch
+--   finish   stage, attempt, worker, next_stage, next_dispatch   -> ok, next attempt
 --   complete stage, attempt, worker, result_json
 --   retry    stage, attempt, worker, error, max_attempts, mode ("error" | "crash"), next_stage
+--   rewind   stage, attempt, worker, error, prev_stage, prev_state, prev_index, max_attempts
+--            (the stage's inputs are gone with their producer: run prev_stage again)
+--   progress stage, attempt, step, steps
 --   rebuild  stage names in pipeline order...
 --   cancel   (nothing more)
 --   reject   error   (an ingress entry whose job id is valid but whose body is not)
@@ -27,6 +30,9 @@
 --   S.retries      failed attempts so far (errors and expired leases; not broker restarts)
 --   S.worker, S.enqueued_ms, S.started_ms, S.finished_ms
 --   S.dispatch     the msgpack Dispatch that (re)starts the stage, kept for republishing
+--
+--   S.step         "i/n" progress of the running attempt (denoise steps)
+--   S.rewinds      times the stage's inputs were lost and the previous stage ran again
 --
 -- Replies are arrays whose first element is a status string: ok, exists, missing, terminal,
 -- duplicate, stale, retry, republish, dead, failed.
@@ -96,12 +102,15 @@ elseif cmd == 'finish' then
   local stage, attempt, worker, next_stage, dispatch = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
   local refused = fence(stage, attempt, true)
   if refused then return refused end
+  -- Attempts only grow: after a rewind the next stage may have used attempts already, and a
+  -- reused number would be refused by start as a duplicate.
+  local next_attempt = redis.call('HINCRBY', job, next_stage .. '.attempt', 1)
+  redis.call('HINCRBY', job, next_stage .. '.retries', 0)
   redis.call('HSET', job, stage .. '.done', attempt, stage .. '.finished_ms', now_ms,
-    'stage', next_stage, 'updated_ms', now_ms, next_stage .. '.attempt', '1',
-    next_stage .. '.retries', 0, next_stage .. '.enqueued_ms', now_ms,
+    'stage', next_stage, 'updated_ms', now_ms, next_stage .. '.enqueued_ms', now_ms,
     next_stage .. '.dispatch', dispatch)
   event('finished', stage, attempt, worker)
-  return {'ok'}
+  return {'ok', tostring(next_attempt)}
 
 elseif cmd == 'complete' then
   local stage, attempt, worker, result = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -143,6 +152,36 @@ elseif cmd == 'retry' then
   redis.call('HSET', job, stage .. '.attempt', next_attempt, stage .. '.enqueued_ms', now_ms)
   event('retried', stage, next_attempt, worker, err)
   return {'retry', next_attempt, redis.call('HGET', job, stage .. '.dispatch')}
+
+elseif cmd == 'rewind' then
+  local stage, attempt, worker, err = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  local prev, prev_state, prev_index, max_attempts = ARGV[8], ARGV[9], ARGV[10], tonumber(ARGV[11])
+  local refused = fence(stage, attempt, true)
+  if refused then return refused end
+  local dispatch = redis.call('HGET', job, prev .. '.dispatch')
+  if not dispatch then return {'missing'} end
+  -- Fence off this stage's attempt: the producer's stage hands on a fresh one when it is done.
+  redis.call('HINCRBY', job, stage .. '.attempt', 1)
+  redis.call('HINCRBY', job, stage .. '.rewinds', 1)
+  local retries = redis.call('HINCRBY', job, prev .. '.retries', 1)
+  redis.call('HSET', job, 'error', err, 'updated_ms', now_ms)
+  if retries >= max_attempts then
+    finish_job('failed', stage, attempt, worker, err)
+    return {'failed'}
+  end
+  local prev_attempt = redis.call('HINCRBY', job, prev .. '.attempt', 1)
+  redis.call('HDEL', job, prev .. '.done')
+  redis.call('HSET', job, 'state', prev_state, 'state_index', prev_index, 'stage', prev,
+    prev .. '.enqueued_ms', now_ms)
+  event('rewound', prev, tostring(prev_attempt), worker, err)
+  return {'retry', tostring(prev_attempt), dispatch}
+
+elseif cmd == 'progress' then
+  local stage, attempt, step, steps = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  if redis.call('HGET', job, stage .. '.attempt') ~= attempt then return {'stale'} end
+  redis.call('HSET', job, stage .. '.step', step .. '/' .. steps, 'updated_ms', now_ms)
+  event('progress', stage, attempt, '', step .. '/' .. steps)
+  return {'ok'}
 
 elseif cmd == 'rebuild' then
   local state = redis.call('HGET', job, 'state')

@@ -1,1 +1,69 @@
-"""Model families: adapters over diffusers and transformers classes."""
+"""Model families: adapters that split a diffusers pipeline into encode, denoise and decode.
+
+A family loads, for one stage, only the components that stage needs, from a local Diffusers
+directory (`model_path`), and runs that stage's part of the pipeline with the pipeline's own
+code, so the split output equals the monolithic pipeline's for the same seed:
+
+  encode(params)                    -> tensors (prompt embeddings, masks)
+  denoise(params, tensors, progress) -> tensors (latents); progress(step, steps) per step
+  decode(params, tensors)           -> frames: float32 array (frames, height, width, 3) in [0, 1]
+
+`monolithic(model_path)` loads the whole diffusers pipeline, for the equivalence tests.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Family(abc.ABC):
+    name: str
+    defaults: dict[str, Any]  # job params a request may leave out
+
+    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32"):
+        self.model_path = model_path
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+
+    def params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The job's params over the family defaults."""
+        return {**self.defaults, **params}
+
+    @abc.abstractmethod
+    def load(self, stage: str) -> None:
+        """Load what `stage` ("encode" | "denoise" | "decode") needs."""
+
+    @abc.abstractmethod
+    def encode(self, params: dict[str, Any]) -> Tensors: ...
+
+    @abc.abstractmethod
+    def denoise(self, params: dict[str, Any], inputs: Tensors,
+                progress: Callable[[int, int], None]) -> Tensors: ...
+
+    @abc.abstractmethod
+    def decode(self, params: dict[str, Any], inputs: Tensors): ...
+
+    @abc.abstractmethod
+    def monolithic(self, params: dict[str, Any]):
+        """The whole pipeline's output for `params`, in the same form as `decode`'s."""
+
+    def generator(self, params: dict[str, Any]) -> torch.Generator:
+        # A CPU generator: the same noise for the same seed on every device.
+        return torch.Generator("cpu").manual_seed(int(params["seed"]))
+
+
+def create(name: str, model_path: str, device: str = "cpu", dtype: str = "float32") -> Family:
+    from .qwen_image import QwenImageFamily
+    from .wan import WanFamily
+
+    families = {"tiny": WanFamily, "wan2.1": WanFamily, "qwen-image": QwenImageFamily}
+    try:
+        cls = families[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(families)}") from None
+    return cls(model_path, device, dtype)

@@ -1,0 +1,115 @@
+"""Qwen-Image text-to-image.
+
+encode: Qwen2 tokenizer + Qwen2.5-VL text encoder -> prompt_embeds and prompt_embeds_mask
+        (+ the negative pair when true_cfg_scale > 1 and a negative prompt is given)
+denoise: QwenImageTransformer2DModel + flow-match Euler loop through QwenImagePipeline itself
+         (output_type="latent": packed latents)
+decode: unpack, de-normalise, AutoencoderKLQwenImage -> one frame
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import Family, Tensors
+
+
+class QwenImageFamily(Family):
+    name = "qwen-image"
+    defaults = {"prompt": "", "negative_prompt": None, "seed": 0, "height": 32, "width": 32,
+                "infer_steps": 4, "true_cfg_scale": 4.0, "max_sequence_length": 64}
+
+    def load(self, stage: str) -> None:
+        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, \
+            QwenImagePipeline, QwenImageTransformer2DModel
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        path = self.model_path
+        parts: dict[str, Any] = {"tokenizer": None, "text_encoder": None, "transformer": None,
+                                 "vae": None, "scheduler": None}
+        if stage == "encode":
+            parts["tokenizer"] = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+            parts["text_encoder"] = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                path, subfolder="text_encoder", dtype=self.dtype).to(self.device)
+        elif stage == "denoise":
+            parts["transformer"] = QwenImageTransformer2DModel.from_pretrained(
+                path, subfolder="transformer", dtype=self.dtype).to(self.device)
+            parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(
+                path, subfolder="scheduler")
+        elif stage == "decode":
+            parts["vae"] = AutoencoderKLQwenImage.from_pretrained(
+                path, subfolder="vae", dtype=torch.float32).to(self.device)
+        self.pipe = QwenImagePipeline(**parts)
+        self.pipe.set_progress_bar_config(disable=True)
+        if stage == "denoise":
+            from diffusers.image_processor import VaeImageProcessor
+
+            vae = json.loads((Path(path) / "vae" / "config.json").read_text())
+            self.pipe.vae_scale_factor = 2 ** len(vae.get("temperal_downsample", [0, 0, 0]))
+            self.pipe.image_processor = VaeImageProcessor(
+                vae_scale_factor=self.pipe.vae_scale_factor * 2)
+
+    def _cfg(self, p: dict[str, Any]) -> bool:
+        return p["true_cfg_scale"] > 1 and p["negative_prompt"] is not None
+
+    def encode(self, params: dict[str, Any]) -> Tensors:
+        p = self.params(params)
+        out = {}
+        with torch.no_grad():
+            out["prompt_embeds"], out["prompt_embeds_mask"] = self.pipe.encode_prompt(
+                prompt=p["prompt"], device=self.device,
+                max_sequence_length=p["max_sequence_length"])
+            if self._cfg(p):
+                out["negative_prompt_embeds"], out["negative_prompt_embeds_mask"] = \
+                    self.pipe.encode_prompt(prompt=p["negative_prompt"], device=self.device,
+                                            max_sequence_length=p["max_sequence_length"])
+        return {name: tensor for name, tensor in out.items() if tensor is not None}
+
+    def denoise(self, params: dict[str, Any], inputs: Tensors,
+                progress: Callable[[int, int], None]) -> Tensors:
+        p = self.params(params)
+        steps = int(p["infer_steps"])
+
+        def on_step(pipe, i, t, kwargs):
+            progress(i + 1, steps)
+            return {}
+
+        moved = {name: tensor.to(self.device) for name, tensor in inputs.items()}
+        latents = self.pipe(
+            prompt_embeds=moved["prompt_embeds"],
+            prompt_embeds_mask=moved.get("prompt_embeds_mask"),
+            negative_prompt_embeds=moved.get("negative_prompt_embeds"),
+            negative_prompt_embeds_mask=moved.get("negative_prompt_embeds_mask"),
+            true_cfg_scale=p["true_cfg_scale"], height=p["height"], width=p["width"],
+            num_inference_steps=steps, max_sequence_length=p["max_sequence_length"],
+            generator=self.generator(p), output_type="latent", callback_on_step_end=on_step,
+        ).images
+        return {"latents": latents}
+
+    def decode(self, params: dict[str, Any], inputs: Tensors):
+        p = self.params(params)
+        pipe, vae = self.pipe, self.pipe.vae
+        latents = pipe._unpack_latents(inputs["latents"].to(self.device), p["height"],
+                                       p["width"], pipe.vae_scale_factor).to(vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
+        std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
+        latents = latents / std.to(latents) + mean.to(latents)
+        with torch.no_grad():
+            image = vae.decode(latents, return_dict=False)[0][:, :, 0]
+        return pipe.image_processor.postprocess(image, output_type="np")
+
+    def monolithic(self, params: dict[str, Any]):
+        from diffusers import QwenImagePipeline
+
+        p = self.params(params)
+        pipe = QwenImagePipeline.from_pretrained(self.model_path, dtype=self.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt=p["prompt"], negative_prompt=p["negative_prompt"],
+                    true_cfg_scale=p["true_cfg_scale"], height=p["height"], width=p["width"],
+                    num_inference_steps=int(p["infer_steps"]),
+                    max_sequence_length=p["max_sequence_length"],
+                    generator=self.generator(p), output_type="np").images

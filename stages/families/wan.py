@@ -1,0 +1,118 @@
+"""Wan2.1 text-to-video (and the `tiny` family, a Wan2.1 model at toy size).
+
+encode: tokenizer + UMT5EncoderModel -> prompt_embeds (+ negative_prompt_embeds for CFG)
+denoise: WanTransformer3DModel + the scheduler loop, through WanPipeline itself
+         (output_type="latent"), classifier-free guidance when guidance_scale > 1
+decode: AutoencoderKLWan -> frames, with the pipeline's own latent de-normalisation
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import Family, Tensors
+
+
+class WanFamily(Family):
+    name = "wan2.1"
+    defaults = {"prompt": "", "negative_prompt": "", "seed": 0, "height": 32, "width": 32,
+                "num_frames": 1, "infer_steps": 4, "guidance_scale": 5.0,
+                "max_sequence_length": 32}
+
+    def load(self, stage: str) -> None:
+        from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        path = self.model_path
+        parts: dict[str, Any] = {"tokenizer": None, "text_encoder": None, "transformer": None,
+                                 "vae": None, "scheduler": None}
+        if stage == "encode":
+            parts["tokenizer"] = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+            parts["text_encoder"] = UMT5EncoderModel.from_pretrained(
+                path, subfolder="text_encoder", dtype=self.dtype).to(self.device)
+        elif stage == "denoise":
+            parts["transformer"] = WanTransformer3DModel.from_pretrained(
+                path, subfolder="transformer", dtype=self.dtype).to(self.device)
+            parts["scheduler"] = _scheduler(path)
+        elif stage == "decode":
+            parts["vae"] = AutoencoderKLWan.from_pretrained(
+                path, subfolder="vae", dtype=torch.float32).to(self.device)
+        self.pipe = WanPipeline(**parts)
+        self.pipe.set_progress_bar_config(disable=True)
+        if stage == "denoise":
+            # The latent shape follows the VAE's compression, read from its config alone.
+            vae = json.loads((Path(path) / "vae" / "config.json").read_text())
+            downsample = vae.get("temperal_downsample", [False, True, True])
+            self.pipe.vae_scale_factor_temporal = 2 ** sum(downsample)
+            self.pipe.vae_scale_factor_spatial = 2 ** len(downsample)
+
+    def encode(self, params: dict[str, Any]) -> Tensors:
+        p = self.params(params)
+        with torch.no_grad():
+            embeds, negative = self.pipe.encode_prompt(
+                prompt=p["prompt"], negative_prompt=p["negative_prompt"],
+                do_classifier_free_guidance=p["guidance_scale"] > 1.0,
+                max_sequence_length=p["max_sequence_length"], device=self.device)
+        out = {"prompt_embeds": embeds}
+        if negative is not None:
+            out["negative_prompt_embeds"] = negative
+        return out
+
+    def denoise(self, params: dict[str, Any], inputs: Tensors,
+                progress: Callable[[int, int], None]) -> Tensors:
+        p = self.params(params)
+        steps = int(p["infer_steps"])
+
+        def on_step(pipe, i, t, kwargs):
+            progress(i + 1, steps)
+            return {}
+
+        latents = self.pipe(
+            prompt_embeds=inputs["prompt_embeds"].to(self.device),
+            negative_prompt_embeds=_maybe(inputs, "negative_prompt_embeds", self.device),
+            height=p["height"], width=p["width"], num_frames=p["num_frames"],
+            num_inference_steps=steps, guidance_scale=p["guidance_scale"],
+            generator=self.generator(p), output_type="latent", callback_on_step_end=on_step,
+        ).frames
+        return {"latents": latents}
+
+    def decode(self, params: dict[str, Any], inputs: Tensors):
+        vae = self.pipe.vae
+        latents = inputs["latents"].to(self.device, dtype=vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
+        std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
+        latents = latents / std.to(latents) + mean.to(latents)
+        with torch.no_grad():
+            video = vae.decode(latents, return_dict=False)[0]
+        return self.pipe.video_processor.postprocess_video(video, output_type="np")[0]
+
+    def monolithic(self, params: dict[str, Any]):
+        from diffusers import WanPipeline
+
+        p = self.params(params)
+        pipe = WanPipeline.from_pretrained(self.model_path, dtype=self.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt=p["prompt"], negative_prompt=p["negative_prompt"],
+                    height=p["height"], width=p["width"], num_frames=p["num_frames"],
+                    num_inference_steps=int(p["infer_steps"]),
+                    guidance_scale=p["guidance_scale"],
+                    max_sequence_length=p["max_sequence_length"],
+                    generator=self.generator(p), output_type="np").frames[0]
+
+
+def _scheduler(path: str):
+    from diffusers import SchedulerMixin  # noqa: F401  (the class comes from the config)
+    import diffusers
+
+    config = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
+    cls = getattr(diffusers, config["_class_name"])
+    return cls.from_pretrained(path, subfolder="scheduler")
+
+
+def _maybe(inputs: Tensors, name: str, device) -> torch.Tensor | None:
+    tensor = inputs.get(name)
+    return None if tensor is None else tensor.to(device)

@@ -1,0 +1,108 @@
+"""Model stages: encode, denoise and decode over a model family (stages/families).
+
+Config (`[[pipeline.stages]]`): `kind = "encode" | "denoise" | "decode"` and options
+  family      "tiny" (default) | "wan2.1" | "qwen-image"
+  model_path  a local Diffusers directory; nothing is downloaded
+  device      "cpu" | "cuda" | "cuda:N" | "auto" (cuda if present)
+  dtype       "float32" | "bfloat16" | "float16"
+  results_dir where decode writes its files (default ".stagepool/results")
+
+Per job:
+  encode   params -> prompt embeddings (held in the worker's pool for denoise to pull)
+  denoise  embeddings -> latents; reports step i/N to Redis as it goes
+  decode   latents -> PNG (one frame) or MP4 (several), plus the frames as .npy when the job
+           asks (`params.save_npy = true`); the result names the files
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .base import JobContext, Stage, StageOutput, register
+
+DEFAULT_RESULTS_DIR = ".stagepool/results"
+
+
+class ModelStage(Stage):
+    uses_tensors = True
+    role = ""
+
+    def load(self) -> None:
+        import torch
+
+        from . import families
+
+        opts = self.config.options
+        device = opts.get("device", "cpu")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if "threads" in opts:
+            torch.set_num_threads(int(opts["threads"]))
+        model_path = opts.get("model_path") or ""
+        if not (Path(model_path) / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"stage {self.config.name}: no Diffusers model at {model_path!r} "
+                f"(`stagepool models init-tiny DIR` builds the tiny ones)")
+        self.family = families.create(opts.get("family", "tiny"), model_path, device,
+                                      opts.get("dtype", "float32"))
+        self.family.load(self.role)
+
+
+@register("encode")
+class EncodeStage(ModelStage):
+    role = "encode"
+
+    def run(self, job: JobContext) -> StageOutput:
+        return StageOutput(tensors=self.family.encode(job.params))
+
+
+@register("denoise")
+class DenoiseStage(ModelStage):
+    role = "denoise"
+
+    def run(self, job: JobContext) -> StageOutput:
+        return StageOutput(tensors=self.family.denoise(job.params, job.inputs, job.progress))
+
+
+@register("decode")
+class DecodeStage(ModelStage):
+    role = "decode"
+
+    def run(self, job: JobContext) -> StageOutput:
+        import numpy as np
+
+        frames = np.asarray(self.family.decode(job.params, job.inputs))  # (F, H, W, 3) in [0, 1]
+        out_dir = Path(self.config.options.get("results_dir", DEFAULT_RESULTS_DIR))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = out_dir / f"{job.job_id}"
+        pixels = (frames * 255).round().clip(0, 255).astype(np.uint8)
+        files: dict[str, str] = {}
+        if len(pixels) == 1:
+            from PIL import Image
+
+            files["image"] = _atomic(stem.with_suffix(".png"),
+                                     lambda p: Image.fromarray(pixels[0]).save(p, format="PNG"))
+        else:
+            import imageio.v3 as iio
+
+            fps = int(job.params.get("fps", 16))
+            files["video"] = _atomic(stem.with_suffix(".mp4"), lambda p: iio.imwrite(
+                p, pixels, extension=".mp4", fps=fps, codec="libx264"))
+        if job.params.get("save_npy"):
+            files["frames"] = _atomic(stem.with_suffix(".npy"),
+                                      lambda p: np.save(p, frames, allow_pickle=False))
+        result: dict[str, Any] = {"files": files, "frames": int(len(frames)),
+                                  "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+                                  "family": self.family.name}
+        return StageOutput(result=result)
+
+
+def _atomic(path: Path, write) -> str:
+    """Write through a temporary name, so a half-written file never has the final name."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.replace(path)
+    return str(path.resolve())
