@@ -124,6 +124,9 @@ worker_timeout_ms = 3000
 
 [worker]
 heartbeat_ms = 200
+
+[transfer]
+backend = "{transfer}"
 """
 
 STAGE = """
@@ -132,23 +135,43 @@ name = "{name}"
 state = "{state}"
 sleep_ms = {sleep_ms}
 workers = {workers}
-lease_ms = 1000
+lease_ms = {lease_ms}
 max_attempts = 5
 """
+
+MODEL_STAGE = """kind = "{kind}"
+options = {{ family = "tiny", model_path = "{model_path}", threads = 1, results_dir = "{results_dir}" }}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The tiny model directories, built once per test session."""
+    from stagepool.stages.families.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("models"))
 
 
 class Cluster:
     """`stagepool up` as a real process tree on a real Redis."""
 
-    def __init__(self, tmp_path, redis_url, namespace, workers=2, sleep_ms=0):
+    def __init__(self, tmp_path, redis_url, namespace, workers=2, sleep_ms=0, models=None,
+                 lease_ms=1000, transfer="auto"):
+        """`models`: a tiny model directory -> the model stages on it, else no-op stages."""
         import json
         import sys
 
-        stages = "".join(STAGE.format(name=n, state=s, sleep_ms=sleep_ms, workers=workers)
-                         for n, s in [("encode", "encoding"), ("denoise", "denoising"),
-                                      ("decode", "decoding")])
+        stages = ""
+        for name, state in [("encode", "encoding"), ("denoise", "denoising"),
+                            ("decode", "decoding")]:
+            stages += STAGE.format(name=name, state=state, sleep_ms=sleep_ms, workers=workers,
+                                   lease_ms=lease_ms)
+            if models is not None:
+                stages += MODEL_STAGE.format(kind=name, model_path=models,
+                                             results_dir=tmp_path / "results")
         self.config_path = tmp_path / "pipeline.toml"
-        self.config_path.write_text(TEST_PIPELINE.format(stages=stages, namespace=namespace))
+        self.config_path.write_text(TEST_PIPELINE.format(stages=stages, namespace=namespace,
+                                                             transfer=transfer))
         self.state_dir = tmp_path / "state"
         self.log = open(tmp_path / "up.log", "wb")
         self.process = subprocess.Popen(

@@ -77,6 +77,13 @@ class LocalBackend(Backend):
         key = (endpoint.pid, endpoint.fd, endpoint.token)
         pool = self._maps.get(key)
         if pool is not None:
+            # Our mapping would keep a dead producer's pages readable; its holds die with it
+            # on every backend, so that operators see one behaviour.
+            try:
+                os.kill(endpoint.pid, 0)
+            except ProcessLookupError:
+                del self._maps[key]
+                raise OSError(f"pid {endpoint.pid} has exited") from None
             self._maps.move_to_end(key)
             return pool
         fd = os.open(f"/proc/{endpoint.pid}/fd/{endpoint.fd}", os.O_RDONLY)

@@ -1,0 +1,168 @@
+"""Model stages on the real diffusers/transformers classes (tiny configs, built locally)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stagepool.common.client import BrokerClient
+from stagepool.common.config import TransferConfig
+from stagepool.common.jobstore import JobStore
+from stagepool.common.transfer import Exchange, PullStatus
+from stagepool.stages import families
+
+CASES = {
+    # family, model directory, params
+    "tiny": ("tiny", "tiny", {"prompt": "a red fox in the snow", "seed": 7}),
+    "wan2.1": ("wan2.1", "tiny", {"prompt": "a cat at sunset", "seed": 3, "num_frames": 5}),
+    "qwen-image": ("qwen-image", "qwen-image",
+                   {"prompt": "a bowl of fruit", "negative_prompt": "blurry", "seed": 11}),
+}
+
+
+def _hand_over(producer: Exchange, consumer: Exchange, key: str, tensors: dict) -> dict:
+    """Move stage outputs the way workers do: held in one pool, pulled from the other."""
+    descs = producer.put(key, tensors)
+    pull = consumer.pull(producer.endpoint, descs)
+    assert pull.wait(30) is PullStatus.DONE, pull.failure
+    return pull.tensors
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_three_stage_split_equals_the_monolithic_pipeline(case, tiny_models):
+    family, model_dir, params = CASES[case]
+    path = str(tiny_models[model_dir])
+    encode, denoise, decode = (families.create(family, path) for _ in range(3))
+    encode.load("encode")
+    denoise.load("denoise")
+    decode.load("decode")
+    a, b = (Exchange(TransferConfig(backend="local", pool_mb=16)) for _ in range(2))
+    try:
+        embeds = _hand_over(a, b, "job/encode", encode.encode(params))
+        steps = []
+        latents = _hand_over(b, a, "job/denoise",
+                             denoise.denoise(params, embeds, lambda i, n: steps.append((i, n))))
+        split = np.asarray(decode.decode(params, latents))
+    finally:
+        a.close()
+        b.close()
+    whole = np.asarray(encode.monolithic(params))
+    assert steps == [(i, 4) for i in range(1, 5)]
+    assert split.shape == whole.shape
+    assert float(np.abs(split - whole).max()) == 0.0
+
+
+def _wait_terminal(store, job_ids, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = store.states(job_ids)
+        if all(s in ("succeeded", "failed", "dead", "cancelled") for s in states):
+            return states
+        assert time.monotonic() < deadline, collections.Counter(states)
+        time.sleep(0.2)
+
+
+def _starts(store: JobStore, stage: str) -> collections.Counter:
+    counts = collections.Counter()
+    for _, fields in store.redis.xrange(store.keys.events, count=100_000):
+        if fields[b"event"] == b"started" and fields[b"stage"] == stage.encode():
+            counts[fields[b"job"].decode()] += 1
+    return counts
+
+
+@pytest.mark.slow
+def test_a_job_through_the_cluster_writes_the_monolithic_image(cluster_factory, redis_server,
+                                                                namespace, tiny_models, tmp_path):
+    cluster = cluster_factory(workers=1, models=tiny_models["tiny"], lease_ms=10_000)
+    store = JobStore(redis_server.url, namespace)
+    params = {"prompt": "a lighthouse at dawn", "seed": 5, "save_npy": True}
+    with BrokerClient(cluster.broker, timeout_s=30) as client:
+        cluster.wait_ready(client, 1, timeout_s=120)
+        job_id = client.submit(params, job_id="one").job_id
+        _wait_terminal(store, [job_id], 120)
+        status = client.status(job_id)
+    assert status.state == "succeeded", status.error
+    files = status.result["files"]
+    assert Path(files["image"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert status.stages["denoise"]["step"] == "4/4"
+    frames = np.load(files["frames"])
+    torch.set_num_threads(1)  # as the workers run: the same reduction order
+    whole = families.create("tiny", str(tiny_models["tiny"])).monolithic(params)
+    assert float(np.abs(frames - np.asarray(whole)).max()) == 0.0
+
+
+@pytest.mark.slow
+def test_fifty_jobs_survive_a_killed_denoise_worker_without_reencoding(
+        cluster_factory, redis_server, namespace, tiny_models):
+    cluster = cluster_factory(workers=2, models=tiny_models["tiny"], lease_ms=2000)
+    store = JobStore(redis_server.url, namespace)
+    job_ids = [f"m-{i}" for i in range(50)]
+    with BrokerClient(cluster.broker, timeout_s=30) as client:
+        cluster.wait_ready(client, 2, timeout_s=120)
+        for job_id in job_ids:
+            client.submit({"prompt": f"prompt {job_id}", "seed": 1, "infer_steps": 12},
+                          job_id=job_id)
+        # Kill the first denoise worker in the middle of one of its jobs.
+        pid = cluster.pids()["denoise-0"]
+        deadline = time.monotonic() + 120
+        victim = None
+        while victim is None:
+            assert time.monotonic() < deadline, "denoise-0 never ran a job"
+            for job_id in job_ids:
+                record = store.get(job_id) or {}
+                if (record.get("state") == "denoising" and f"-{pid}-" in
+                        record.get("denoise.worker", "") and "denoise.step" in record):
+                    victim = job_id
+                    break
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        states = _wait_terminal(store, job_ids, 240)
+    assert collections.Counter(states) == {"succeeded": 50}
+    assert int(store.get(victim)["denoise.attempt"]) >= 2  # the killed attempt was replayed
+    encodes = _starts(store, "encode")
+    assert set(encodes) == set(job_ids)
+    assert max(encodes.values()) == 1, "a job was encoded again after the kill"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transfer", ["local", "mooncake"])
+def test_a_killed_encode_worker_sends_its_held_jobs_back_to_encode(
+        transfer, cluster_factory, redis_server, namespace, tiny_models):
+    cluster = cluster_factory(workers=1, models=tiny_models["tiny"], lease_ms=5000,
+                              transfer=transfer)
+    store = JobStore(redis_server.url, namespace)
+    job_ids = [f"e-{i}" for i in range(12)]
+    with BrokerClient(cluster.broker, timeout_s=30) as client:
+        cluster.wait_ready(client, 1, timeout_s=120)
+        # Slow denoising: encode runs ahead, holding embeddings for queued jobs.
+        for job_id in job_ids:
+            client.submit({"prompt": job_id, "seed": 2, "infer_steps": 25}, job_id=job_id)
+        deadline = time.monotonic() + 120
+        while sum(s == "denoising" or s == "decoding" or s == "succeeded"
+                  for s in store.states(job_ids)) < 1 or _held_waiting(store, job_ids) < 3:
+            assert time.monotonic() < deadline, "encode never ran ahead"
+            time.sleep(0.02)
+        os.kill(cluster.pids()["encode-0"], signal.SIGKILL)  # the supervisor restarts it
+        states = _wait_terminal(store, job_ids, 240)
+    assert collections.Counter(states) == {"succeeded": len(job_ids)}
+    rewound = [j for j in job_ids if int(store.get(j).get("denoise.rewinds", 0)) > 0]
+    assert rewound, "no job lost its embeddings with the encode worker"
+    encodes = _starts(store, "encode")
+    assert all(encodes[j] == 2 for j in rewound)
+
+
+def _held_waiting(store: JobStore, job_ids: list[str]) -> int:
+    """Jobs encoded and waiting in the denoise queue (their embeddings held by encode)."""
+    count = 0
+    for job_id in job_ids:
+        record = store.get(job_id) or {}
+        if "encode.done" in record and "denoise.started" not in record:
+            count += 1
+    return count
