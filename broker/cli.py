@@ -156,8 +156,9 @@ def _follow_with_progress(client: BrokerClient, job_id: str, config, timeout_s: 
 
     names = [stage.name for stage in config.pipeline.stages]
     deadline = time.monotonic() + timeout_s
-    with Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[note]}"),
-                  TimeElapsedColumn(), transient=False) as bars:
+    columns = (TextColumn("{task.description:<10}"), BarColumn(),
+               TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bars:
         tasks = {name: bars.add_task(name, total=1, note="queued") for name in names}
         while True:
             status = client.status(job_id)

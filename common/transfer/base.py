@@ -159,9 +159,11 @@ def check_descs(endpoint: Endpoint, descs: list[TensorDesc]) -> Failure | None:
         offset = desc.address - endpoint.base
         if desc.dtype not in ITEMSIZE:
             return Failure(FailureKind.BAD_DESCRIPTOR, f"{desc.name}: unknown dtype {desc.dtype!r}")
-        if math.prod(desc.shape) * ITEMSIZE[desc.dtype] != desc.nbytes or min(desc.shape, default=0) < 0:
+        if (min(desc.shape, default=0) < 0
+                or math.prod(desc.shape) * ITEMSIZE[desc.dtype] != desc.nbytes):
             return Failure(FailureKind.BAD_DESCRIPTOR,
-                           f"{desc.name}: shape {desc.shape} of {desc.dtype} is not {desc.nbytes} bytes")
+                           f"{desc.name}: shape {desc.shape} of {desc.dtype} is not "
+                           f"{desc.nbytes} bytes")
         if desc.nbytes < 0 or offset < 0 or offset + desc.nbytes > endpoint.nbytes:
             return Failure(FailureKind.BAD_DESCRIPTOR,
                            f"{desc.name}: {desc.nbytes} bytes at {offset} outside the pool")
