@@ -52,6 +52,23 @@ class Family(abc.ABC):
     def monolithic(self, params: dict[str, Any]):
         """The whole pipeline's output for `params`, in the same form as `decode`'s."""
 
+    @staticmethod
+    def step_callback(progress: Callable[[int, int], None], steps: int):
+        """A diffusers `callback_on_step_end` that reports step i/N."""
+        def on_step(pipe, i, t, kwargs):
+            progress(i + 1, steps)
+            return {}
+
+        return on_step
+
+    @staticmethod
+    def denormalize(vae, latents: torch.Tensor) -> torch.Tensor:
+        """Latents back to the VAE's scale, as the Wan and Qwen-Image pipelines do."""
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape)
+        std = 1.0 / torch.tensor(vae.config.latents_std).view(shape)
+        return latents / std.to(latents) + mean.to(latents)
+
     def generator(self, params: dict[str, Any]) -> torch.Generator:
         # A CPU generator: the same noise for the same seed on every device.
         return torch.Generator("cpu").manual_seed(int(params["seed"]))

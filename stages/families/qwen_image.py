@@ -74,10 +74,6 @@ class QwenImageFamily(Family):
         p = self.params(params)
         steps = int(p["infer_steps"])
 
-        def on_step(pipe, i, t, kwargs):
-            progress(i + 1, steps)
-            return {}
-
         moved = {name: tensor.to(self.device) for name, tensor in inputs.items()}
         latents = self.pipe(
             prompt_embeds=moved["prompt_embeds"],
@@ -86,7 +82,8 @@ class QwenImageFamily(Family):
             negative_prompt_embeds_mask=moved.get("negative_prompt_embeds_mask"),
             true_cfg_scale=p["true_cfg_scale"], height=p["height"], width=p["width"],
             num_inference_steps=steps, max_sequence_length=p["max_sequence_length"],
-            generator=self.generator(p), output_type="latent", callback_on_step_end=on_step,
+            generator=self.generator(p), output_type="latent",
+            callback_on_step_end=self.step_callback(progress, steps),
         ).images
         return {"latents": latents}
 
@@ -95,9 +92,7 @@ class QwenImageFamily(Family):
         pipe, vae = self.pipe, self.pipe.vae
         latents = pipe._unpack_latents(inputs["latents"].to(self.device), p["height"],
                                        p["width"], pipe.vae_scale_factor).to(vae.dtype)
-        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
-        std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
-        latents = latents / std.to(latents) + mean.to(latents)
+        latents = self.denormalize(vae, latents)
         with torch.no_grad():
             image = vae.decode(latents, return_dict=False)[0][:, :, 0]
         return pipe.image_processor.postprocess(image, output_type="np")

@@ -67,25 +67,20 @@ class WanFamily(Family):
         p = self.params(params)
         steps = int(p["infer_steps"])
 
-        def on_step(pipe, i, t, kwargs):
-            progress(i + 1, steps)
-            return {}
-
         latents = self.pipe(
             prompt_embeds=inputs["prompt_embeds"].to(self.device),
             negative_prompt_embeds=_maybe(inputs, "negative_prompt_embeds", self.device),
             height=p["height"], width=p["width"], num_frames=p["num_frames"],
             num_inference_steps=steps, guidance_scale=p["guidance_scale"],
-            generator=self.generator(p), output_type="latent", callback_on_step_end=on_step,
+            generator=self.generator(p), output_type="latent",
+            callback_on_step_end=self.step_callback(progress, steps),
         ).frames
         return {"latents": latents}
 
     def decode(self, params: dict[str, Any], inputs: Tensors):
         vae = self.pipe.vae
         latents = inputs["latents"].to(self.device, dtype=vae.dtype)
-        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
-        std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
-        latents = latents / std.to(latents) + mean.to(latents)
+        latents = self.denormalize(vae, latents)
         with torch.no_grad():
             video = vae.decode(latents, return_dict=False)[0]
         return self.pipe.video_processor.postprocess_video(video, output_type="np")[0]
