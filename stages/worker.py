@@ -88,7 +88,7 @@ class Worker:
         self.stage.load()
         if self.stage.uses_tensors:
             # Before registering: a worker is only offered jobs once its pool can hold them.
-            self._exchange = self._open_exchange()
+            self._open_exchange()
         self._attach()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
                                            daemon=True)
@@ -215,9 +215,7 @@ class Worker:
 
     def _pull(self, dispatch: Dispatch):
         """Pull the inputs; on failure send the job where it can go on, and return the pull."""
-        if self._exchange is None:
-            self._exchange = self._open_exchange()
-        pull = self._exchange.pull(dispatch.endpoint, dispatch.tensors)
+        pull = self._open_exchange().pull(dispatch.endpoint, dispatch.tensors)
         status = pull.wait(self.config.transfer.pull_timeout_s)
         if status is PullStatus.DONE:
             return pull
@@ -241,8 +239,7 @@ class Worker:
 
     def _hold(self, key: str, tensors: dict) -> list:
         """Put outputs in the pool; while it is full, sweep old holds and wait a little."""
-        if self._exchange is None:
-            self._exchange = self._open_exchange()
+        self._open_exchange()
         deadline = time.monotonic() + self.config.transfer.put_wait_s
         while True:
             try:
@@ -254,7 +251,10 @@ class Worker:
                 time.sleep(0.05)
 
     def _open_exchange(self) -> Exchange:
-        return Exchange(self.config.transfer)
+        """This worker's exchange, opened on first use (stages with tensors open it at start)."""
+        if self._exchange is None:
+            self._exchange = Exchange(self.config.transfer)
+        return self._exchange
 
     def _sweep_holds(self, older_than_s: float) -> int:
         """Release held outputs that no consumer can need: a lost release notice's leftovers.

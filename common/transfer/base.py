@@ -21,6 +21,7 @@ import enum
 import math
 import os
 import socket
+import time
 
 import msgspec
 
@@ -108,8 +109,6 @@ class Pull(abc.ABC):
 
     def wait(self, timeout_s: float) -> PullStatus:
         """Poll until not PENDING or `timeout_s` passes (then PENDING)."""
-        import time
-
         deadline = time.monotonic() + timeout_s
         status = self.poll()
         while status is PullStatus.PENDING and time.monotonic() < deadline:

@@ -100,7 +100,6 @@ class WanFamily(Family):
 
 
 def _scheduler(path: str):
-    from diffusers import SchedulerMixin  # noqa: F401  (the class comes from the config)
     import diffusers
 
     config = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text())
