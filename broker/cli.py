@@ -4,6 +4,8 @@
     stagepool demo [--config FILE]          a local cluster, one job through every stage
     stagepool broker --config FILE
     stagepool worker --stage S --config FILE [--transport auto|shm|tcp|verbs]
+    stagepool gateway --config FILE [--host H] [--port P]   HTTP API, /metrics, dashboard
+    stagepool top [--interval S]            live queue depth, workers and jobs
     stagepool submit [--param K=V ...] [--params JSON] [--job-id ID] [--json]
     stagepool status ID [--json]
     stagepool wait ID [--timeout S]
@@ -74,6 +76,24 @@ def cmd_broker(args) -> int:
     return 0
 
 
+def cmd_gateway(args) -> int:
+    from .gateway.app import serve
+
+    serve(config_mod.load(args.config), _broker_endpoint(args), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_top(args) -> int:
+    from .top import run_top
+
+    config = config_mod.load(args.config)
+    info = Path(args.state_dir) / "cluster.json"
+    if info.exists() and not os.environ.get("STAGEPOOL_REDIS_URL"):
+        config = config_mod.load(args.config, env={
+            **os.environ, "STAGEPOOL_REDIS_URL": json.loads(info.read_text())["redis_url"]})
+    return run_top(config, _broker_endpoint(args), args.interval, args.once)
+
+
 def cmd_worker(args) -> int:
     from ..stages.worker import Worker
 
@@ -113,7 +133,7 @@ def cmd_up(args) -> int:
                       redis_url=args.redis_url)
     info = cluster.start()
     print(f"stagepool up: broker {info['broker']}, redis {info['redis_url']}, "
-          f"state in {args.state_dir}", flush=True)
+          f"gateway {info['gateway']}, state in {args.state_dir}", flush=True)
     try:
         cluster.supervise(info)
     finally:
@@ -126,13 +146,17 @@ def cmd_demo(args) -> int:
 
     config = config_mod.load(args.config)
     _ensure_tiny_models(config)
+    if "STAGEPOOL_GATEWAY_PORT" not in os.environ:  # a demo must not need port 8000 free
+        config = msgspec.structs.replace(
+            config, gateway=msgspec.structs.replace(config.gateway, port=0))
     state_dir = Path(args.state_dir)
     cluster = Cluster(config, args.config, state_dir, {}, redis_url=args.redis_url)
     info = cluster.start()
     try:
         with BrokerClient(info["broker"], timeout_s=60) as client:
             submitted = client.submit({"prompt": args.prompt, "seed": args.seed})
-            print(f"submitted job {submitted.job_id}: {args.prompt!r}", flush=True)
+            print(f"submitted job {submitted.job_id}: {args.prompt!r} "
+                  f"(dashboard: {info['gateway']}/)", flush=True)
             status = _follow_with_progress(client, submitted.job_id, config, timeout_s=300)
         record_path = state_dir / "results" / f"{submitted.job_id}.json"
         record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("worker", cmd_worker, "run one worker")
     p.add_argument("--stage", required=True)
     p.add_argument("--transport", default=None, choices=["auto", "shm", "tcp", "verbs"])
+    p = add("gateway", cmd_gateway, "run the HTTP gateway (API, /metrics, dashboard)")
+    p.add_argument("--host", default=None, help="bind address (default: gateway.host)")
+    p.add_argument("--port", type=int, default=None, help="port (default: gateway.port)")
+    p = add("top", cmd_top, "live view of queues, workers and jobs")
+    p.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds")
+    p.add_argument("--once", action="store_true", help="print one view and exit")
     p = add("submit", cmd_submit, "submit a job; prints its id")
     p.add_argument("--param", action="append", default=[], metavar="K=V")
     p.add_argument("--params", default=None, help="params as a JSON object")

@@ -1,7 +1,8 @@
 """`stagepool up`: a local cluster in the foreground.
 
 Starts (1) `redis-server` on a free loopback port with its data in the state dir, unless a URL
-is given; (2) the broker; (3) N workers per stage, each its own process. It supervises them:
+is given; (2) the broker; (3) the HTTP gateway (on gateway.port; 0 picks a free one);
+(4) N workers per stage, each its own process. It supervises them:
 a child that dies is started again (with backoff), so a killed worker is replaced while the
 broker recovers its job. SIGINT/SIGTERM stops everything, workers first (they drain).
 `cluster.json` in the state dir tells other commands (and tests) where things are.
@@ -106,6 +107,10 @@ class Cluster:
         config_args = ["--config", self.config_path] if self.config_path else []
         self.children.append(Child("broker", base + ["broker"] + config_args, env,
                                    logs / "broker.log"))
+        gateway_port = self.config.gateway.port or free_port()
+        gateway = f"http://{self.config.gateway.host}:{gateway_port}"
+        self.children.append(Child("gateway", base + ["gateway", "--port", str(gateway_port)]
+                                   + config_args, env, logs / "gateway.log"))
         for stage in self.config.pipeline.stages:
             for i in range(self.workers.get(stage.name, stage.workers)):
                 name = f"{stage.name}-{i}"
@@ -114,7 +119,7 @@ class Cluster:
         for child in self.children:
             child.start()
         info = {
-            "redis_url": self.redis_url, "broker": endpoint,
+            "redis_url": self.redis_url, "broker": endpoint, "gateway": gateway,
             "namespace": self.config.redis.namespace, "pid": os.getpid(),
             "children": {c.name: c.process.pid for c in self.children},
         }
@@ -151,8 +156,9 @@ class Cluster:
         self._stop = True
 
     def stop(self) -> None:
-        workers = [c for c in self.children if c.name != "broker"]
-        brokers = [c for c in self.children if c.name == "broker"]
+        servers = ("broker", "gateway")
+        workers = [c for c in self.children if c.name not in servers]
+        brokers = [c for c in self.children if c.name in servers]
         for group in (workers, brokers):
             for child in group:
                 if child.process and child.process.poll() is None:

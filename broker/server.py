@@ -30,10 +30,10 @@ import zmq
 from ..common import wire
 from ..common.config import Config
 from ..common.errors import Code, ProtocolError, StagepoolError
-from ..common.jobstore import JobStore
+from ..common.jobstore import JobStore, job_status
 from ..common.wire import (
     Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, Heartbeat, HeartbeatAck,
-    Hello, JobStatus, QueueInfo, Queues, Register, Registered, Submit, Submitted, Unregister,
+    Hello, QueueInfo, Queues, Register, Registered, Submit, Submitted, Unregister,
     Rewind, RewindResult, VerbsAccept, VerbsConnect, Welcome, Ack,
 )
 from .dispatcher import Dispatcher
@@ -291,25 +291,3 @@ class Broker:
                             now - entry.last_seen)
                 self._drop_worker(worker_id)
 
-
-def job_status(job_id: str, record: dict[str, str], stage_names: list[str]) -> JobStatus:
-    """A Redis job record as the wire's JobStatus."""
-    stages: dict[str, dict[str, Any]] = {}
-    for name in stage_names:
-        info = {}
-        for field in ("attempt", "worker", "enqueued_ms", "started_ms", "finished_ms", "retries",
-                      "rewinds", "step"):
-            value = record.get(f"{name}.{field}")
-            if value is not None:
-                info[field] = value if field in ("worker", "step") else int(value)
-        if info:
-            stages[name] = info
-    result = record.get("result")
-    return JobStatus(
-        job_id=job_id, state=record.get("state", ""), pipeline=record.get("pipeline", ""),
-        params=msgspec.json.decode(record.get("params") or "{}"),
-        error=record.get("error", ""),
-        result=msgspec.json.decode(result) if result else None,
-        created_ms=int(record.get("created_ms", 0)), updated_ms=int(record.get("updated_ms", 0)),
-        stages=stages,
-    )

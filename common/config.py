@@ -88,6 +88,17 @@ class TransferConfig(msgspec.Struct, forbid_unknown_fields=True):
     put_wait_s: float = 30.0  # a full pool waits this long for releases before failing
 
 
+class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The HTTP gateway (broker/gateway): API, /metrics, dashboard."""
+
+    host: str = "127.0.0.1"  # anything wider needs `token`
+    port: int = 8000  # 0: `stagepool up` picks a free one (written to cluster.json)
+    token: str = ""  # bearer token for every route but /, /static and /healthz; "" = none
+    max_body_kb: int = 256  # a request body above this gets 413
+    results_dirs: list[str] = []  # extra directories /result may serve files from
+    broker_timeout_s: float = 5.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
@@ -95,6 +106,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     transfer: TransferConfig = msgspec.field(default_factory=TransferConfig)
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.pipeline.stages:
@@ -148,6 +160,10 @@ def _check(config: Config) -> None:
         raise ConfigError("the pipeline has no stages")
     if len(set(names)) != len(names):
         raise ConfigError(f"duplicate stage names in {names}")
+    gateway = config.gateway
+    if gateway.host not in ("127.0.0.1", "localhost", "::1") and not gateway.token:
+        raise ConfigError(f"gateway.host = {gateway.host!r} is reachable from other hosts: "
+                          "set gateway.token (or STAGEPOOL_GATEWAY_TOKEN)")
     for stage in config.pipeline.stages:
         if stage.max_attempts < 1 or stage.lease_ms < 100:
             raise ConfigError(f"stage {stage.name}: max_attempts >= 1 and lease_ms >= 100")

@@ -30,6 +30,12 @@ import redis
 
 from .errors import StoreUnavailable
 from .keys import INGRESS_GROUP, Keys
+from .wire import JobStatus
+
+# Record fields that are a stage's, as `<stage>.<field>`; the ints among them.
+STAGE_FIELDS = ("attempt", "worker", "enqueued_ms", "started_ms", "finished_ms", "retries",
+                "rewinds", "step")
+_TEXT_FIELDS = ("worker", "step")
 
 
 @functools.cache
@@ -175,7 +181,88 @@ class JobStore:
             yield from (job_id.decode() for job_id in chunk)
             start += batch
 
+    # -- observability (the gateway, `stagepool top`) --------------------------------------
+
+    @_translate
+    def now_ms(self) -> int:
+        """Redis's clock: the one every timestamp in the records comes from."""
+        seconds, micros = self.redis.time()
+        return seconds * 1000 + micros // 1000
+
+    @_translate
+    def queue_stats(self, stages: list[str]) -> list[tuple[int, int | None]]:
+        """Per stage: (jobs waiting for a worker, enqueue ms of the oldest or None)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stage in stages:
+            pipe.zcard(self.keys.queued(stage))
+            pipe.zrange(self.keys.queued(stage), 0, 0, withscores=True)
+        replies = pipe.execute()
+        return [(replies[i], int(replies[i + 1][0][1]) if replies[i + 1] else None)
+                for i in range(0, len(replies), 2)]
+
+    @_translate
+    def totals(self) -> dict[str, int]:
+        """Jobs not yet ended, jobs ever recorded, stored results, dead letters."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(self.keys.active)
+        pipe.zcard(self.keys.jobs)
+        pipe.zcard(self.keys.results)
+        pipe.llen(self.keys.dead)
+        active, jobs, results, dead = pipe.execute()
+        return {"active": active, "jobs": jobs, "results": results, "dead": dead}
+
+    @_translate
+    def recent(self, limit: int, before_ms: int | None = None,
+               active_only: bool = False) -> list[tuple[str, dict[str, str]]]:
+        """The newest jobs created before `before_ms` (all, or only those not yet ended)."""
+        key = self.keys.active if active_only else self.keys.jobs
+        top = f"({before_ms}" if before_ms is not None else "+inf"
+        ids = [i.decode() for i in self.redis.zrevrangebyscore(key, top, "-inf", start=0,
+                                                                num=limit)]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self.keys.job(job_id))
+        records = []
+        for job_id, raw in zip(ids, pipe.execute()):
+            if raw:
+                records.append((job_id, {k.decode(): v.decode(errors="replace")
+                                         for k, v in raw.items()
+                                         if not k.endswith(b".dispatch")}))
+        return records
+
+    @_translate
+    def add_transfer(self, stage: str, counts: dict[tuple[str, str], list[float]]) -> None:
+        """Add a worker's transfer counters: (phase, backend) -> [bytes, seconds, ops]."""
+        pipe = self.redis.pipeline(transaction=False)
+        for (phase, backend), (nbytes, seconds, ops) in counts.items():
+            field = f"{stage}|{phase}|{backend}|"
+            pipe.hincrby(self.keys.transfer, field + "bytes", int(nbytes))
+            pipe.hincrbyfloat(self.keys.transfer, field + "seconds", seconds)
+            pipe.hincrby(self.keys.transfer, field + "ops", int(ops))
+        pipe.execute()
+
+    @_translate
+    def transfer_totals(self) -> dict[tuple[str, str, str], dict[str, float]]:
+        """(stage, phase, backend) -> {"bytes", "seconds", "ops"} since the namespace began."""
+        totals: dict[tuple[str, str, str], dict[str, float]] = {}
+        for field, value in self.redis.hgetall(self.keys.transfer).items():
+            parts = field.decode().split("|")
+            if len(parts) == 4:
+                totals.setdefault(tuple(parts[:3]), {})[parts[3]] = float(value)
+        return totals
+
+    @_translate
+    def read_events(self, last_id: bytes | str, count: int, block_ms: int):
+        """Events after `last_id` ("$": only new ones), waiting up to `block_ms` for some."""
+        reply = self.redis.xread({self.keys.events: last_id}, count=count, block=block_ms)
+        return reply[0][1] if reply else []
+
     # -- ingress -------------------------------------------------------------------------
+
+    @_translate
+    def add_ingress(self, body: bytes) -> None:
+        """Queue a submission for whichever broker reads the ingress stream next."""
+        self.redis.xadd(self.keys.ingress, {"job": body})
 
     @_translate
     def ensure_ingress_group(self) -> None:
@@ -198,3 +285,25 @@ class JobStore:
     def ack_ingress(self, entry_ids: list[bytes]) -> None:
         if entry_ids:
             self.redis.xack(self.keys.ingress, INGRESS_GROUP, *entry_ids)
+
+
+def job_status(job_id: str, record: dict[str, str], stage_names: list[str]) -> JobStatus:
+    """A Redis job record as the wire's JobStatus."""
+    stages: dict[str, dict[str, Any]] = {}
+    for name in stage_names:
+        info = {}
+        for field in STAGE_FIELDS:
+            value = record.get(f"{name}.{field}")
+            if value is not None:
+                info[field] = value if field in _TEXT_FIELDS else int(value)
+        if info:
+            stages[name] = info
+    result = record.get("result")
+    return JobStatus(
+        job_id=job_id, state=record.get("state", ""), pipeline=record.get("pipeline", ""),
+        params=msgspec.json.decode(record.get("params") or "{}"),
+        error=record.get("error", ""),
+        result=msgspec.json.decode(result) if result else None,
+        created_ms=int(record.get("created_ms", 0)), updated_ms=int(record.get("updated_ms", 0)),
+        stages=stages,
+    )

@@ -11,6 +11,8 @@ using different namespaces.
     {ns}:jobs         zset   every job, scored by creation ms (listing)
     {ns}:results      zset   succeeded jobs, scored by finish ms
     {ns}:dead         list   dead-lettered job ids, newest first
+    {ns}:queued:<S>   zset   jobs waiting for a worker of stage S, scored by enqueue ms
+    {ns}:transfer     hash   transfer counters the workers add to: <stage>|<phase>|<backend>|<n>
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class Keys:
         self.jobs = self.prefix + "jobs"
         self.results = self.prefix + "results"
         self.dead = self.prefix + "dead"
+        self.transfer = self.prefix + "transfer"
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
+
+    def queued(self, stage: str) -> str:
+        return f"{self.prefix}queued:{stage}"

@@ -114,6 +114,7 @@ class Worker:
             self._stopped.set()
             self._detach(unregister=True)
             if self._exchange is not None:
+                self._flush_transfer_counts()
                 self._exchange.close()
 
     # -- one dispatch --------------------------------------------------------------------
@@ -215,9 +216,12 @@ class Worker:
 
     def _pull(self, dispatch: Dispatch):
         """Pull the inputs; on failure send the job where it can go on, and return the pull."""
+        started = time.perf_counter()
         pull = self._open_exchange().pull(dispatch.endpoint, dispatch.tensors)
         status = pull.wait(self.config.transfer.pull_timeout_s)
         if status is PullStatus.DONE:
+            self._exchange.count("pull", pull.backend, pull.nbytes,
+                                 time.perf_counter() - started)
             return pull
         failure = pull.failure or Failure(FailureKind.TRANSFER, "pull timed out")
         pull.close()
@@ -350,6 +354,14 @@ class Worker:
                 ring.mem.close()
         self._consume = self._produce = None
 
+    def _flush_transfer_counts(self) -> None:
+        counts = self._exchange.take_counts()
+        if counts and self._store is not None:
+            try:
+                self._store.add_transfer(self.stage_config.name, counts)
+            except StagepoolError:
+                log.warning("could not record transfer counters", exc_info=True)
+
     def _heartbeat_loop(self) -> None:
         """Refresh the lease while busy; ping the broker; notice a restarted broker."""
         client = None
@@ -381,6 +393,8 @@ class Worker:
                     if client is not None:
                         client.close()
                     client = None
+                if self._exchange is not None:
+                    self._flush_transfer_counts()
             if self._exchange is not None and now >= next_sweep:
                 next_sweep = now + self.config.transfer.hold_check_s
                 try:

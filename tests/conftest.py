@@ -127,6 +127,10 @@ heartbeat_ms = 200
 
 [transfer]
 backend = "{transfer}"
+
+[gateway]
+port = 0
+token = "{token}"
 """
 
 STAGE = """
@@ -156,7 +160,7 @@ class Cluster:
     """`stagepool up` as a real process tree on a real Redis."""
 
     def __init__(self, tmp_path, redis_url, namespace, workers=2, sleep_ms=0, models=None,
-                 lease_ms=1000, transfer="auto"):
+                 lease_ms=1000, transfer="auto", token=""):
         """`models`: a tiny model directory -> the model stages on it, else no-op stages."""
         import json
         import sys
@@ -171,7 +175,7 @@ class Cluster:
                                              results_dir=tmp_path / "results")
         self.config_path = tmp_path / "pipeline.toml"
         self.config_path.write_text(TEST_PIPELINE.format(stages=stages, namespace=namespace,
-                                                             transfer=transfer))
+                                                             transfer=transfer, token=token))
         self.state_dir = tmp_path / "state"
         self.log = open(tmp_path / "up.log", "wb")
         self.process = subprocess.Popen(
@@ -187,6 +191,7 @@ class Cluster:
             time.sleep(0.05)
         self.info = json.loads(info_path.read_text())
         self.broker = self.info["broker"]
+        self.gateway = self.info["gateway"]
 
     def pids(self) -> dict[str, int]:
         import json

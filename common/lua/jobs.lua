@@ -34,6 +34,15 @@
 --   S.step         "i/n" progress of the running attempt (denoise steps)
 --   S.rewinds      times the stage's inputs were lost and the previous stage ran again
 --
+-- Besides the record, every command keeps {ns}:queued:<stage> (zset: job ids waiting for a
+-- worker of that stage, scored by enqueue ms) exact: a job enters it when its stage is
+-- dispatched and leaves it when the stage starts or the job ends. Its name is derived from
+-- KEYS[3] ({ns}:active), so it shares the hash tag and slot. Queue depth and the age of the
+-- oldest waiting job per stage are ZCARD and ZRANGE 0 0 of it, from any reader.
+--
+-- Events carry `ms`: on `started`, the time the stage waited (enqueue to start); on `finished`
+-- and `succeeded`, the time it ran (start to commit).
+--
 -- Replies are arrays whose first element is a status string: ok, exists, missing, terminal,
 -- duplicate, stale, retry, republish, dead, failed.
 
@@ -44,17 +53,38 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local terminal = {succeeded = true, failed = true, cancelled = true, dead = true}
+local queued_prefix = string.sub(active, 1, -7) .. 'queued:'
 
-local function event(name, stage, attempt, worker, detail)
+local function event(name, stage, attempt, worker, detail, ms)
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'job', id, 'event', name,
     'stage', stage or '', 'attempt', attempt or '', 'worker', worker or '', 'detail', detail or '',
-    'ts_ms', now_ms)
+    'ts_ms', now_ms, 'ms', ms or '')
 end
 
-local function finish_job(state, stage, attempt, worker, detail)
+local function enqueue(stage, keep_age)
+  if keep_age then
+    redis.call('ZADD', queued_prefix .. stage, 'NX', now_ms, id)
+  else
+    redis.call('ZADD', queued_prefix .. stage, now_ms, id)
+  end
+end
+
+local function dequeue(stage)
+  if stage and stage ~= '' then redis.call('ZREM', queued_prefix .. stage, id) end
+end
+
+-- Milliseconds since the record's `field` (a ms timestamp), or '' if it has none.
+local function since(field)
+  local t = tonumber(redis.call('HGET', job, field))
+  if not t then return '' end
+  return now_ms - t
+end
+
+local function finish_job(state, stage, attempt, worker, detail, ms)
+  dequeue(redis.call('HGET', job, 'stage'))
   redis.call('HSET', job, 'state', state, 'updated_ms', now_ms)
   redis.call('ZREM', active, id)
-  event(state, stage, attempt, worker, detail)
+  event(state, stage, attempt, worker, detail, ms)
 end
 
 -- The checks every stage-scoped command shares; returns nil when the caller may proceed.
@@ -80,6 +110,7 @@ if cmd == 'submit' then
     first .. '.enqueued_ms', now_ms, first .. '.dispatch', dispatch)
   redis.call('ZADD', active, now_ms, id)
   redis.call('ZADD', jobs, now_ms, id)
+  enqueue(first)
   event('submitted', first, '1')
   return {'ok', 'queued'}
 
@@ -89,13 +120,15 @@ elseif cmd == 'start' then
   if refused then return refused end
   -- A duplicate delivery of an attempt that already started (a republished hand-on).
   if redis.call('HGET', job, stage .. '.started') == attempt then return {'duplicate'} end
+  local waited_ms = since(stage .. '.enqueued_ms')
   redis.call('HSET', job, stage .. '.started', attempt, stage .. '.worker', worker,
     stage .. '.started_ms', now_ms, 'updated_ms', now_ms)
+  dequeue(stage)
   -- Stages start in order, but a late retry of an earlier stage never moves the state back.
   if index >= tonumber(redis.call('HGET', job, 'state_index')) then
     redis.call('HSET', job, 'state', state_name, 'state_index', index)
   end
-  event('started', stage, attempt, worker)
+  event('started', stage, attempt, worker, '', waited_ms)
   return {'ok', redis.call('HGET', job, 'params')}
 
 elseif cmd == 'finish' then
@@ -106,21 +139,24 @@ elseif cmd == 'finish' then
   -- reused number would be refused by start as a duplicate.
   local next_attempt = redis.call('HINCRBY', job, next_stage .. '.attempt', 1)
   redis.call('HINCRBY', job, next_stage .. '.retries', 0)
+  local ran_ms = since(stage .. '.started_ms')
   redis.call('HSET', job, stage .. '.done', attempt, stage .. '.finished_ms', now_ms,
     'stage', next_stage, 'updated_ms', now_ms, next_stage .. '.enqueued_ms', now_ms,
     next_stage .. '.dispatch', dispatch)
-  event('finished', stage, attempt, worker)
+  enqueue(next_stage)
+  event('finished', stage, attempt, worker, '', ran_ms)
   return {'ok', tostring(next_attempt)}
 
 elseif cmd == 'complete' then
   local stage, attempt, worker, result = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
   local refused = fence(stage, attempt, true)
   if refused then return refused end
+  local ran_ms = since(stage .. '.started_ms')
   redis.call('HSET', job, stage .. '.done', attempt, stage .. '.finished_ms', now_ms,
     'result', result)
   redis.call('HINCRBY', job, 'commits', 1)
   redis.call('ZADD', results, now_ms, id)
-  finish_job('succeeded', stage, attempt, worker)
+  finish_job('succeeded', stage, attempt, worker, '', ran_ms)
   return {'ok'}
 
 elseif cmd == 'retry' then
@@ -150,6 +186,7 @@ elseif cmd == 'retry' then
   end
   local next_attempt = tostring(tonumber(attempt) + 1)
   redis.call('HSET', job, stage .. '.attempt', next_attempt, stage .. '.enqueued_ms', now_ms)
+  enqueue(stage)
   event('retried', stage, next_attempt, worker, err)
   return {'retry', next_attempt, redis.call('HGET', job, stage .. '.dispatch')}
 
@@ -173,6 +210,8 @@ elseif cmd == 'rewind' then
   redis.call('HDEL', job, prev .. '.done')
   redis.call('HSET', job, 'state', prev_state, 'state_index', prev_index, 'stage', prev,
     prev .. '.enqueued_ms', now_ms)
+  dequeue(stage)
+  enqueue(prev)
   event('rewound', prev, tostring(prev_attempt), worker, err)
   return {'retry', tostring(prev_attempt), dispatch}
 
@@ -197,6 +236,7 @@ elseif cmd == 'rebuild' then
       -- A new attempt fences off any worker still running the old one on the lost ring.
       local next_attempt = redis.call('HINCRBY', job, stage .. '.attempt', 1)
       redis.call('HSET', job, stage .. '.enqueued_ms', now_ms, 'updated_ms', now_ms)
+      enqueue(stage, true)  -- still waiting since before the restart: keep its age
       event('rebuilt', stage, tostring(next_attempt))
       return {'retry', tostring(next_attempt), dispatch, stage}
     end

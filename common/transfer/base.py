@@ -102,6 +102,7 @@ class Pull(abc.ABC):
     tensors: dict  # name -> torch.Tensor; valid once DONE, until close()
     failure: Failure | None = None
     nbytes: int = 0
+    backend: str = ""  # the name of the backend that made it
 
     @abc.abstractmethod
     def poll(self) -> PullStatus:

@@ -61,6 +61,7 @@ class Exchange:
             raise TransferError(f"unknown transfer backend {config.backend!r}")
         self._held: dict[str, tuple[float, list[tuple[int, int]]]] = {}
         self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], list[float]] = {}
         self._ctx = zmq.Context.instance()
         self._notices = self._ctx.socket(zmq.PULL)
         self._notices.setsockopt(zmq.LINGER, 0)
@@ -84,6 +85,7 @@ class Exchange:
     def put(self, key: str, tensors: dict) -> list[TensorDesc]:
         """Copy `tensors` into the pool and hold them under `key`. Raises PoolFull."""
         self.release(key)  # a re-run of the same stage replaces what it held
+        started = time.perf_counter()
         blocks, descs = [], []
         try:
             for name, tensor in tensors.items():
@@ -99,6 +101,7 @@ class Exchange:
             raise
         with self._lock:
             self._held[key] = (time.monotonic(), blocks)
+        self.count("put", "pool", sum(n for _, n in blocks), time.perf_counter() - started)
         return descs
 
     def release(self, key: str) -> bool:
@@ -127,10 +130,27 @@ class Exchange:
             return FailedPull(Failure(FailureKind.BAD_DESCRIPTOR, f"bad endpoint: {exc}"))
         for backend in (self.local, self.mooncake):
             if backend is not None and backend.reaches(peer):
-                return backend.pull(peer, descs)
+                pull = backend.pull(peer, descs)
+                pull.backend = backend.name
+                return pull
         return FailedPull(Failure(FailureKind.PRODUCER_GONE,
                                   "no backend reaches the producer (another host without "
                                   "Mooncake, or transfer.backend = 'local')"))
+
+    # -- counters (flushed to Redis by the worker for /metrics) -----------------------------
+
+    def count(self, phase: str, backend: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            entry = self._counts.setdefault((phase, backend), [0, 0.0, 0])
+            entry[0] += nbytes
+            entry[1] += seconds
+            entry[2] += 1
+
+    def take_counts(self) -> dict[tuple[str, str], list[float]]:
+        """The counters since the last call: (phase, backend) -> [bytes, seconds, ops]."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        return counts
 
     def notify_release(self, endpoint: str, key: str) -> None:
         """Tell the producer it may free `key`. Best effort: a lost notice is swept later."""

@@ -1,0 +1,150 @@
+"""The gateway's ASGI app and its server.
+
+Starlette with msgspec bodies rather than FastAPI: our messages are already msgspec structs
+(the ZMQ wire, the ingress stream), msgspec emits their JSON Schema for the OpenAPI spec, and
+decoding is strict and fast, so one schema language covers every way in, without pydantic.
+
+Lifecycle: `serve` builds the Observer (Redis + broker clients) and the Metrics (starts the
+events tail thread), runs uvicorn until SIGINT/SIGTERM, then stops the tail and closes the
+clients. Requests run their Redis and broker work in Starlette's thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import Any
+
+import msgspec
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ...common.config import Config
+from . import lightx2v, native
+from .http import BearerAuth, Op, error_response, wrap
+from .metrics import Metrics
+from .observe import Observer
+
+log = logging.getLogger("stagepool.gateway")
+
+OPS: list[Op] = [*native.OPS, *lightx2v.OPS]
+STATIC = resources.files("stagepool.broker.gateway").joinpath("static")
+_PUBLIC_PREFIXES = ("/static/",)
+_PUBLIC_PATHS = {"/", "/openapi.json"} | {op.path for op in OPS if op.public}
+
+
+def create_app(config: Config, observer: Observer, metrics: Metrics) -> Starlette:
+    routes = [Route(op.path, wrap(op.handler), methods=[op.method]) for op in OPS]
+    spec = msgspec.json.encode(openapi(config))
+    routes += [
+        Route("/", lambda request: FileResponse(str(STATIC / "index.html")), methods=["GET"]),
+        Route("/openapi.json", lambda request: Response(spec, media_type="application/json"),
+              methods=["GET"]),
+        Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={
+        404: _not_found, 405: _not_allowed,
+    })
+    app.state.observer = observer
+    app.state.metrics = metrics
+    app.state.max_body_bytes = config.gateway.max_body_kb << 10
+    if config.gateway.token:
+        app.add_middleware(BearerAuth, token=config.gateway.token, public=is_public)
+    return app
+
+
+def is_public(path: str) -> bool:
+    return path in _PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES)
+
+
+async def _not_found(request: Request, exc) -> Response:
+    return error_response(404, "not_found", f"no route {request.method} {request.url.path}")
+
+
+async def _not_allowed(request: Request, exc) -> Response:
+    return error_response(405, "method_not_allowed",
+                          f"{request.method} is not allowed on {request.url.path}")
+
+
+def serve(config: Config, broker_endpoint: str, host: str | None = None,
+          port: int | None = None) -> None:
+    observer = Observer(config, broker_endpoint)
+    metrics = Metrics(observer)
+    metrics.start()
+    app = create_app(config, observer, metrics)
+    host = host or config.gateway.host
+    port = config.gateway.port if port is None else port
+    log.info("gateway on http://%s:%d (broker %s)", host, port, broker_endpoint)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+        timeout_keep_alive=30, h11_max_incomplete_event_size=64 << 10,
+    ))
+    try:
+        server.run()
+    finally:
+        metrics.stop()
+        observer.close()
+
+
+# -- OpenAPI -------------------------------------------------------------------------------
+
+
+def openapi(config: Config) -> dict[str, Any]:
+    """The OpenAPI 3.1 document, from the route table and the msgspec structs."""
+    types = sorted({t for op in OPS for t in _types(op)}, key=lambda t: repr(t))
+    _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    paths: dict[str, dict] = {}
+    for op in OPS:
+        entry: dict[str, Any] = {
+            "summary": op.summary, "tags": [op.tag],
+            "operationId": f"{op.handler.__name__}_{op.tag}",
+            "responses": {str(code): _response(code, kind) for code, kind in op.responses.items()},
+        }
+        if op.params:
+            entry["parameters"] = [
+                {"name": p.name, "in": p.where, "required": p.required or p.where == "path",
+                 "schema": p.schema, **({"description": p.description} if p.description else {})}
+                for p in op.params]
+        if op.body is not None:
+            entry["requestBody"] = {"required": False, "content": {
+                "application/json": {"schema": _schema(op.body)}}}
+        if config.gateway.token and not op.public:
+            entry["security"] = [{"bearer": []}]
+        paths.setdefault(op.path, {})[op.method.lower()] = entry
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "stagepool gateway", "version": "1",
+                 "description": "Jobs through the encode -> denoise -> decode stages; "
+                                "LightX2V-compatible task routes; Prometheus metrics."},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+    if config.gateway.token:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return doc
+
+
+def _types(op: Op):
+    if op.body is not None:
+        yield op.body
+    for kind in op.responses.values():
+        if not isinstance(kind, tuple):
+            yield kind
+
+
+def _schema(kind) -> dict:
+    return msgspec.json.schema_components([kind], ref_template="#/components/schemas/{name}")[0][0]
+
+
+def _response(code: int, kind) -> dict:
+    description = {200: "OK", 201: "Created", 202: "Accepted (queued in Redis)",
+                   400: "Bad request", 401: "Unauthorized", 404: "Not found",
+                   409: "Not ready", 413: "Too large", 422: "Invalid body",
+                   503: "Redis or the broker is unreachable"}.get(code, "")
+    if isinstance(kind, tuple):
+        return {"description": description, "content": {m: {} for m in kind}}
+    return {"description": description, "content": {"application/json": {"schema": _schema(kind)}}}

@@ -1,0 +1,193 @@
+"""LightX2V-compatible routes, so LightX2V's clients can switch to stagepool unchanged.
+
+    POST   /v1/tasks/image/          TaskRequest -> {"task_id", "task_status", ...}
+    POST   /v1/tasks/video/
+    GET    /v1/tasks/                every recent task's status
+    GET    /v1/tasks/{id}/status     pending | processing | completed | failed | cancelled
+    GET    /v1/tasks/{id}/result     the image or video file (404 until completed)
+    DELETE /v1/tasks/{id}            {"stop_status": "success" | "do_nothing", "reason"}
+    GET    /v1/tasks/queue/status    pending and active counts
+
+Request fields map onto the families' params: prompt, negative_prompt, seed (random when not
+given, as LightX2V does), infer_steps, guidance_scale, fps; target_shape [h, w] -> height and
+width; target_video_length -> num_frames (video; images have one frame); aspect_ratio is
+passed on for the family to size the output by. Fields with no stagepool meaning (image_path,
+audio_path, use_prompt_enhancer, ...) are accepted and ignored, as are unknown ones.
+
+`completed` means the job succeeded and its result file exists where the gateway serves it.
+"""
+
+from __future__ import annotations
+
+import random
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ...common.errors import Code
+from .http import HTTPError, Op, in_thread, json_response, read_json
+from .native import JOB_ID_PARAM, job_result
+from .schema import (
+    ErrorBody, Job, QueueStatus, StopTaskResponse, TaskRequest, TaskResponse, TaskStatus,
+)
+
+_SECONDS = 1000.0
+
+
+def task_params(task: TaskRequest, kind: str) -> dict:
+    params: dict = {"prompt": task.prompt, "infer_steps": task.infer_steps, "task": kind,
+                    "seed": task.seed if task.seed is not None else random.randrange(2**32)}
+    if task.negative_prompt:
+        params["negative_prompt"] = task.negative_prompt
+    if task.target_shape:
+        if len(task.target_shape) != 2:
+            raise HTTPError(422, Code.BAD_REQUEST, "target_shape is [height, width]")
+        params["height"], params["width"] = task.target_shape
+    elif task.aspect_ratio:
+        params["aspect_ratio"] = task.aspect_ratio
+    params["num_frames"] = task.target_video_length if kind == "video" else 1
+    if task.guidance_scale is not None:
+        params["guidance_scale"] = task.guidance_scale
+    if task.fps is not None:
+        params["fps"] = task.fps
+    return params
+
+
+def task_status(job: Job, result_ready: bool) -> TaskStatus:
+    state, error = job.state, job.error
+    if state == "queued":
+        status = "pending"
+    elif state == "succeeded":
+        status = "completed" if result_ready else "failed"
+        if not result_ready:
+            error = "the job succeeded but its result file is not where this gateway serves it"
+    elif state in ("failed", "dead"):
+        status = "failed"
+    elif state == "cancelled":
+        status = "cancelled"
+    else:
+        status = "processing"
+    first = next(iter(job.stages.values()), {})
+    started_ms = first.get("started_ms")
+    ended = status in ("completed", "failed", "cancelled")
+    files = (job.result or {}).get("files", {}) if isinstance(job.result, dict) else {}
+    return TaskStatus(
+        task_id=job.job_id, status=status, stage=job.stage, progress=job.progress, error=error,
+        start_time=started_ms / _SECONDS if started_ms else None,
+        end_time=job.updated_ms / _SECONDS if ended else None,
+        save_result_path=next(iter(files.values()), "") if status == "completed" else "",
+    )
+
+
+def _ready(observer, job: Job) -> bool:
+    files = (job.result or {}).get("files") if isinstance(job.result, dict) else None
+    if not files:
+        return job.state == "succeeded"
+    return all((path := observer.result_file(job, kind)) is not None and path.is_file()
+               for kind in files)
+
+
+def _status_of(observer, job_id: str) -> TaskStatus | None:
+    job = observer.job(job_id)
+    return None if job is None else task_status(job, _ready(observer, job))
+
+
+async def _create(request: Request, kind: str) -> Response:
+    app = request.app.state
+    task = await read_json(request, TaskRequest, app.max_body_bytes)
+    params = task_params(task, kind)
+    submitted = await in_thread(app.observer.submit, params, task.task_id, 0)
+    return json_response(TaskResponse(task_id=submitted.job_id, task_status="pending",
+                                      save_result_path=task.save_result_path or submitted.job_id))
+
+
+async def create_image(request: Request) -> Response:
+    return await _create(request, "image")
+
+
+async def create_video(request: Request) -> Response:
+    return await _create(request, "video")
+
+
+async def list_tasks(request: Request) -> Response:
+    observer = request.app.state.observer
+
+    def statuses():
+        return [task_status(job, _ready(observer, job)) for job in observer.jobs(100)]
+
+    return json_response(await in_thread(statuses))
+
+
+async def get_status(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    status = await in_thread(_status_of, request.app.state.observer, job_id)
+    if status is None:
+        raise HTTPError(404, Code.NOT_FOUND, "Task not found")
+    return json_response(status)
+
+
+async def get_result(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    status = await in_thread(_status_of, request.app.state.observer, job_id)
+    if status is None:
+        raise HTTPError(404, Code.NOT_FOUND, "Task not found")
+    if status.status != "completed":
+        raise HTTPError(404, Code.NOT_FOUND, "Task not completed")
+    return await job_result(request)
+
+
+async def stop_task(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    observer = request.app.state.observer
+    if await in_thread(observer.job, job_id) is None:
+        return json_response(StopTaskResponse(stop_status="do_nothing",
+                                              reason="Task not found or already completed."))
+    result = await in_thread(observer.cancel, job_id)
+    if result.cancelled:
+        return json_response(StopTaskResponse(stop_status="success",
+                                              reason="Task stopped successfully."))
+    return json_response(StopTaskResponse(stop_status="do_nothing",
+                                          reason=f"Task already {result.state}."))
+
+
+async def queue_status(request: Request) -> Response:
+    app = request.app.state
+    observer = app.observer
+
+    def gather() -> QueueStatus:
+        queues = observer.queues()
+        pending = queues.stages[0].depth
+        active = queues.totals["active"]
+        running = next((job.job_id for job in observer.jobs(50, active_only=True)
+                        if job.state != "queued"), None)
+        capacity = observer.config.ring.capacity
+        return QueueStatus(is_processing=active > pending, current_task=running,
+                           pending_count=pending, active_count=active, queue_size=capacity,
+                           queue_available=max(0, capacity - active))
+
+    return json_response(await in_thread(gather))
+
+
+TASK_ID_PARAM = JOB_ID_PARAM
+_ERRORS = {404: ErrorBody, 503: ErrorBody}
+_CREATE = {200: TaskResponse, 400: ErrorBody, 413: ErrorBody, 422: ErrorBody, 503: ErrorBody}
+
+OPS = [
+    Op("POST", "/v1/tasks/image/", create_image, "Create an image task (LightX2V)", "lightx2v",
+       body=TaskRequest, responses=_CREATE),
+    Op("POST", "/v1/tasks/video/", create_video, "Create a video task (LightX2V)", "lightx2v",
+       body=TaskRequest, responses=_CREATE),
+    Op("GET", "/v1/tasks/", list_tasks, "Recent tasks (LightX2V)", "lightx2v",
+       responses={200: list[TaskStatus], 503: ErrorBody}),
+    Op("GET", "/v1/tasks/queue/status", queue_status, "Queue status (LightX2V)", "lightx2v",
+       responses={200: QueueStatus, 503: ErrorBody}),
+    Op("GET", "/v1/tasks/{job_id}/status", get_status, "Task status (LightX2V)", "lightx2v",
+       responses={200: TaskStatus, 400: ErrorBody, **_ERRORS}, params=(TASK_ID_PARAM,)),
+    Op("GET", "/v1/tasks/{job_id}/result", get_result, "Task result file (LightX2V)",
+       "lightx2v", responses={200: ("image/png", "video/mp4", "application/octet-stream",
+                                    "application/json"), 400: ErrorBody, **_ERRORS},
+       params=(TASK_ID_PARAM,)),
+    Op("DELETE", "/v1/tasks/{job_id}", stop_task, "Stop a task (LightX2V)", "lightx2v",
+       responses={200: StopTaskResponse, 400: ErrorBody, 503: ErrorBody},
+       params=(TASK_ID_PARAM,)),
+]

@@ -1,0 +1,146 @@
+"""HTTP bodies: msgspec structs, decoded strictly; the OpenAPI components come from them.
+
+The native API (`/v1/jobs`, `/v1/queues`) refuses unknown fields. The LightX2V-compatible
+bodies accept and ignore them, as LightX2V's own server (pydantic defaults) does, so its
+clients keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "dead"})
+
+JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+                                    description="1-64 of A-Z a-z 0-9 _ . : -")]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=False):
+    pass
+
+
+# -- native API ------------------------------------------------------------------------
+
+
+class SubmitRequest(Strict):
+    """A job: `params` go to every stage (prompt, seed, height, width, num_frames, ...)."""
+
+    params: dict[str, Any] = {}
+    job_id: JobId | None = None
+    priority: int = 0
+
+
+class Submitted(Strict):
+    job_id: str
+    created: bool  # false: a job with this id existed (submission is idempotent)
+    via: Literal["broker", "ingress"] = "broker"  # ingress: the broker was down; queued in Redis
+
+
+class Job(Strict):
+    job_id: str
+    state: str  # queued, a stage's state (e.g. denoising), succeeded, failed, cancelled, dead
+    stage: str  # the stage the job is in (or ended in)
+    pipeline: str
+    params: dict[str, Any]
+    error: str
+    result: Any
+    created_ms: int
+    updated_ms: int
+    progress: float | None  # the current stage's reported steps, 0..1
+    stages: dict[str, dict[str, Any]]
+
+
+class JobList(Strict):
+    jobs: list[Job]
+    next_before_ms: int | None  # pass as before_ms for the next page; null at the end
+
+
+class Cancelled(Strict):
+    job_id: str
+    cancelled: bool
+    state: str
+
+
+class QueueView(Strict):
+    stage: str
+    depth: int  # jobs waiting for a worker of this stage (Redis)
+    oldest_age_s: float  # how long the oldest of them has waited
+    ring_depth: int | None  # dispatches in the stage's ring (broker; null while unreachable)
+    ring_capacity: int | None
+    backlog: int | None  # dispatches waiting for ring space in the broker
+    in_flight: int | None  # leases held by workers
+    workers: int | None  # live workers registered for the stage
+
+
+class Queues(Strict):
+    stages: list[QueueView]
+    broker_up: bool
+    recovered: int | None  # dispatches the broker's reaper recovered since it started
+    totals: dict[str, int]  # active, jobs, results, dead
+    now_ms: int
+
+
+class ErrorBody(Strict):
+    code: str
+    message: str
+    detail: str  # = message; what FastAPI-style clients read
+
+
+# -- LightX2V-compatible API -----------------------------------------------------------
+
+
+class TaskRequest(msgspec.Struct, forbid_unknown_fields=False):
+    """LightX2V's TaskRequest fields; the ones stagepool's families use are mapped to params."""
+
+    task_id: JobId | None = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    use_prompt_enhancer: bool = False
+    image_path: str = ""
+    num_fragments: int = 1
+    save_result_path: str = ""
+    infer_steps: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    target_video_length: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 81
+    seed: int | None = None  # random when not given, as in LightX2V
+    audio_path: str = ""
+    video_duration: int = 5
+    aspect_ratio: str = ""  # e.g. "16:9"; LightX2V's T2I default when empty
+    target_shape: list[Annotated[int, msgspec.Meta(ge=1, le=16384)]] = []  # [height, width]
+    guidance_scale: float | None = None
+    fps: Annotated[int, msgspec.Meta(ge=1, le=240)] | None = None
+
+
+class TaskResponse(Strict):
+    task_id: str
+    task_status: str
+    save_result_path: str
+
+
+TaskStatusName = Literal["pending", "processing", "completed", "failed", "cancelled"]
+
+
+class TaskStatus(Strict):
+    task_id: str
+    status: TaskStatusName
+    stage: str
+    progress: float | None
+    error: str
+    start_time: float | None  # unix seconds
+    end_time: float | None
+    save_result_path: str
+
+
+class StopTaskResponse(Strict):
+    stop_status: Literal["success", "do_nothing"]
+    reason: str
+
+
+class QueueStatus(Strict):
+    is_processing: bool
+    current_task: str | None
+    pending_count: int
+    active_count: int
+    queue_size: int
+    queue_available: int
