@@ -38,7 +38,11 @@ class BrokerClient:
         """Send one request; return its reply, or raise RemoteError / TransportError."""
         self._rid += 1
         request.rid = self._rid
-        self._sock.send(self._codec.encode(request))
+        try:
+            frame = self._codec.encode(request)
+        except OverflowError:  # an int beyond 64 bits: JSON carries it, and the broker speaks it
+            frame = self._codec.encode(request, as_json=True)
+        self._sock.send(frame)
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)

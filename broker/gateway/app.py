@@ -28,6 +28,7 @@ from . import lightx2v, native
 from .http import BearerAuth, Op, error_response, wrap
 from .metrics import Metrics
 from .observe import Observer
+from .schema import ErrorBody
 
 log = logging.getLogger("stagepool.gateway")
 
@@ -38,7 +39,10 @@ _PUBLIC_PATHS = {"/", "/openapi.json"} | {op.path for op in OPS if op.public}
 
 
 def create_app(config: Config, observer: Observer, metrics: Metrics) -> Starlette:
-    routes = [Route(op.path, wrap(op.handler), methods=[op.method]) for op in OPS]
+    by_path: dict[str, dict[str, Op]] = {}
+    for op in OPS:
+        by_path.setdefault(op.path, {})[op.method] = op
+    routes = [Route(path, _dispatch(ops), methods=list(ops)) for path, ops in by_path.items()]
     spec = msgspec.json.encode(openapi(config))
     routes += [
         Route("/", lambda request: FileResponse(str(STATIC / "index.html")), methods=["GET"]),
@@ -57,6 +61,18 @@ def create_app(config: Config, observer: Observer, metrics: Metrics) -> Starlett
     return app
 
 
+def _dispatch(ops: dict[str, Op]):
+    """One endpoint per path, so a 405's Allow lists every method the path has."""
+    handlers = {method: wrap(op.handler) for method, op in ops.items()}
+    if "GET" in handlers:
+        handlers["HEAD"] = handlers["GET"]
+
+    async def endpoint(request: Request) -> Response:
+        return await handlers[request.method](request)
+
+    return endpoint
+
+
 def is_public(path: str) -> bool:
     return path in _PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES)
 
@@ -66,8 +82,10 @@ async def _not_found(request: Request, exc) -> Response:
 
 
 async def _not_allowed(request: Request, exc) -> Response:
-    return error_response(405, "method_not_allowed",
-                          f"{request.method} is not allowed on {request.url.path}")
+    response = error_response(405, "method_not_allowed",
+                              f"{request.method} is not allowed on {request.url.path}")
+    response.headers.update(getattr(exc, "headers", None) or {})  # Allow: the methods that are
+    return response
 
 
 def serve(config: Config, broker_endpoint: str, host: str | None = None,
@@ -114,6 +132,7 @@ def openapi(config: Config) -> dict[str, Any]:
                 "application/json": {"schema": _schema(op.body)}}}
         if config.gateway.token and not op.public:
             entry["security"] = [{"bearer": []}]
+            entry["responses"]["401"] = _response(401, ErrorBody)
         paths.setdefault(op.path, {})[op.method.lower()] = entry
     doc: dict[str, Any] = {
         "openapi": "3.1.0",

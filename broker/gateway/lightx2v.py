@@ -10,7 +10,7 @@
 
 Request fields map onto the families' params: prompt, negative_prompt, seed (random when not
 given, as LightX2V does), infer_steps, guidance_scale, fps; target_shape [h, w] -> height and
-width; target_video_length -> num_frames (video; images have one frame); aspect_ratio is
+width ([n]: square); target_video_length -> num_frames (video; images have one frame); aspect_ratio is
 passed on for the family to size the output by. Fields with no stagepool meaning (image_path,
 audio_path, use_prompt_enhancer, ...) are accepted and ignored, as are unknown ones.
 
@@ -40,9 +40,7 @@ def task_params(task: TaskRequest, kind: str) -> dict:
     if task.negative_prompt:
         params["negative_prompt"] = task.negative_prompt
     if task.target_shape:
-        if len(task.target_shape) != 2:
-            raise HTTPError(422, Code.BAD_REQUEST, "target_shape is [height, width]")
-        params["height"], params["width"] = task.target_shape
+        params["height"], params["width"] = (task.target_shape * 2)[:2]
     elif task.aspect_ratio:
         params["aspect_ratio"] = task.aspect_ratio
     params["num_frames"] = task.target_video_length if kind == "video" else 1

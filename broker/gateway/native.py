@@ -22,6 +22,7 @@ from .schema import Cancelled, ErrorBody, Job, JobList, Queues, Submitted, Submi
 JOB_ID_PARAM = Param("job_id", "path", {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$"},
                      required=True)
 MAX_PAGE = 1000
+MAX_MS = 2**62
 
 
 def _state(request: Request):
@@ -38,7 +39,7 @@ async def submit(request: Request) -> Response:
 
 async def list_jobs(request: Request) -> Response:
     limit = query_int(request, "limit", 50, 1, MAX_PAGE)
-    before_ms = query_int(request, "before_ms", None, 0, 2**62)
+    before_ms = query_int(request, "before_ms", None, 0, MAX_MS)
     active = request.query_params.get("active", "false")
     if active not in ("true", "false"):
         raise HTTPError(400, Code.BAD_REQUEST, f"active must be true or false, got {active[:20]!r}")
@@ -107,7 +108,7 @@ OPS = [
     Op("GET", "/v1/jobs", list_jobs, "List jobs, newest first", "jobs",
        responses={200: JobList, **_ERRORS},
        params=(Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
-               Param("before_ms", "query", {"type": "integer", "minimum": 0},
+               Param("before_ms", "query", {"type": "integer", "minimum": 0, "maximum": MAX_MS},
                      "only jobs created before this (the previous page's next_before_ms)"),
                Param("active", "query", {"type": "string", "enum": ["true", "false"]},
                      "only jobs not yet ended"))),

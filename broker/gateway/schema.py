@@ -13,6 +13,8 @@ import msgspec
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "dead"})
 
+Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
                                     description="1-64 of A-Z a-z 0-9 _ . : -")]
 
@@ -29,7 +31,7 @@ class SubmitRequest(Strict):
 
     params: dict[str, Any] = {}
     job_id: JobId | None = None
-    priority: int = 0
+    priority: Priority = 0
 
 
 class Submitted(Strict):
@@ -103,11 +105,12 @@ class TaskRequest(msgspec.Struct, forbid_unknown_fields=False):
     save_result_path: str = ""
     infer_steps: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
     target_video_length: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 81
-    seed: int | None = None  # random when not given, as in LightX2V
+    seed: Seed | None = None  # random when not given, as in LightX2V
     audio_path: str = ""
     video_duration: int = 5
     aspect_ratio: str = ""  # e.g. "16:9"; LightX2V's T2I default when empty
-    target_shape: list[Annotated[int, msgspec.Meta(ge=1, le=16384)]] = []  # [height, width]
+    target_shape: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=16384)]],
+                            msgspec.Meta(max_length=2)] = []  # [height, width]; [n]: n x n
     guidance_scale: float | None = None
     fps: Annotated[int, msgspec.Meta(ge=1, le=240)] | None = None
 
