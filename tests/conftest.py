@@ -131,6 +131,7 @@ backend = "{transfer}"
 [gateway]
 port = 0
 token = "{token}"
+broker_timeout_s = 1.0
 """
 
 STAGE = """
