@@ -35,7 +35,7 @@ log = logging.getLogger("stagepool.gateway")
 OPS: list[Op] = [*native.OPS, *lightx2v.OPS]
 STATIC = resources.files("stagepool.broker.gateway").joinpath("static")
 _PUBLIC_PREFIXES = ("/static/",)
-_PUBLIC_PATHS = {"/", "/openapi.json"} | {op.path for op in OPS if op.public}
+_PUBLIC_PATHS = {"/", "/openapi.json", "/favicon.ico"} | {op.path for op in OPS if op.public}
 
 
 def create_app(config: Config, observer: Observer, metrics: Metrics) -> Starlette:

@@ -32,7 +32,7 @@ function drawChart(stages) {
   const ctx = canvas.getContext("2d");
   const w = canvas.width, h = canvas.height, pad = 28;
   ctx.clearRect(0, 0, w, h);
-  let top = 1;
+  let top = 4;  // at least 0..4 on the axis, in whole jobs
   for (const s of stages) top = Math.max(top, ...depths[s.stage]);
   ctx.strokeStyle = "#26303b"; ctx.fillStyle = "#7b8794"; ctx.font = "11px sans-serif";
   for (let i = 0; i <= 4; i++) {

@@ -1,0 +1,181 @@
+"""The gateway over the tiny model stages: LightX2V-compatible routes with real result files,
+transfer metrics, and the dashboard in headless Chromium (Debian's, driven by Playwright).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import Cluster, RedisServer
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_models):
+    tmp = tmp_path_factory.mktemp("gateway-models")
+    redis_server = RedisServer(tmp / "redis")
+    cluster = Cluster(tmp, redis_server.url, f"m{uuid.uuid4().hex[:8]}", workers=1,
+                      models=tiny_models["tiny"], lease_ms=30000)
+    yield cluster
+    cluster.stop()
+    redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def http(cluster):
+    client = httpx.Client(base_url=cluster.gateway, timeout=30)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            queues = client.get("/v1/queues").json()
+            if all(q["workers"] == 1 for q in queues["stages"]):
+                break
+        except (httpx.HTTPError, KeyError, TypeError):
+            pass
+        assert time.monotonic() < deadline, "gateway or workers never came up"
+        time.sleep(0.2)
+    yield client
+    client.close()
+
+
+def task_status(http, task_id, until=("completed", "failed", "cancelled"), timeout_s=180.0):
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = http.get(f"/v1/tasks/{task_id}/status").json()
+        if not seen or seen[-1] != status["status"]:
+            seen.append(status["status"])
+        if status["status"] in until:
+            return status, seen
+        assert time.monotonic() < deadline, f"task {task_id}: {seen}"
+        time.sleep(0.05)
+
+
+def test_lightx2v_image_and_video_tasks_end_with_their_files(http):
+    image = http.post("/v1/tasks/image/", json={
+        "prompt": "a red fox", "negative_prompt": "blurry", "seed": 7, "infer_steps": 3,
+        "target_shape": [32, 48], "use_prompt_enhancer": False, "some_new_field": 1})
+    assert image.status_code == 200, image.text
+    body = image.json()
+    assert body["task_status"] == "pending" and body["save_result_path"] == body["task_id"]
+    video = http.post("/v1/tasks/video/", json={"prompt": "waves", "seed": 3, "infer_steps": 2,
+                                                "target_video_length": 5}).json()
+
+    status, seen = task_status(http, body["task_id"])
+    assert status["status"] == "completed", status
+    assert seen[0] in ("pending", "processing") and "processing" in seen + ["processing"]
+    assert status["save_result_path"].endswith(".png") and status["end_time"] >= \
+        status["start_time"] > 0
+    png = http.get(f"/v1/tasks/{body['task_id']}/result")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    job = http.get(f"/v1/jobs/{body['task_id']}").json()
+    assert job["params"]["height"] == 32 and job["params"]["width"] == 48
+    assert job["params"]["num_frames"] == 1 and job["params"]["infer_steps"] == 3
+    assert job["result"]["height"] == 32 and job["result"]["width"] == 48
+    assert http.get(f"/v1/jobs/{body['task_id']}/result?file=image").content == png.content
+    assert http.get(f"/v1/jobs/{body['task_id']}/result?file=video").status_code == 404
+
+    status, _ = task_status(http, video["task_id"])
+    assert status["status"] == "completed", status
+    mp4 = http.get(f"/v1/tasks/{video['task_id']}/result")
+    assert mp4.headers["content-type"] == "video/mp4" and mp4.content[4:8] == b"ftyp"
+
+    listed = {t["task_id"]: t["status"] for t in http.get("/v1/tasks/").json()}
+    assert listed[body["task_id"]] == listed[video["task_id"]] == "completed"
+    done = http.delete(f"/v1/tasks/{body['task_id']}").json()
+    assert done["stop_status"] == "do_nothing"
+    assert http.get("/v1/tasks/nope/status").status_code == 404
+    assert http.get("/v1/tasks/nope/result").status_code == 404
+
+
+def test_lightx2v_stop_and_queue_status(http):
+    ids = [http.post("/v1/tasks/image/", json={"prompt": f"p{i}", "infer_steps": 4}).json()
+           ["task_id"] for i in range(4)]
+    queue = http.get("/v1/tasks/queue/status").json()
+    assert queue["active_count"] >= 1 and queue["pending_count"] <= queue["active_count"]
+    assert queue["is_processing"] is (queue["active_count"] > queue["pending_count"])
+    assert queue["queue_size"] == 256 and queue["queue_available"] <= 256 - queue["active_count"]
+    stopped = http.delete(f"/v1/tasks/{ids[-1]}").json()
+    assert stopped["stop_status"] == "success"
+    status, _ = task_status(http, ids[-1])
+    assert status["status"] == "cancelled"
+    assert http.get(f"/v1/tasks/{ids[-1]}/result").status_code == 404
+    for task_id in ids[:-1]:
+        assert task_status(http, task_id)[0]["status"] == "completed"
+    queue = http.get("/v1/tasks/queue/status").json()
+    assert queue == {"is_processing": False, "current_task": None, "pending_count": 0,
+                     "active_count": 0, "queue_size": 256, "queue_available": 256}
+
+
+def test_transfer_counters_reach_the_metrics(http):
+    job_id = http.post("/v1/jobs", json={"params": {"prompt": "x"}}).json()["job_id"]
+    task_status(http, job_id)
+    deadline = time.monotonic() + 10  # workers flush their counters with each heartbeat
+    while True:
+        samples = {}
+        for family in text_string_to_metric_families(http.get("/metrics").text):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        put = samples.get(("stagepool_transfer_bytes_total",
+                           (("backend", "pool"), ("phase", "put"), ("stage", "encode"))), 0)
+        pulled = samples.get(("stagepool_transfer_bytes_total",
+                              (("backend", "local"), ("phase", "pull"), ("stage", "denoise"))), 0)
+        if put > 0 and pulled > 0:
+            break
+        assert time.monotonic() < deadline, {k: v for k, v in samples.items()
+                                             if "transfer" in k[0]}
+        time.sleep(0.2)
+    seconds = samples[("stagepool_transfer_seconds_total",
+                       (("backend", "local"), ("phase", "pull"), ("stage", "denoise")))]
+    ops = samples[("stagepool_transfer_ops_total",
+                   (("backend", "local"), ("phase", "pull"), ("stage", "denoise")))]
+    assert seconds > 0 and ops >= 1 and pulled % ops == 0  # same-size embeddings per job
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                                             "(make setup installs it as root)")
+def test_dashboard_in_chromium_updates_chart_and_rows_and_previews_results(
+        cluster, http, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(cluster.gateway + "/")
+        page.wait_for_selector("#stages tbody tr[data-stage='denoise']")
+        assert page.locator("#stages tbody tr[data-stage='decode']").get_attribute(
+            "data-workers") == "1"
+        points_before = int(page.locator("#chart").get_attribute("data-points"))
+
+        ids = [http.post("/v1/jobs", json={"params": {"prompt": f"dash {i}", "seed": i,
+                                                      "infer_steps": 12}}).json()["job_id"]
+               for i in range(24)]
+        # The chart sees the queue: its peak goes above zero.
+        page.wait_for_function(
+            "Number(document.getElementById('chart').dataset.max) > 0", timeout=60_000)
+        # The newest job shows as a row and later as succeeded, with its image previewed.
+        row = page.locator(f"#jobs tbody tr[data-job='{ids[-1]}']")
+        row.wait_for(timeout=30_000)
+        page.wait_for_selector(f"#jobs tbody tr[data-job='{ids[-1]}'][data-state='succeeded']",
+                               timeout=180_000)
+        page.wait_for_function(
+            f"(() => {{ const img = document.querySelector(\"tr[data-job='{ids[-1]}'] "
+            f"img.preview\"); return img && img.complete && img.naturalWidth > 0; }})()",
+            timeout=30_000)
+        points_after = int(page.locator("#chart").get_attribute("data-points"))
+        assert points_after > points_before  # the chart kept sampling
+        assert page.locator("#broker").inner_text() == "broker up"
+        page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    assert errors == []
