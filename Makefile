@@ -6,20 +6,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := redis-server libibverbs1 ibverbs-providers librdmacm1 libnuma1 python3-pyverbs
+TEST_DEB_PACKAGES := chromium  # the dashboard's browser test (driven by Playwright)
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
-setup: $(STAMP)
-
-$(STAMP): pyproject.toml setup.py constraints.txt common/ring/_atomics.c common/transfer/_checksum.c
-	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+# Install the Debian packages in $(1) that are missing (as root; otherwise warn).
+define deb_install
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages: $$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "warning: missing Debian packages (run as root to install): $$missing"; fi; \
 	fi
+endef
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py constraints.txt common/ring/_atomics.c common/transfer/_checksum.c
+	$(call deb_install,$(DEB_PACKAGES))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,models,transfer]'
@@ -33,6 +39,7 @@ demo: setup
 	$(VENV)/bin/stagepool demo --config configs/tiny.toml --state-dir .stagepool/demo
 
 test: setup
+	$(call deb_install,$(TEST_DEB_PACKAGES))
 	$(PY) -m pytest -q
 
 bench: setup

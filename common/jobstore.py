@@ -252,7 +252,7 @@ class JobStore:
         return totals
 
     @_translate
-    def read_events(self, last_id: bytes | str, count: int, block_ms: int):
+    def read_events(self, last_id: bytes | str, count: int, block_ms: int | None):
         """Events after `last_id` ("$": only new ones), waiting up to `block_ms` for some."""
         reply = self.redis.xread({self.keys.events: last_id}, count=count, block=block_ms)
         return reply[0][1] if reply else []

@@ -158,8 +158,8 @@ def test_dashboard_in_chromium_updates_chart_and_rows_and_previews_results(
         points_before = int(page.locator("#chart").get_attribute("data-points"))
 
         ids = [http.post("/v1/jobs", json={"params": {"prompt": f"dash {i}", "seed": i,
-                                                      "infer_steps": 12}}).json()["job_id"]
-               for i in range(24)]
+                                                      "infer_steps": 30}}).json()["job_id"]
+               for i in range(40)]
         # The chart sees the queue: its peak goes above zero.
         page.wait_for_function(
             "Number(document.getElementById('chart').dataset.max) > 0", timeout=60_000)

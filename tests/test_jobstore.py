@@ -131,3 +131,45 @@ def test_five_processes_starting_one_attempt_exactly_one_wins(store, redis_serve
     store.submit("race", "noop", b"{}", "encode", b"d")
     statuses = _race(redis_server, namespace, _race_start)
     assert statuses.count("ok") == 1 and statuses.count("duplicate") == 4
+
+
+def _queued(store, stages=("encode", "denoise", "decode")):
+    return {s: [m.decode() for m in store.redis.zrange(store.keys.queued(s), 0, -1)]
+            for s in stages}
+
+
+def test_the_queued_sets_follow_every_transition_exactly(store):
+    """{ns}:queued:<stage> is the depth the metrics report: in on dispatch, out on start/end."""
+    _submit(store, "a")
+    _submit(store, "b")
+    assert _queued(store) == {"encode": ["a", "b"], "denoise": [], "decode": []}
+    assert [d for d, _ in store.queue_stats(["encode", "denoise"])] == [2, 0]
+    store.start("a", "encode", 1, "w", "encoding", 0)
+    assert _queued(store)["encode"] == ["b"]
+    store.finish("a", "encode", 1, "w", "denoise", b"d")
+    assert _queued(store)["denoise"] == ["a"]
+    store.start("a", "denoise", 1, "w", "denoising", 1)
+    # A failed attempt is waiting again; a rewind sends the job back to encode's queue.
+    assert store.retry("a", "denoise", 1, "w", "oom", 3, crash=False).status == "retry"
+    assert _queued(store)["denoise"] == ["a"]
+    store.start("a", "denoise", 2, "w", "denoising", 1)
+    assert store.rewind("a", "denoise", 2, "w", "producer gone", "encode", "encoding", 0,
+                        3).status == "retry"
+    assert _queued(store) == {"encode": ["b", "a"], "denoise": [], "decode": []}  # oldest first
+    # A rebuild (broker restart) keeps a waiting job's age; cancel and completion remove it.
+    enqueued = store.redis.zscore(store.keys.queued("encode"), "b")
+    assert store.rebuild("b", ["encode", "denoise", "decode"]).status == "retry"
+    assert store.redis.zscore(store.keys.queued("encode"), "b") == enqueued
+    store.cancel("b")
+    assert _queued(store)["encode"] == ["a"]
+    store.start("a", "encode", 2, "w", "encoding", 0)
+    store.finish("a", "encode", 2, "w", "decode", b"d")
+    store.start("a", "decode", 1, "w", "decoding", 2)
+    store.complete("a", "decode", 1, "w", {})
+    assert _queued(store) == {"encode": [], "denoise": [], "decode": []}
+    # The events carry the durations the histograms use.
+    events = [{k.decode(): v.decode() for k, v in fields.items()}
+              for _, fields in store.read_events("0", 100, None)]
+    started = [e for e in events if e["event"] == "started"]
+    assert started and all(e["ms"].isdigit() for e in started)
+    assert all(e["ms"].isdigit() for e in events if e["event"] in ("finished", "succeeded"))
