@@ -67,6 +67,9 @@ def test_lightx2v_image_and_video_tasks_end_with_their_files(http):
     assert body["task_status"] == "pending" and body["save_result_path"] == body["task_id"]
     video = http.post("/v1/tasks/video/", json={"prompt": "waves", "seed": 3, "infer_steps": 2,
                                                 "target_video_length": 5}).json()
+    wide = http.post("/v1/tasks/image/", json={"prompt": "wide", "aspect_ratio": "16:9"}).json()
+    bad = http.post("/v1/tasks/image/", json={"prompt": "x", "aspect_ratio": "wide"})
+    assert bad.status_code == 422 and "aspect_ratio" in bad.json()["message"]
 
     status, seen = task_status(http, body["task_id"])
     assert status["status"] == "completed", status
@@ -87,6 +90,10 @@ def test_lightx2v_image_and_video_tasks_end_with_their_files(http):
     assert status["status"] == "completed", status
     mp4 = http.get(f"/v1/tasks/{video['task_id']}/result")
     assert mp4.headers["content-type"] == "video/mp4" and mp4.content[4:8] == b"ftyp"
+
+    assert task_status(http, wide["task_id"])[0]["status"] == "completed"
+    result = http.get(f"/v1/jobs/{wide['task_id']}").json()["result"]
+    assert (result["height"], result["width"]) == (32, 48)  # 16:9 at the tiny default 32x32 area
 
     listed = {t["task_id"]: t["status"] for t in http.get("/v1/tasks/").json()}
     assert listed[body["task_id"]] == listed[video["task_id"]] == "completed"

@@ -108,7 +108,8 @@ class TaskRequest(msgspec.Struct, forbid_unknown_fields=False):
     seed: Seed | None = None  # random when not given, as in LightX2V
     audio_path: str = ""
     video_duration: int = 5
-    aspect_ratio: str = ""  # e.g. "16:9"; LightX2V's T2I default when empty
+    aspect_ratio: Annotated[str, msgspec.Meta(pattern=r"^([1-9][0-9]{0,3}:[1-9][0-9]{0,3})?$")] = ""
+    # "W:H", e.g. "16:9": the family's default area at that ratio (when target_shape is empty)
     target_shape: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=16384)]],
                             msgspec.Meta(max_length=2)] = []  # [height, width]; [n]: n x n
     guidance_scale: float | None = None

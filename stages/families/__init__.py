@@ -31,8 +31,14 @@ class Family(abc.ABC):
         self.dtype = getattr(torch, dtype)
 
     def params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The job's params over the family defaults."""
-        return {**self.defaults, **params}
+        """The job's params over the family defaults. An `aspect_ratio` ("16:9") without height
+        and width sizes the output at the default area, in multiples of 16 pixels."""
+        merged = {**self.defaults, **params}
+        ratio = params.get("aspect_ratio")
+        if ratio and "height" not in params and "width" not in params:
+            merged["height"], merged["width"] = size_for_aspect(
+                str(ratio), self.defaults["height"] * self.defaults["width"])
+        return merged
 
     @abc.abstractmethod
     def load(self, stage: str) -> None:
@@ -72,6 +78,19 @@ class Family(abc.ABC):
     def generator(self, params: dict[str, Any]) -> torch.Generator:
         # A CPU generator: the same noise for the same seed on every device.
         return torch.Generator("cpu").manual_seed(int(params["seed"]))
+
+
+def size_for_aspect(ratio: str, area: int, multiple: int = 16) -> tuple[int, int]:
+    """(height, width) of about `area` pixels with width:height = `ratio` ("W:H")."""
+    try:
+        w, h = (float(x) for x in ratio.split(":"))
+        if w <= 0 or h <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"aspect_ratio must be W:H, got {ratio!r}") from None
+    width = (area * w / h) ** 0.5
+    return (max(multiple, round(width * h / w / multiple) * multiple),
+            max(multiple, round(width / multiple) * multiple))
 
 
 def create(name: str, model_path: str, device: str = "cpu", dtype: str = "float32") -> Family:
