@@ -125,7 +125,7 @@ def test_jobs_api_submits_reads_lists_cancels_and_serves_results(http):
     cancelled = http.delete(f"/v1/jobs/{victim}").json()
     assert cancelled["cancelled"] is True and cancelled["state"] == "cancelled"
     assert wait_state(http, victim)["state"] == "cancelled"
-    assert "409" in str(http.get(f"/v1/jobs/{victim}/result").status_code)
+    assert http.get(f"/v1/jobs/{victim}/result").status_code == 409
 
     # Listing: newest first, paged by next_before_ms.
     page = http.get("/v1/jobs", params={"limit": 2}).json()
@@ -280,3 +280,17 @@ def test_schemathesis_finds_no_server_error_and_no_spec_violation(cluster, http,
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     log = (cluster.state_dir / "logs" / "gateway.log").read_text()
     assert "Traceback" not in log
+
+
+def test_top_prints_the_stages_workers_and_recent_jobs(cluster, http):
+    job_id = http.post("/v1/jobs", json={"params": {}}).json()["job_id"]
+    wait_state(http, job_id)
+    run = subprocess.run(
+        [sys.executable, "-m", "stagepool.broker.cli", "top", "--once", "--config",
+         str(cluster.config_path), "--state-dir", str(cluster.state_dir)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "120"})
+    assert run.returncode == 0, run.stderr
+    assert "broker up" in run.stdout
+    for stage in STAGES:
+        assert stage in run.stdout
+    assert job_id[:16] in run.stdout and "succeeded" in run.stdout

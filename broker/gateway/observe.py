@@ -27,8 +27,6 @@ from . import schema
 
 log = logging.getLogger(__name__)
 
-RUNNING_HINT = ":running"
-
 
 class Observer:
     def __init__(self, config: Config, broker_endpoint: str):
@@ -36,7 +34,6 @@ class Observer:
         self.broker_endpoint = broker_endpoint
         self.store = JobStore.from_config(config)
         self.stage_names = [stage.name for stage in config.pipeline.stages]
-        self.states = {stage.job_state(): stage.name for stage in config.pipeline.stages}
         self.results_dirs = _results_dirs(config)
         self._local = threading.local()
         self._clients: list[BrokerClient] = []
