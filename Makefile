@@ -45,6 +45,7 @@ test: setup
 bench: setup
 	$(PY) bench/ring.py --json
 	$(PY) bench/transfer.py --json
+	$(PY) bench/gateway.py --json
 
 clean:
 	rm -rf $(VENV) .stagepool build *.egg-info common/ring/*.so common/transfer/*.so
