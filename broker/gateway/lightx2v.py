@@ -24,7 +24,7 @@ import random
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ...common.errors import Code
+from ...common.errors import Code, RemoteError
 from .http import HTTPError, Op, in_thread, json_response, read_json
 from .native import JOB_ID_PARAM, job_result
 from .schema import (
@@ -68,7 +68,7 @@ def task_status(job: Job, result_ready: bool) -> TaskStatus:
     first = next(iter(job.stages.values()), {})
     started_ms = first.get("started_ms")
     ended = status in ("completed", "failed", "cancelled")
-    files = (job.result or {}).get("files", {}) if isinstance(job.result, dict) else {}
+    files = job.files()
     return TaskStatus(
         task_id=job.job_id, status=status, stage=job.stage, progress=job.progress, error=error,
         start_time=started_ms / _SECONDS if started_ms else None,
@@ -78,7 +78,7 @@ def task_status(job: Job, result_ready: bool) -> TaskStatus:
 
 
 def _ready(observer, job: Job) -> bool:
-    files = (job.result or {}).get("files") if isinstance(job.result, dict) else None
+    files = job.files()
     if not files:
         return job.state == "succeeded"
     return all((path := observer.result_file(job, kind)) is not None and path.is_file()
@@ -136,11 +136,13 @@ async def get_result(request: Request) -> Response:
 
 async def stop_task(request: Request) -> Response:
     job_id = request.path_params["job_id"]
-    observer = request.app.state.observer
-    if await in_thread(observer.job, job_id) is None:
+    try:
+        result = await in_thread(request.app.state.observer.cancel, job_id)
+    except RemoteError as exc:
+        if exc.code != Code.NOT_FOUND:
+            raise
         return json_response(StopTaskResponse(stop_status="do_nothing",
                                               reason="Task not found or already completed."))
-    result = await in_thread(observer.cancel, job_id)
     if result.cancelled:
         return json_response(StopTaskResponse(stop_status="success",
                                               reason="Task stopped successfully."))
@@ -166,7 +168,6 @@ async def queue_status(request: Request) -> Response:
     return json_response(await in_thread(gather))
 
 
-TASK_ID_PARAM = JOB_ID_PARAM
 _ERRORS = {404: ErrorBody, 503: ErrorBody}
 _CREATE = {200: TaskResponse, 400: ErrorBody, 413: ErrorBody, 422: ErrorBody, 503: ErrorBody}
 
@@ -180,12 +181,12 @@ OPS = [
     Op("GET", "/v1/tasks/queue/status", queue_status, "Queue status (LightX2V)", "lightx2v",
        responses={200: QueueStatus, 503: ErrorBody}),
     Op("GET", "/v1/tasks/{job_id}/status", get_status, "Task status (LightX2V)", "lightx2v",
-       responses={200: TaskStatus, 400: ErrorBody, **_ERRORS}, params=(TASK_ID_PARAM,)),
+       responses={200: TaskStatus, 400: ErrorBody, **_ERRORS}, params=(JOB_ID_PARAM,)),
     Op("GET", "/v1/tasks/{job_id}/result", get_result, "Task result file (LightX2V)",
        "lightx2v", responses={200: ("image/png", "video/mp4", "application/octet-stream",
                                     "application/json"), 400: ErrorBody, **_ERRORS},
-       params=(TASK_ID_PARAM,)),
+       params=(JOB_ID_PARAM,)),
     Op("DELETE", "/v1/tasks/{job_id}", stop_task, "Stop a task (LightX2V)", "lightx2v",
        responses={200: StopTaskResponse, 400: ErrorBody, 503: ErrorBody},
-       params=(TASK_ID_PARAM,)),
+       params=(JOB_ID_PARAM,)),
 ]

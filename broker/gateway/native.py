@@ -67,8 +67,7 @@ async def job_result(request: Request) -> Response:
     kind = request.query_params.get("file")
     path = _state(request).observer.result_file(job, kind)
     if path is None:
-        files = (job.result or {}).get("files") if isinstance(job.result, dict) else None
-        if kind or files:
+        if kind or job.files():
             raise HTTPError(404, Code.NOT_FOUND,
                             f"job {job.job_id} has no servable result file {kind or ''}".strip())
         return json_response(job.result)

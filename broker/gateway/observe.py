@@ -130,7 +130,7 @@ class Observer:
 
     def result_file(self, job: schema.Job, kind: str | None) -> Path | None:
         """The job's result file of `kind` (default: its first), if it may be served."""
-        files = (job.result or {}).get("files") if isinstance(job.result, dict) else None
+        files = job.files()
         if not files:
             return None
         path = files.get(kind) if kind else next(iter(files.values()))

@@ -53,6 +53,11 @@ class Job(Strict):
     progress: float | None  # the current stage's reported steps, 0..1
     stages: dict[str, dict[str, Any]]
 
+    def files(self) -> dict[str, Any]:
+        """The result's files (kind -> path), as the last stage wrote them; {} if none."""
+        files = self.result.get("files") if isinstance(self.result, dict) else None
+        return files if isinstance(files, dict) else {}
+
 
 class JobList(Strict):
     jobs: list[Job]
