@@ -130,10 +130,10 @@ def cmd_up(args) -> int:
     config = config_mod.load(args.config)
     _ensure_tiny_models(config)
     cluster = Cluster(config, args.config, Path(args.state_dir), _parse_workers(args.workers),
-                      redis_url=args.redis_url)
+                      redis_url=args.redis_url, gateway=not args.no_gateway)
     info = cluster.start()
     print(f"stagepool up: broker {info['broker']}, redis {info['redis_url']}, "
-          f"gateway {info['gateway']}, state in {args.state_dir}", flush=True)
+          f"gateway {info['gateway'] or 'off'}, state in {args.state_dir}", flush=True)
     try:
         cluster.supervise(info)
     finally:
@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("up", cmd_up, "run a local cluster in the foreground")
     p.add_argument("--workers", action="append", default=[], metavar="STAGE=N")
     p.add_argument("--redis-url", default=None)
+    p.add_argument("--no-gateway", action="store_true", help="run without the HTTP gateway")
     p = add("demo", cmd_demo, "local cluster, one job through all stages, result written")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--prompt", default="a lighthouse at dawn, oil painting")

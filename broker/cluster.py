@@ -83,13 +83,15 @@ class Child:
 
 class Cluster:
     def __init__(self, config: Config, config_path: str | None, state_dir: Path,
-                 workers: dict[str, int], redis_url: str | None = None, persist: bool = True):
+                 workers: dict[str, int], redis_url: str | None = None, persist: bool = True,
+                 gateway: bool = True):
         self.config = config
         self.config_path = config_path
         self.state_dir = state_dir
         self.workers = workers
         self.redis_url = redis_url
         self.persist = persist
+        self.gateway = gateway
         self.redis_process: subprocess.Popen | None = None
         self.children: list[Child] = []
         self._stop = False
@@ -107,10 +109,12 @@ class Cluster:
         config_args = ["--config", self.config_path] if self.config_path else []
         self.children.append(Child("broker", base + ["broker"] + config_args, env,
                                    logs / "broker.log"))
-        gateway_port = self.config.gateway.port or free_port()
-        gateway = f"http://{self.config.gateway.host}:{gateway_port}"
-        self.children.append(Child("gateway", base + ["gateway", "--port", str(gateway_port)]
-                                   + config_args, env, logs / "gateway.log"))
+        gateway = None
+        if self.gateway:
+            gateway_port = self.config.gateway.port or free_port()
+            gateway = f"http://{self.config.gateway.host}:{gateway_port}"
+            self.children.append(Child("gateway", base + ["gateway", "--port", str(gateway_port)]
+                                       + config_args, env, logs / "gateway.log"))
         for stage in self.config.pipeline.stages:
             for i in range(self.workers.get(stage.name, stage.workers)):
                 name = f"{stage.name}-{i}"

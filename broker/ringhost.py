@@ -69,18 +69,23 @@ class RingHost:
             nbytes=memory.nbytes,
         )
 
-    def allocate_cell(self, stage: str, worker_id: str, is_free) -> int:
-        """A lease cell for `worker_id`; `is_free(stage, cell)` vetoes cells with live leases."""
+    def allocate_cells(self, stage: str, worker_id: str, count: int, is_free) -> list[int]:
+        """`count` lease cells for `worker_id`, or RingError; `is_free(stage, cell)` vetoes
+        cells with live leases. A worker registering again keeps the cells it has."""
         with self._lock:
             owners = self._cells[stage]
-            for cell, owner in owners.items():
-                if owner == worker_id:
-                    return cell
+            cells = [cell for cell, owner in owners.items() if owner == worker_id][:count]
             for cell in range(self.layout.cells):
+                if len(cells) == count:
+                    break
                 if cell not in owners and is_free(stage, cell):
-                    owners[cell] = worker_id
-                    return cell
-        raise RingError(f"no free lease cell in the {stage} ring ({self.layout.cells} cells)")
+                    cells.append(cell)
+            if len(cells) < count:
+                raise RingError(f"no {count} free lease cells in the {stage} ring "
+                                f"({self.layout.cells} cells, {len(owners)} taken)")
+            for cell in cells:
+                owners[cell] = worker_id
+            return cells
 
     def free_cell(self, stage: str, worker_id: str) -> None:
         with self._lock:

@@ -92,12 +92,13 @@ class Broker:
         try:
             while not self._stop.is_set():
                 if self._sock.poll(_POLL_MS):
+                    batch = []
                     for _ in range(1000):
                         try:
-                            frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                            batch.append(self._sock.recv_multipart(zmq.NOBLOCK))
                         except zmq.Again:
                             break
-                        self._on_frames(frames)
+                    self._on_batch(batch)
                 self._expire_workers(time.monotonic())
         finally:
             self.close()
@@ -131,34 +132,104 @@ class Broker:
     # -- the submit path (control socket and ingress) -----------------------------------------
 
     def submit(self, job_id: str | None, params: dict, pipeline: str, priority: int) -> Submitted:
+        answer = self.submit_batch([(job_id, params, pipeline, priority)])[0]
+        if isinstance(answer, StagepoolError):
+            raise answer
+        return answer
+
+    def submit_batch(self, requests: list[tuple]) -> list[Submitted | StagepoolError]:
+        """(job_id, params, pipeline, priority) each: written to Redis in one round trip, then
+        published. A request that is refused gets its error in its place; the others go on."""
+        first = self._stage_names[0]
+        answers: list[Submitted | StagepoolError | None] = []
+        transitions, dispatches = [], []
+        for job_id, params, pipeline, priority in requests:
+            try:
+                job_id, transition, dispatch = self._prepare(job_id, params, pipeline, priority)
+            except StagepoolError as exc:
+                answers.append(exc)
+                continue
+            answers.append(None)
+            transitions.append(transition)
+            dispatches.append((job_id, dispatch))
+        outcomes = iter(self.store.run_batch(transitions))
+        for index, answer in enumerate(answers):
+            if answer is not None:
+                continue
+            (job_id, dispatch), outcome = dispatches.pop(0), next(outcomes)
+            if outcome.ok:
+                self.dispatcher.publish(first, dispatch)
+            answers[index] = Submitted(job_id=job_id, created=outcome.ok)
+        return answers
+
+    def _prepare(self, job_id: str | None, params: dict, pipeline: str, priority: int):
         name = self.config.pipeline.name
         if pipeline and pipeline != name:
             raise ProtocolError(f"unknown pipeline {pipeline!r}; this broker runs {name!r}")
         job_id = wire.check_job_id(job_id) if job_id else uuid.uuid4().hex
         params_json = wire.check_params(params)
         first = self._stage_names[0]
-        dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, priority))
-        outcome = self.store.submit(job_id, name, params_json, first, dispatch, priority)
-        if outcome.ok:
-            self.dispatcher.publish(first, dispatch)
-        return Submitted(job_id=job_id, created=outcome.ok)
+        # The params ride in the dispatch when they fit the slot: the worker then needs no
+        # Redis read before it can run.
+        dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, priority, params=params_json))
+        if len(dispatch) > self.ringhost.layout.payload_max:
+            dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, priority))
+        transition = ("submit", job_id, name, params_json, first, dispatch, priority)
+        return job_id, transition, dispatch
 
     # -- control socket ----------------------------------------------------------------------
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_batch(self, batch: list[list[bytes]]) -> None:
+        """Answer a burst of messages; consecutive submits share one Redis round trip."""
+        submits: list[tuple[bytes, Submit, bool]] = []
+        for frames in batch:
+            parsed = self._parse(frames)
+            if parsed is None:
+                continue
+            identity, request, as_json = parsed
+            if isinstance(request, Submit) and identity in self._greeted:
+                submits.append(parsed)
+                continue
+            self._flush_submits(submits)
+            self._answer(identity, request, as_json, lambda: self._handle(identity, request))
+        self._flush_submits(submits)
+
+    def _flush_submits(self, submits: list[tuple[bytes, Submit, bool]]) -> None:
+        if not submits:
+            return
+        requests = [(r.job_id, r.params, r.pipeline, r.priority) for _, r, _ in submits]
+        try:
+            answers = self.submit_batch(requests)
+        except StagepoolError as exc:  # Redis is gone: every submit of the burst hears so
+            answers = [exc] * len(submits)
+        for (identity, request, as_json), answer in zip(submits, answers):
+            self._answer(identity, request, as_json, lambda: answer)
+        submits.clear()
+
+    def _parse(self, frames: list[bytes]):
+        """(identity, request, as_json), or None after answering what could not be parsed."""
         if len(frames) != 2:
             log.warning("control: dropped a message of %d frames (send exactly one)", len(frames))
             if frames:
                 self._reply(frames[0], Error(code=Code.BAD_REQUEST,
                                              message="send exactly one frame per message"), False)
-            return
+            return None
         identity, frame = frames
-        as_json = frame[:1] == b"{"
-        rid = 0
         try:
             request, as_json = self._codec.decode(frame)
-            rid = request.rid
-            reply = self._handle(identity, request)
+        except StagepoolError as exc:
+            log.warning("control: refused a request from %s: %s", identity.hex(), exc)
+            self._reply(identity, wire.error_reply(exc), frame[:1] == b"{")
+            return None
+        return identity, request, as_json
+
+    def _answer(self, identity: bytes, request, as_json: bool, handle) -> None:
+        """Reply with what `handle()` returns (or raises: an error reply) to `request`."""
+        rid = request.rid
+        try:
+            reply = handle()
+            if isinstance(reply, StagepoolError):
+                raise reply
         except StagepoolError as exc:
             log.warning("control: refused a request from %s: %s", identity.hex(), exc)
             reply = wire.error_reply(exc, rid)
@@ -170,7 +241,11 @@ class Broker:
 
     def _reply(self, identity: bytes, reply, as_json: bool) -> None:
         try:
-            self._sock.send_multipart([identity, self._codec.encode(reply, as_json)], zmq.NOBLOCK)
+            frame = self._codec.encode(reply, as_json)
+        except OverflowError:  # an int beyond 64 bits (in params): JSON carries it
+            frame = self._codec.encode(reply, True)
+        try:
+            self._sock.send_multipart([identity, frame], zmq.NOBLOCK)
         except zmq.Again:
             log.warning("control: dropped a reply to %s (peer not reading)", identity.hex())
 
@@ -264,12 +339,15 @@ class Broker:
         stage = self.config.stage(request.stage)
         next_stage = self.config.next_stage(stage.name)
         self._drop_worker(request.worker_id)
-        cell = self.ringhost.allocate_cell(stage.name, request.worker_id, self.reaper.cell_is_free)
-        self.workers[request.worker_id] = _WorkerEntry(stage.name, cell, time.monotonic())
-        log.info("worker %s (%s, pid %d on %s) registered for %s, cell %d", request.worker_id,
-                 request.transport, request.pid, request.host, stage.name, cell)
+        if not 1 <= request.cells <= self.ringhost.layout.cells:
+            raise ProtocolError(f"cells must be 1..{self.ringhost.layout.cells}")
+        cells = self.ringhost.allocate_cells(stage.name, request.worker_id, request.cells,
+                                             self.reaper.cell_is_free)
+        self.workers[request.worker_id] = _WorkerEntry(stage.name, cells[0], time.monotonic())
+        log.info("worker %s (%s, pid %d on %s) registered for %s, cells %s", request.worker_id,
+                 request.transport, request.pid, request.host, stage.name, cells)
         return Registered(
-            broker_id=self.broker_id, cell=cell,
+            broker_id=self.broker_id, cell=cells[0], cells=cells,
             consume=self.ringhost.attach_info(stage.name),
             produce=self.ringhost.attach_info(next_stage.name) if next_stage else None,
             next_stage=next_stage.name if next_stage else "",

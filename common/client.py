@@ -59,6 +59,37 @@ class BrokerClient:
                priority: int = 0) -> wire.Submitted:
         return self.call(wire.Submit(params=params or {}, job_id=job_id, priority=priority))
 
+    def submit_many(self, jobs: list[dict[str, Any]], window: int = 256) -> list:
+        """Submit many jobs, pipelined: up to `window` requests in flight, so the broker can
+        write a burst to Redis in one round trip. `jobs` holds Submit fields (params, job_id,
+        priority, pipeline); the answer has, in order, a `Submitted` or a `RemoteError` each."""
+        answers: list = [None] * len(jobs)
+        pending: dict[int, int] = {}  # rid -> index
+        sent = 0
+        deadline = time.monotonic() + self.timeout_s
+        while sent < len(jobs) or pending:
+            while sent < len(jobs) and len(pending) < window:
+                self._rid += 1
+                request = wire.Submit(rid=self._rid, **jobs[sent])
+                try:
+                    frame = self._codec.encode(request)
+                except OverflowError:
+                    frame = self._codec.encode(request, as_json=True)
+                self._sock.send(frame)
+                pending[self._rid] = sent
+                sent += 1
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._sock.poll(remaining_ms):
+                raise TransportError(f"no reply from broker at {self.endpoint}")
+            reply, _ = self._codec.decode(self._sock.recv())
+            index = pending.pop(reply.rid, None)
+            if index is None:
+                continue
+            deadline = time.monotonic() + self.timeout_s
+            answers[index] = (RemoteError(reply.code, reply.message)
+                              if isinstance(reply, wire.Error) else reply)
+        return answers
+
     def status(self, job_id: str) -> wire.JobStatus:
         return self.call(wire.GetStatus(job_id=job_id))
 

@@ -29,6 +29,10 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     workers: int = 1  # pool size that `stagepool up` starts
     max_attempts: int = 3
     lease_ms: int = 10_000  # a lease not refreshed for this long is expired
+    # Claim up to this many waiting dispatches at once and commit them in one Redis round
+    # trip (each holds one of the ring's lease cells). For cheap stages; keep 1 for GPU ones,
+    # where a claimed-but-waiting job would idle while another worker is free.
+    max_batch: int = 1
     options: dict[str, Any] = {}
 
     def job_state(self) -> str:
@@ -167,3 +171,6 @@ def _check(config: Config) -> None:
     for stage in config.pipeline.stages:
         if stage.max_attempts < 1 or stage.lease_ms < 100:
             raise ConfigError(f"stage {stage.name}: max_attempts >= 1 and lease_ms >= 100")
+        if not 1 <= stage.max_batch <= config.ring.cells:
+            raise ConfigError(f"stage {stage.name}: max_batch must be 1..ring.cells "
+                              f"({config.ring.cells}), got {stage.max_batch}")

@@ -1,13 +1,15 @@
 """The Redis job store: job records, transitions, events, ingress, dead letters.
 
-Every transition is one call of `lua/jobs.lua` (read it for the record's schema), so each is
-atomic, and the stage-scoped ones are fenced by the stage's attempt number:
+Every transition runs inside `lua/jobs.lua` (read it for the record's schema), so each is
+atomic, and the stage-scoped ones are fenced by the stage's attempt number. `run_batch` runs
+several in one round trip (a worker committing a batch, the broker a burst of submits):
 
   submit    -> queued (idempotent on job id)
   start     -> the stage's state; at most one start per (stage, attempt)
   finish    -> commits a non-final stage once and records the hand-on for the next stage;
                answers the next stage's attempt (attempts only grow)
   complete  -> succeeded: the result commit, exactly once per job
+  pass      -> start + finish (or complete) at once, for a stage run before its start
   retry     -> a failed or expired attempt: attempt + 1, or failed / dead after max_attempts;
                for a stage committed by a worker that died before handing on: republish
   rewind    -> a stage's inputs died with their producer: the previous stage runs again
@@ -90,13 +92,24 @@ class JobStore:
         self.redis.close()
 
     def _call(self, command: str, job_id: str, *args: Any) -> Outcome:
+        return self._run([(command, job_id, *args)])[0]
+
+    def _run(self, transitions: list[tuple]) -> list[Outcome]:
+        """One script call: each (command, job id, *args) in order; one Outcome each."""
         k = self.keys
-        reply = self._script(
-            keys=[k.job(job_id), k.events, k.active, k.jobs, k.results, k.dead],
-            args=[command, self.events_maxlen, job_id, *args],
-        )
-        status = reply[0].decode()
-        return Outcome(status, tuple(reply[1:]))
+        keys = [k.events, k.active, k.jobs, k.results, k.dead]
+        argv: list[Any] = [self.events_maxlen]
+        for command, job_id, *args in transitions:
+            keys.append(k.job(job_id))
+            argv.extend((len(args) + 2, command, job_id, *args))
+        return [Outcome(reply[0].decode(), tuple(reply[1:]))
+                for reply in self._script(keys=keys, args=argv)]
+
+    @_translate
+    def run_batch(self, transitions: list[tuple]) -> list[Outcome]:
+        """Several transitions in one round trip: (command, job id, *args) as the methods
+        below take them (see `pass_args` and the script's header); one Outcome each."""
+        return self._run(transitions) if transitions else []
 
     # -- transitions ---------------------------------------------------------------------
 
@@ -115,6 +128,17 @@ class JobStore:
     def finish(self, job_id: str, stage: str, attempt: int, worker: str, next_stage: str,
                next_dispatch: bytes) -> Outcome:
         return self._call("finish", job_id, stage, attempt, worker, next_stage, next_dispatch)
+
+    @staticmethod
+    def pass_args(job_id: str, stage: str, attempt: int, worker: str, state: str,
+                  stage_index: int, ran_ms: int, next_stage: str, payload: bytes) -> tuple:
+        """A `pass` transition for `run_batch`: start and commit a stage that already ran.
+
+        With `next_stage` it is a `finish` (payload: the next stage's dispatch), without one a
+        `complete` (payload: the result JSON). ok -> values[0] is the next stage's attempt.
+        """
+        return ("pass", job_id, stage, attempt, worker, state, stage_index, ran_ms, next_stage,
+                payload)
 
     @_translate
     def rewind(self, job_id: str, stage: str, attempt: int, worker: str, error: str,

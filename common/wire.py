@@ -124,14 +124,15 @@ class Register(Message, tag="register"):
     host: str
     pid: int
     transport: TransportName = "shm"
+    cells: int = 1  # lease cells wanted: the most dispatches the worker holds at once
     rid: int = 0
 
 
 class Registered(Message, tag="registered"):
-    """The broker's answer: our lease cell in the consume ring, and where to hand on."""
+    """The broker's answer: our lease cells in the consume ring, and where to hand on."""
 
     broker_id: str
-    cell: int
+    cell: int  # the first of `cells`
     consume: RingAttach
     produce: RingAttach | None = None
     next_stage: Stage = ""
@@ -140,6 +141,7 @@ class Registered(Message, tag="registered"):
     max_attempts: int = 3
     redis_url: str = ""
     namespace: str = ""
+    cells: list[int] = []  # our lease cells, as many as Register asked for
     rid: int = 0
 
 
@@ -257,9 +259,10 @@ class TensorDesc(msgspec.Struct, array_like=True, omit_defaults=True):
 class Dispatch(msgspec.Struct, array_like=True, omit_defaults=True):
     """One ring slot's payload: what a consumer needs to start the job's next stage.
 
-    Never prompts or tensors: params live in Redis, tensors in the producer's memory.
-    `deadline_ms` is wall-clock epoch milliseconds (0: none); it crosses hosts, so it cannot
-    be monotonic.
+    Never tensors: they stay in the producer's memory. `params` (the job's params JSON, as
+    stored in Redis) rides along only when the record still fits its slot; without it the
+    consumer reads them from Redis as it starts the stage. `deadline_ms` is wall-clock epoch
+    milliseconds (0: none); it crosses hosts, so it cannot be monotonic.
     """
 
     job_id: str
@@ -269,6 +272,7 @@ class Dispatch(msgspec.Struct, array_like=True, omit_defaults=True):
     deadline_ms: int = 0
     endpoint: str = ""
     tensors: list[TensorDesc] = []
+    params: bytes | None = None
 
 
 class Codec:

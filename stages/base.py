@@ -6,6 +6,11 @@
 
 `run` raises to fail the attempt (retried up to max_attempts, then the job fails). It may
 call `job.progress(i, n)`; long runs need nothing else: the runtime keeps the lease alive.
+
+A stage whose run costs less than a Redis round trip may say so (`cheap`): when the dispatch
+carries the params, the worker then runs it first and records start and commit in one
+transition (`pass`). The price: a job cancelled while queued may still run once there (its
+output is discarded), so expensive stages must not claim it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ class Stage(abc.ABC):
 
     def __init__(self, config: StageConfig):
         self.config = config
+
+    @property
+    def cheap(self) -> bool:
+        """True: run before the start is recorded (see the module docstring)."""
+        return False
 
     def load(self) -> None:
         """Load models; called once before the first job."""

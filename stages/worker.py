@@ -3,20 +3,25 @@
 Lifecycle of a dispatch in a worker:
   1. register with the broker (ZMQ): get a lease cell, the ring to consume, the ring to
      hand on to, and Redis coordinates;
-  2. claim a slot (spin briefly, then sleep on the ring's futex / remote wait);
-  3. lease it (our cell: job, attempt, ticket), then release the slot; if the broker
-     reclaimed the slot first, drop it: it has been published again;
-  4. `start` in Redis: refused for a stale or duplicate attempt or a terminal job -> drop;
+  2. claim a slot (spin briefly, then sleep on the ring's futex / remote wait), and up to
+     `max_batch - 1` more that are already waiting;
+  3. lease each (one of our cells: job, attempt, ticket), then release its slot; if the
+     broker reclaimed the slot first, drop it: it has been published again;
+  4. `start` in Redis, the whole batch in one round trip: refused for a stale or duplicate
+     attempt or a terminal job -> drop;
   5. pull the inputs the previous stage holds (common/transfer): inputs lost with their
      producer (or failing their checksum) send the job back to that stage through the broker
      (`Rewind`); a transfer error retries this stage. Then run the stage while a heartbeat
      thread refreshes the lease and pings the broker;
-  6. commit: `complete` (last stage, exactly once) or hold the outputs in our pool, `finish`
-     + publish the next stage's dispatch into its ring (retrying while it is full, the lease
-     still alive); on an exception, `retry` (error mode) and publish the new attempt, or the
-     job fails; once committed, tell the previous stage's worker to release our inputs;
-  7. drop the lease. A worker killed anywhere in 3-6 leaves a lease or a claimed slot that
+  6. commit (the batch in one round trip): `complete` (last stage, exactly once) or hold the
+     outputs in our pool, `finish` + publish the next stage's dispatch into its ring
+     (retrying while it is full, the lease still alive); on an exception, `retry` (error
+     mode) and publish the new attempt, or the job fails; once committed, tell the previous
+     stage's worker to release our inputs;
+  7. drop the leases. A worker killed anywhere in 3-6 leaves a lease or a claimed slot that
      the broker's reaper recovers; its replacement pulls the same held inputs again.
+A `cheap` stage (base.Stage.cheap) whose dispatches carry their params skips 4: it runs
+first, and 6 records start and commit at once (`pass`): one round trip per batch.
 Held outputs whose release notice was lost are swept by the heartbeat thread once Redis says
 no consumer needs them (the job ended, or the next stage committed).
 SIGTERM drains: the current job finishes, then the worker unregisters and exits.
@@ -32,6 +37,8 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -52,6 +59,20 @@ TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "dead"})
 _HANDOFF_TIMEOUT_S = 1.0
 
 
+@dataclass
+class _Ran:
+    """One dispatch whose stage ran, waiting for the batch's commit."""
+
+    dispatch: Dispatch
+    params_json: bytes
+    output: base.StageOutput
+    pull: Any  # the inputs' Pull, released after the commit; None without inputs
+    ran_ms: int
+    ahead: bool  # run before its start was recorded: commit with `pass`
+    hand_on: Dispatch | None = None
+    held_key: str = ""
+
+
 class Worker:
     def __init__(self, config: Config, stage: str, *, broker_endpoint: str | None = None,
                  transport: str | None = None, worker_id: str | None = None):
@@ -67,6 +88,7 @@ class Worker:
         self._stopped = threading.Event()
         self._reattach = threading.Event()
         self._busy = threading.Event()
+        self._leased: tuple[int, ...] = ()  # our cells holding a lease (the heartbeat beats them)
         self._registered: wire.Registered | None = None
         self._consume: Ring | None = None
         self._produce: Ring | None = None
@@ -109,7 +131,13 @@ class Worker:
                     time.sleep(_REGISTER_RETRY_S)
                     continue
                 if claim is not None:
-                    self._take(claim)
+                    claims = [claim]
+                    while len(claims) < self.stage_config.max_batch:
+                        more = self._consume.try_claim()
+                        if more is None:
+                            break
+                        claims.append(more)
+                    self._take(claims)
         finally:
             self._stopped.set()
             self._detach(unregister=True)
@@ -119,95 +147,155 @@ class Worker:
 
     # -- one dispatch --------------------------------------------------------------------
 
-    def _take(self, claim) -> None:
-        ring, cell = self._consume, self._registered.cell
-        try:
-            dispatch = decode_dispatch(claim.payload)
-        except StagepoolError as exc:
-            log.error("dropped an undecodable ring record at %d: %s", claim.ticket, exc)
-            ring.release(claim)
-            return
-        ring.lease(cell, claim.ticket, dispatch.attempt, dispatch.job_id,
-                   self._registered.lease_ms)
-        try:
+    def _take(self, claims: list) -> None:
+        ring, cells = self._consume, self._registered.cells or [self._registered.cell]
+        batch: list[tuple[int, Dispatch]] = []
+        for cell, claim in zip(cells, claims):
+            try:
+                dispatch = decode_dispatch(claim.payload)
+            except StagepoolError as exc:
+                log.error("dropped an undecodable ring record at %d: %s", claim.ticket, exc)
+                ring.release(claim)
+                continue
+            ring.lease(cell, claim.ticket, dispatch.attempt, dispatch.job_id,
+                       self._registered.lease_ms)
             if not ring.release(claim):
                 log.info("slot %d was reclaimed by the broker; dropping", claim.ticket)
-                return
-            self._busy.set()
-            self._handle(dispatch)
+                ring.unlease(cell)
+                continue
+            batch.append((cell, dispatch))
+        if not batch:
+            return
+        self._leased = tuple(cell for cell, _ in batch)
+        self._busy.set()
+        try:
+            self._handle([dispatch for _, dispatch in batch])
         except StagepoolError:
-            # Redis or a ring went away mid-job. The lease is now the job's only trace, so we
-            # leave it to expire (the reaper recovers it) and take a fresh identity and cell
-            # rather than overwrite it with our next lease.
-            log.warning("job %s: could not finish the attempt; leaving its lease to the reaper",
-                        dispatch.job_id, exc_info=True)
+            # Redis or a ring went away mid-batch. The leases are now the jobs' only trace, so
+            # we leave them to expire (the reaper recovers them) and take a fresh identity and
+            # cells rather than overwrite them with our next leases.
+            log.warning("could not finish a batch of %d; leaving its leases to the reaper",
+                        len(batch), exc_info=True)
             self.worker_id = f"{self.worker_id.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:6]}"
             self._reattach.set()
             return
         finally:
             self._busy.clear()
-        ring.unlease(cell)
+            self._leased = ()
+        for cell, _ in batch:
+            ring.unlease(cell)
 
-    def _handle(self, dispatch: Dispatch) -> None:
+    def _handle(self, dispatches: list[Dispatch]) -> None:
         store, stage = self._store, self.stage_config
-        job_id, attempt = dispatch.job_id, dispatch.attempt
-        started = store.start(job_id, stage.name, attempt, self.worker_id, stage.job_state(),
-                              self.stage_index)
-        if not started.ok:
-            log.debug("job %s attempt %d not started: %s", job_id, attempt, started.status)
-            return
-        params = msgspec.json.decode(started.values[0])
+        ran: list[_Ran] = []
+        if self.stage.cheap and all(d.params is not None and not d.tensors for d in dispatches):
+            for dispatch in dispatches:
+                done = self._run(dispatch, dispatch.params, ahead=True)
+                if done is not None:
+                    ran.append(done)
+        else:
+            outcomes = store.run_batch([
+                ("start", d.job_id, stage.name, d.attempt, self.worker_id, stage.job_state(),
+                 self.stage_index) for d in dispatches])
+            for dispatch, started in zip(dispatches, outcomes):
+                if not started.ok:
+                    log.debug("job %s attempt %d not started: %s", dispatch.job_id,
+                              dispatch.attempt, started.status)
+                    continue
+                done = self._run(dispatch, started.values[0], ahead=False)
+                if done is not None:
+                    ran.append(done)
+        try:
+            self._commit(ran)
+        finally:
+            for done in ran:
+                if done.pull is not None:
+                    done.pull.close()
+
+    def _run(self, dispatch: Dispatch, params_json: bytes, ahead: bool) -> _Ran | None:
+        """Pull the inputs and run the stage; None when the attempt ended here (failed)."""
         pull = self._pull(dispatch) if dispatch.tensors else None
         if pull is not None and pull.failure is not None:
-            return
-        job = base.JobContext(job_id=job_id, attempt=attempt, params=params,
+            return None
+        job = base.JobContext(job_id=dispatch.job_id, attempt=dispatch.attempt,
+                              params=msgspec.json.decode(params_json),
                               inputs=pull.tensors if pull else {},
                               progress=self._progress_reporter(dispatch))
+        started = time.perf_counter()
         try:
-            try:
-                output = self.stage.run(job)
-            except Exception as exc:
-                log.warning("job %s failed in %s (attempt %d)", job_id, stage.name, attempt,
-                            exc_info=True)
-                self._retry(dispatch, f"{type(exc).__name__}: {exc}")
-                return
-            if self._commit(dispatch, output) and pull is not None:
-                # Our stage is committed: the producer may let go of our inputs.
-                self._exchange.notify_release(dispatch.endpoint, self._input_key(job_id))
-        finally:
+            output = self.stage.run(job)
+        except Exception as exc:
+            log.warning("job %s failed in %s (attempt %d)", dispatch.job_id,
+                        self.stage_config.name, dispatch.attempt, exc_info=True)
             if pull is not None:
                 pull.close()
+            self._fail(dispatch, f"{type(exc).__name__}: {exc}", ahead)
+            return None
+        ran_ms = int((time.perf_counter() - started) * 1000)
+        return _Ran(dispatch, params_json, output, pull, ran_ms, ahead)
 
-    def _commit(self, dispatch: Dispatch, output: base.StageOutput) -> bool:
-        """`complete` (last stage) or hold the outputs, `finish` and hand on. True if committed."""
+    def _fail(self, dispatch: Dispatch, error: str, ahead: bool) -> None:
+        if ahead:  # its start is not recorded yet, and retry is fenced on it
+            stage = self.stage_config
+            started = self._store.start(dispatch.job_id, stage.name, dispatch.attempt,
+                                        self.worker_id, stage.job_state(), self.stage_index)
+            if not started.ok:
+                return
+        self._retry(dispatch, error)
+
+    def _commit(self, ran: list[_Ran]) -> None:
+        """`complete` (last stage) or hold the outputs, `finish` and hand on: one round trip."""
         store, stage = self._store, self.stage_config
-        job_id, attempt = dispatch.job_id, dispatch.attempt
         next_name = self._registered.next_stage
-        if not next_name:
-            outcome = store.complete(job_id, stage.name, attempt, self.worker_id, output.result)
-            if outcome.ok:
-                self.jobs_done += 1
-            return outcome.ok
-        hand_on = Dispatch(job_id, 1, next_name, dispatch.priority, dispatch.deadline_ms)
-        key = f"{job_id}/{stage.name}"
-        if output.tensors:
-            try:
-                descs = self._hold(key, output.tensors)
-            except StagepoolError as exc:
-                self._retry(dispatch, f"cannot hold outputs: {exc}")
-                return False
-            hand_on = msgspec.structs.replace(hand_on, endpoint=self._exchange.endpoint,
-                                              tensors=descs)
-        outcome = store.finish(job_id, stage.name, attempt, self.worker_id, next_name,
-                               encode_dispatch(hand_on))
-        if not outcome.ok:
-            if output.tensors:
-                self._exchange.release(key)
-            return False
-        hand_on = msgspec.structs.replace(hand_on, attempt=int(outcome.values[0]))
-        self._publish(self._produce, encode_dispatch(hand_on))
-        self.jobs_done += 1
-        return True
+        ready, transitions = [], []
+        for done in ran:
+            d = done.dispatch
+            if next_name:
+                hand_on = Dispatch(d.job_id, 1, next_name, d.priority, d.deadline_ms,
+                                   params=done.params_json)
+                if done.output.tensors:
+                    key = f"{d.job_id}/{stage.name}"
+                    try:
+                        descs = self._hold(key, done.output.tensors)
+                    except StagepoolError as exc:
+                        self._fail(d, f"cannot hold outputs: {exc}", done.ahead)
+                        continue
+                    done.held_key = key
+                    hand_on = msgspec.structs.replace(hand_on, endpoint=self._exchange.endpoint,
+                                                      tensors=descs)
+                payload = encode_dispatch(hand_on)
+                if len(payload) > self._produce.layout.payload_max:  # params read from Redis
+                    hand_on = msgspec.structs.replace(hand_on, params=None)
+                    payload = encode_dispatch(hand_on)
+                done.hand_on = hand_on
+            else:
+                payload = msgspec.json.encode(done.output.result)
+            if done.ahead:
+                transitions.append(store.pass_args(
+                    d.job_id, stage.name, d.attempt, self.worker_id, stage.job_state(),
+                    self.stage_index, done.ran_ms, next_name, payload))
+            elif next_name:
+                transitions.append(("finish", d.job_id, stage.name, d.attempt, self.worker_id,
+                                    next_name, payload))
+            else:
+                transitions.append(("complete", d.job_id, stage.name, d.attempt,
+                                    self.worker_id, payload))
+            ready.append(done)
+        for done, outcome in zip(ready, store.run_batch(transitions)):
+            if not outcome.ok:
+                log.debug("job %s attempt %d not committed: %s", done.dispatch.job_id,
+                          done.dispatch.attempt, outcome.status)
+                if done.held_key:
+                    self._exchange.release(done.held_key)
+                continue
+            if done.hand_on is not None:
+                hand_on = msgspec.structs.replace(done.hand_on, attempt=int(outcome.values[0]))
+                self._publish(self._produce, encode_dispatch(hand_on))
+            self.jobs_done += 1
+            if done.pull is not None:
+                # Our stage is committed: the producer may let go of our inputs.
+                self._exchange.notify_release(done.dispatch.endpoint,
+                                              self._input_key(done.dispatch.job_id))
 
     # -- the data plane ------------------------------------------------------------------
 
@@ -320,7 +408,8 @@ class Worker:
                     registered = client.call(wire.Register(
                         worker_id=self.worker_id, stage=self.stage_config.name,
                         host=socket.gethostname(), pid=os.getpid(),
-                        transport="shm" if self.transport == "auto" else self.transport))
+                        transport="shm" if self.transport == "auto" else self.transport,
+                        cells=self.stage_config.max_batch))
                     self._consume = Ring.attach(self._open(registered.consume, client))
                     self._produce = (Ring.attach(self._open(registered.produce, client))
                                      if registered.produce else None)
@@ -373,7 +462,8 @@ class Worker:
             ring = self._consume
             if self._busy.is_set() and ring is not None:
                 try:
-                    ring.beat(registered.cell)
+                    for cell in self._leased:
+                        ring.beat(cell)
                 except StagepoolError:
                     log.warning("lease refresh failed", exc_info=True)
             now = time.monotonic()

@@ -142,6 +142,7 @@ sleep_ms = {sleep_ms}
 workers = {workers}
 lease_ms = {lease_ms}
 max_attempts = 5
+max_batch = {max_batch}
 """
 
 MODEL_STAGE = """kind = "{kind}"
@@ -161,7 +162,7 @@ class Cluster:
     """`stagepool up` as a real process tree on a real Redis."""
 
     def __init__(self, tmp_path, redis_url, namespace, workers=2, sleep_ms=0, models=None,
-                 lease_ms=1000, transfer="auto", token=""):
+                 lease_ms=1000, transfer="auto", token="", max_batch=1):
         """`models`: a tiny model directory -> the model stages on it, else no-op stages."""
         import json
         import sys
@@ -170,7 +171,7 @@ class Cluster:
         for name, state in [("encode", "encoding"), ("denoise", "denoising"),
                             ("decode", "decoding")]:
             stages += STAGE.format(name=name, state=state, sleep_ms=sleep_ms, workers=workers,
-                                   lease_ms=lease_ms)
+                                   lease_ms=lease_ms, max_batch=max_batch)
             if models is not None:
                 stages += MODEL_STAGE.format(kind=name, model_path=models,
                                              results_dir=tmp_path / "results")

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from stagepool.common.client import BrokerClient
+from stagepool.common.errors import RemoteError
 from stagepool.common.jobstore import JobStore
 
 pytestmark = pytest.mark.slow
@@ -122,3 +123,58 @@ def test_cancel_stops_a_queued_job(cluster_factory):
         result = client.cancel("c-4")
         assert result.cancelled and result.state == "cancelled"
         assert client.status("c-4").state == "cancelled"
+
+
+def test_batched_cheap_stages_survive_killed_workers_and_commit_each_result_once(
+        cluster_factory, redis_server, namespace):
+    """max_batch 8, no-op stages that run ahead of their start (`pass`): two thousand jobs
+    submitted pipelined, a worker of each of two stages SIGKILLed mid-batch."""
+    cluster = cluster_factory(workers=2, max_batch=8)
+    store = JobStore(redis_server.url, namespace)
+    job_ids = [f"p-{i}" for i in range(2000)]
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 2)
+        answers = client.submit_many([{"job_id": j, "params": {"n": i}}
+                                      for i, j in enumerate(job_ids)])
+        assert all(a.created for a in answers)
+        deadline = time.monotonic() + 60
+        while store.redis.zcard(store.keys.results) < 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pids = cluster.pids()
+        os.kill(pids["denoise-0"], signal.SIGKILL)
+        os.kill(pids["encode-1"], signal.SIGKILL)
+        states = _wait_all_terminal(store, job_ids, timeout_s=240)
+    assert collections.Counter(states) == {"succeeded": 2000}
+    events = _succeeded_events(store)
+    assert set(events) == set(job_ids) and max(events.values()) == 1
+    records = [store.get(j) for j in job_ids[::50]]
+    assert {r["commits"] for r in records} == {"1"}
+    for record in records:  # each stage's start and finish recorded, the last one's result
+        assert all(record[f"{s}.done"] for s in ("encode", "denoise", "decode"))
+        assert json.loads(record["result"])["job_id"] == record["id"]
+        assert int(record["decode.finished_ms"]) >= int(record["decode.started_ms"])
+
+
+def test_submit_many_answers_each_job_and_refuses_only_the_bad_ones(cluster_factory):
+    cluster = cluster_factory(workers=1, max_batch=4)
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 1)
+        answers = client.submit_many([
+            {"job_id": "m-1"}, {"job_id": "bad id!"}, {"job_id": "m-1"},
+            {"job_id": "m-2", "pipeline": "other"}, {"job_id": "m-3", "params": {"big": 2**70}},
+        ])
+        assert [type(a).__name__ for a in answers] == [
+            "Submitted", "RemoteError", "Submitted", "RemoteError", "Submitted"]
+        assert answers[0].created and not answers[2].created
+        assert answers[1].code == "bad_request" and "job id" in str(answers[1])
+        assert "unknown pipeline" in str(answers[3])
+        deadline = time.monotonic() + 30
+        for job_id in ("m-1", "m-3"):
+            while client.status(job_id).state != "succeeded":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        # A reply msgpack cannot carry (an int beyond 64 bits) comes back as JSON.
+        assert client.status("m-3").params == {"big": 2**70}
+        with pytest.raises(RemoteError):
+            client.status("m-2")

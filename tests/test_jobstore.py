@@ -97,6 +97,12 @@ def _race_complete(store, worker):
     return store.complete("race", "decode", 1, f"w{worker}", {"w": worker}).status
 
 
+def _race_pass(store, worker):
+    """Each contender passes the last stage of its own copy of one delivery."""
+    return store.run_batch([JobStore.pass_args("race", "decode", 1, f"w{worker}", "decoding", 2,
+                                               0, "", b'{"by": %d}' % worker)])[0].status
+
+
 def _race_start(store, worker):
     return store.start("race", "encode", 1, f"w{worker}", "encoding", 0).status
 
@@ -173,3 +179,62 @@ def test_the_queued_sets_follow_every_transition_exactly(store):
     started = [e for e in events if e["event"] == "started"]
     assert started and all(e["ms"].isdigit() for e in started)
     assert all(e["ms"].isdigit() for e in events if e["event"] in ("finished", "succeeded"))
+
+
+def test_five_processes_passing_one_attempt_exactly_one_commits(store, redis_server, namespace):
+    store.submit("race", "noop", b"{}", "decode", b"d")
+    statuses = _race(redis_server, namespace, _race_pass)
+    assert statuses.count("ok") == 1
+    assert statuses.count("duplicate") + statuses.count("terminal") == 4, statuses
+    record = store.get("race")
+    assert record["commits"] == "1" and record["state"] == "succeeded"
+
+
+def test_pass_starts_and_commits_a_stage_that_already_ran(store):
+    _submit(store)
+    store.redis.hset(store.keys.job("j1"), "encode.enqueued_ms", 0)  # waited "forever"
+    [outcome] = store.run_batch([JobStore.pass_args("j1", "encode", 1, "w1", "encoding", 0, 40,
+                                                    "denoise", b"dispatch-denoise")])
+    assert outcome.ok and outcome.values == (b"1",)
+    record = store.get("j1")
+    assert record["encode.started"] == record["encode.done"] == "1"
+    assert record["state"] == "encoding" and record["stage"] == "denoise"
+    # The start is backdated by the worker's run time, so the events say how long it ran.
+    assert int(record["encode.finished_ms"]) - int(record["encode.started_ms"]) >= 40
+    events = [(f[b"event"], f[b"ms"]) for _, f in store.redis.xrange(store.keys.events)]
+    assert [e for e, _ in events] == [b"submitted", b"started", b"finished"]
+    assert int(events[2][1]) >= 40 and int(events[1][1]) > 0
+    # The last stage's pass is the result commit.
+    store.run_batch([JobStore.pass_args("j1", "denoise", 1, "w2", "denoising", 1, 0, "decode",
+                                        b"d")])
+    [done] = store.run_batch([JobStore.pass_args("j1", "decode", 1, "w3", "decoding", 2, 0, "",
+                                                 b'{"ok": true}')])
+    assert done.ok and store.get("j1")["state"] == "succeeded"
+    assert store.get("j1")["result"] == '{"ok": true}'
+
+
+def test_pass_is_fenced_like_start_and_finish(store):
+    _submit(store, "stale")
+    [outcome] = store.run_batch([JobStore.pass_args("stale", "encode", 2, "w", "encoding", 0, 0,
+                                                    "denoise", b"d")])
+    assert outcome.status == "stale"
+    _submit(store, "gone")
+    store.cancel("gone")
+    [outcome] = store.run_batch([JobStore.pass_args("gone", "encode", 1, "w", "encoding", 0, 0,
+                                                    "denoise", b"d")])
+    assert outcome.status == "terminal"
+    assert store.get("gone")["state"] == "cancelled"
+    assert store.redis.zcard(store.keys.queued("denoise")) == 0
+
+
+def test_a_batch_answers_each_transition_on_its_own(store):
+    outcomes = store.run_batch([
+        ("submit", "a", "noop", b"{}", "encode", b"d", 0),
+        ("submit", "a", "noop", b"{}", "encode", b"d", 0),  # the same job again
+        ("start", "missing", "encode", 1, "w", "encoding", 0),
+        ("submit", "b", "noop", b"{}", "encode", b"d", 0),
+        ("start", "b", "encode", 1, "w", "encoding", 0),
+    ])
+    assert [o.status for o in outcomes] == ["ok", "exists", "missing", "ok", "ok"]
+    assert outcomes[4].values == (b"{}",)
+    assert store.run_batch([]) == []

@@ -1,18 +1,26 @@
 -- stagepool job state machine: every transition of a job record, atomically.
 --
--- KEYS (every command gets all of them, in this order; one hash tag, one Cluster slot):
---   1 {ns}:job:<id>   hash   the job record
---   2 {ns}:events     stream transitions
---   3 {ns}:active     zset   non-terminal jobs (score: created ms)
---   4 {ns}:jobs       zset   all jobs (score: created ms)
---   5 {ns}:results    zset   succeeded jobs (score: finished ms)
---   6 {ns}:dead       list   dead-lettered ids
+-- One call runs a batch of transitions, in order (a worker commits a batch of dispatches, the
+-- broker a batch of submits, in one round trip); each is independent of the others' outcome.
 --
--- ARGV[1] = command, ARGV[2] = events stream MAXLEN (approximate), ARGV[3] = job id, then:
+-- KEYS (one hash tag, one Cluster slot):
+--   1 {ns}:events     stream transitions
+--   2 {ns}:active     zset   non-terminal jobs (score: created ms)
+--   3 {ns}:jobs       zset   all jobs (score: created ms)
+--   4 {ns}:results    zset   succeeded jobs (score: finished ms)
+--   5 {ns}:dead       list   dead-lettered ids
+--   5+i {ns}:job:<id> hash   the record of transition i
+--
+-- ARGV[1] = events stream MAXLEN (approximate); then per transition: n (the count of items
+-- that follow), command, job id, and the command's arguments:
 --   submit   pipeline, params_json, first_stage, dispatch, priority
 --   start    stage, attempt, worker, state_name, stage_index
 --   finish   stage, attempt, worker, next_stage, next_dispatch   -> ok, next attempt
 --   complete stage, attempt, worker, result_json
+--   pass     stage, attempt, worker, state_name, stage_index, ran_ms, next_stage, payload
+--            start and then finish (payload: next_dispatch) or, with next_stage '', complete
+--            (payload: result_json), for a stage whose worker ran it before starting it in
+--            Redis: started_ms is backdated by ran_ms (the worker's own measure)
 --   retry    stage, attempt, worker, error, max_attempts, mode ("error" | "crash"), next_stage
 --   rewind   stage, attempt, worker, error, prev_stage, prev_state, prev_index, max_attempts
 --            (the stage's inputs are gone with their producer: run prev_stage again)
@@ -37,17 +45,18 @@
 -- Besides the record, every command keeps {ns}:queued:<stage> (zset: job ids waiting for a
 -- worker of that stage, scored by enqueue ms) exact: a job enters it when its stage is
 -- dispatched and leaves it when the stage starts or the job ends. Its name is derived from
--- KEYS[3] ({ns}:active), so it shares the hash tag and slot. Queue depth and the age of the
+-- KEYS[2] ({ns}:active), so it shares the hash tag and slot. Queue depth and the age of the
 -- oldest waiting job per stage are ZCARD and ZRANGE 0 0 of it, from any reader.
 --
 -- Events carry `ms`: on `started`, the time the stage waited (enqueue to start); on `finished`
 -- and `succeeded`, the time it ran (start to commit).
 --
--- Replies are arrays whose first element is a status string: ok, exists, missing, terminal,
--- duplicate, stale, retry, republish, dead, failed.
+-- The reply has one array per transition, whose first element is a status string: ok, exists,
+-- missing, terminal, duplicate, stale, retry, republish, dead, failed.
 
-local job, events, active, jobs, results, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local cmd, maxlen, id = ARGV[1], ARGV[2], ARGV[3]
+local events, active, jobs, results, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local maxlen = ARGV[1]
+local job, id  -- the record and id of the transition being run
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -87,21 +96,23 @@ local function finish_job(state, stage, attempt, worker, detail, ms)
   event(state, stage, attempt, worker, detail, ms)
 end
 
--- The checks every stage-scoped command shares; returns nil when the caller may proceed.
+-- The checks every stage-scoped command shares (one HMGET); nil when the caller may proceed.
 local function fence(stage, attempt, want_started)
-  local state = redis.call('HGET', job, 'state')
+  local f = redis.call('HMGET', job, 'state', stage .. '.done', stage .. '.attempt',
+    stage .. '.started')
+  local state = f[1]
   if not state then return {'missing'} end
   if terminal[state] then return {'terminal', state} end
-  if redis.call('HEXISTS', job, stage .. '.done') == 1 then return {'duplicate'} end
-  if redis.call('HGET', job, stage .. '.attempt') ~= attempt then return {'stale'} end
-  if want_started and redis.call('HGET', job, stage .. '.started') ~= attempt then
-    return {'stale'}
-  end
-  return nil
+  if f[2] then return {'duplicate'} end
+  if f[3] ~= attempt then return {'stale'} end
+  if want_started and f[4] ~= attempt then return {'stale'} end
+  return nil, f[4]
 end
 
-if cmd == 'submit' then
-  local pipeline, params, first, dispatch, priority = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local commands = {}
+
+function commands.submit(a)
+  local pipeline, params, first, dispatch, priority = a[1], a[2], a[3], a[4], a[5]
   local state = redis.call('HGET', job, 'state')
   if state then return {'exists', state} end
   redis.call('HSET', job, 'id', id, 'pipeline', pipeline, 'params', params, 'priority', priority,
@@ -113,26 +124,34 @@ if cmd == 'submit' then
   enqueue(first)
   event('submitted', first, '1')
   return {'ok', 'queued'}
+end
 
-elseif cmd == 'start' then
-  local stage, attempt, worker, state_name, index = ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
-  local refused = fence(stage, attempt, false)
+-- ran_ms: only from `pass`, whose stage already ran (its start is backdated by that much).
+local function start(stage, attempt, worker, state_name, index, ran_ms)
+  local refused, started = fence(stage, attempt, false)
   if refused then return refused end
   -- A duplicate delivery of an attempt that already started (a republished hand-on).
-  if redis.call('HGET', job, stage .. '.started') == attempt then return {'duplicate'} end
-  local waited_ms = since(stage .. '.enqueued_ms')
+  if started == attempt then return {'duplicate'} end
+  local started_ms = now_ms - (ran_ms or 0)
+  local f = redis.call('HMGET', job, stage .. '.enqueued_ms', 'state_index', 'params')
+  local enqueued_ms = tonumber(f[1])
+  local waited_ms = enqueued_ms and math.max(0, started_ms - enqueued_ms) or ''
   redis.call('HSET', job, stage .. '.started', attempt, stage .. '.worker', worker,
-    stage .. '.started_ms', now_ms, 'updated_ms', now_ms)
+    stage .. '.started_ms', started_ms, 'updated_ms', now_ms)
   dequeue(stage)
   -- Stages start in order, but a late retry of an earlier stage never moves the state back.
-  if index >= tonumber(redis.call('HGET', job, 'state_index')) then
+  if index >= tonumber(f[2]) then
     redis.call('HSET', job, 'state', state_name, 'state_index', index)
   end
   event('started', stage, attempt, worker, '', waited_ms)
-  return {'ok', redis.call('HGET', job, 'params')}
+  return {'ok', f[3]}
+end
 
-elseif cmd == 'finish' then
-  local stage, attempt, worker, next_stage, dispatch = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+function commands.start(a)
+  return start(a[1], a[2], a[3], a[4], tonumber(a[5]))
+end
+
+local function finish(stage, attempt, worker, next_stage, dispatch)
   local refused = fence(stage, attempt, true)
   if refused then return refused end
   -- Attempts only grow: after a rewind the next stage may have used attempts already, and a
@@ -146,9 +165,13 @@ elseif cmd == 'finish' then
   enqueue(next_stage)
   event('finished', stage, attempt, worker, '', ran_ms)
   return {'ok', tostring(next_attempt)}
+end
 
-elseif cmd == 'complete' then
-  local stage, attempt, worker, result = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+function commands.finish(a)
+  return finish(a[1], a[2], a[3], a[4], a[5])
+end
+
+local function complete(stage, attempt, worker, result)
   local refused = fence(stage, attempt, true)
   if refused then return refused end
   local ran_ms = since(stage .. '.started_ms')
@@ -158,10 +181,23 @@ elseif cmd == 'complete' then
   redis.call('ZADD', results, now_ms, id)
   finish_job('succeeded', stage, attempt, worker, '', ran_ms)
   return {'ok'}
+end
 
-elseif cmd == 'retry' then
-  local stage, attempt, worker, err = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-  local max_attempts, mode, next_stage = tonumber(ARGV[8]), ARGV[9], ARGV[10]
+function commands.complete(a)
+  return complete(a[1], a[2], a[3], a[4])
+end
+
+function commands.pass(a)
+  local stage, attempt, worker = a[1], a[2], a[3]
+  local started = start(stage, attempt, worker, a[4], tonumber(a[5]), tonumber(a[6]))
+  if started[1] ~= 'ok' then return started end
+  if a[7] == '' then return complete(stage, attempt, worker, a[8]) end
+  return finish(stage, attempt, worker, a[7], a[8])
+end
+
+function commands.retry(a)
+  local stage, attempt, worker, err = a[1], a[2], a[3], a[4]
+  local max_attempts, mode, next_stage = tonumber(a[5]), a[6], a[7]
   local refused = fence(stage, attempt, false)
   if refused then
     -- A worker that committed its stage and died before handing on: the hand-on is in the
@@ -189,10 +225,11 @@ elseif cmd == 'retry' then
   enqueue(stage)
   event('retried', stage, next_attempt, worker, err)
   return {'retry', next_attempt, redis.call('HGET', job, stage .. '.dispatch')}
+end
 
-elseif cmd == 'rewind' then
-  local stage, attempt, worker, err = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-  local prev, prev_state, prev_index, max_attempts = ARGV[8], ARGV[9], ARGV[10], tonumber(ARGV[11])
+function commands.rewind(a)
+  local stage, attempt, worker, err = a[1], a[2], a[3], a[4]
+  local prev, prev_state, prev_index, max_attempts = a[5], a[6], a[7], tonumber(a[8])
   local refused = fence(stage, attempt, true)
   if refused then return refused end
   local dispatch = redis.call('HGET', job, prev .. '.dispatch')
@@ -214,22 +251,23 @@ elseif cmd == 'rewind' then
   enqueue(prev)
   event('rewound', prev, tostring(prev_attempt), worker, err)
   return {'retry', tostring(prev_attempt), dispatch}
+end
 
-elseif cmd == 'progress' then
-  local stage, attempt, step, steps = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+function commands.progress(a)
+  local stage, attempt, step, steps = a[1], a[2], a[3], a[4]
   if redis.call('HGET', job, stage .. '.attempt') ~= attempt then return {'stale'} end
   redis.call('HSET', job, stage .. '.step', step .. '/' .. steps, 'updated_ms', now_ms)
   event('progress', stage, attempt, '', step .. '/' .. steps)
   return {'ok'}
+end
 
-elseif cmd == 'rebuild' then
+function commands.rebuild(a)
   local state = redis.call('HGET', job, 'state')
   if not state or terminal[state] then
     redis.call('ZREM', active, id)
     return {'terminal', state or ''}
   end
-  for i = 4, #ARGV do
-    local stage = ARGV[i]
+  for _, stage in ipairs(a) do
     if redis.call('HEXISTS', job, stage .. '.done') == 0 then
       local dispatch = redis.call('HGET', job, stage .. '.dispatch')
       if not dispatch then return {'missing'} end
@@ -242,16 +280,18 @@ elseif cmd == 'rebuild' then
     end
   end
   return {'missing'}
+end
 
-elseif cmd == 'cancel' then
+function commands.cancel(a)
   local state = redis.call('HGET', job, 'state')
   if not state then return {'missing'} end
   if terminal[state] then return {'terminal', state} end
   finish_job('cancelled')
   return {'ok', 'cancelled'}
+end
 
-elseif cmd == 'reject' then
-  local err = ARGV[4]
+function commands.reject(a)
+  local err = a[1]
   local state = redis.call('HGET', job, 'state')
   if state then return {'exists', state} end
   redis.call('HSET', job, 'id', id, 'state', 'failed', 'error', err, 'created_ms', now_ms,
@@ -261,4 +301,15 @@ elseif cmd == 'reject' then
   return {'ok', 'failed'}
 end
 
-return redis.error_reply('unknown command ' .. tostring(cmd))
+local replies = {}
+local i, key = 2, 6
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local cmd = ARGV[i + 1]
+  job, id = KEYS[key], ARGV[i + 2]
+  local fn = commands[cmd]
+  if not fn then return redis.error_reply('unknown command ' .. tostring(cmd)) end
+  replies[#replies + 1] = fn({unpack(ARGV, i + 3, i + n)})
+  i, key = i + n + 1, key + 1
+end
+return replies
