@@ -17,10 +17,14 @@ systems). Systems (their apps are in bench/peerapps/):
   arq        each stage enqueues the next; max_jobs=1, poll_delay 5 ms (default 0.5 s)
   taskiq     taskiq-redis ListQueueBroker per stage; each stage kicks the next
 A peer's job ends with its stage 3 LPUSHing the id onto a list the driver BRPOPs; a stagepool
-job ends with its `succeeded` event, read from the events stream (XREAD BLOCK).
+job ends with its result commit, which publishes "<id> succeeded" on {ns}:ended (the driver
+subscribes: one wake-up per job either way).
 
 Two figures per system and round:
-  throughput  N jobs submitted at once (a tight loop of the system's own submit call):
+  throughput  N jobs submitted at once, each system's fastest way: stagepool pipelines its
+              ZMQ submits (submit_many), raw Redis pipelines its LPUSHes, arq and taskiq
+              gather their enqueue coroutines, celery, dramatiq and rq loop over their
+              submit call (they have no batch form for a chain);
               N / (time from the first submit to the last job's end)
   latency     jobs submitted one at a time at low load: submit-to-end p50 and p99
 Writes bench/results/peers.{json,md,png} and prints the JSON. The machine is shared and
@@ -53,7 +57,7 @@ import redis  # noqa: E402
 from stagepool.broker.cluster import Cluster, start_redis  # noqa: E402
 from stagepool.common import config as config_mod  # noqa: E402
 from stagepool.common.client import BrokerClient  # noqa: E402
-from stagepool.common.keys import Keys  # noqa: E402
+from stagepool.common.jobstore import EndedFeed, JobStore  # noqa: E402
 from stagepool.common.wire import Submitted  # noqa: E402
 
 from peerapps import DONE_KEY  # noqa: E402
@@ -160,13 +164,8 @@ class Stagepool(System):
         info = self.cluster.start()
         self.processes = [c.process for c in self.cluster.children]
         self.client = BrokerClient(info["broker"], timeout_s=10)
-        self.events = Keys(namespace).events
-        self.last_event = "$"
-        self.last_event = self._last_id()
-
-    def _last_id(self) -> str:
-        entries = self.redis.xrevrange(self.events, count=1)
-        return entries[0][0] if entries else "0-0"
+        self.store = JobStore(self.redis_url, namespace)
+        self.ended = EndedFeed(self.store)
 
     def submit(self, job_id: str) -> None:
         self.client.submit({}, job_id=job_id)
@@ -176,35 +175,23 @@ class Stagepool(System):
             if not isinstance(answer, Submitted):
                 raise RuntimeError(f"stagepool: submit refused: {answer}")
 
-    def _ended(self, timeout_s: float, want: set[str] | None) -> int:
-        reply = self.redis.xread({self.events: self.last_event}, count=10_000,
-                                 block=int(timeout_s * 1000))
-        ended = 0
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                self.last_event = entry_id
-                if fields[b"event"] == b"succeeded":
-                    if want is None or fields[b"job"].decode() in want:
-                        ended += 1
-                elif fields[b"event"] in (b"failed", b"dead", b"cancelled"):
-                    raise RuntimeError(f"stagepool: job {fields[b'job']!r} {fields[b'event']!r}")
-        return ended
-
     def wait_one(self, job_id: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self._ended(max(0.001, deadline - time.monotonic()), {job_id}):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"stagepool: job {job_id} did not end in {timeout_s} s")
+        state = self.ended.wait([job_id], timeout_s).get(job_id)
+        if state != "succeeded":
+            raise RuntimeError(f"stagepool: job {job_id} {state or 'did not end'}")
 
     def wait_all(self, count: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        seen = 0
-        while seen < count:
-            if time.monotonic() >= deadline:
+        for seen in range(count):
+            item = self.ended.next(deadline - time.monotonic())
+            if item is None:
                 raise TimeoutError(f"stagepool: {seen} of {count} jobs ended")
-            seen += self._ended(1.0, None)
+            if item[1] != "succeeded":
+                raise RuntimeError(f"stagepool: job {item[0]} {item[1]}")
 
     def stop(self) -> None:
+        self.ended.close()
+        self.store.close()
         self.client.close()
         self.cluster.stop()
         self.processes.clear()
@@ -227,6 +214,12 @@ class Raw(System):
 
     def submit(self, job_id: str) -> None:
         self.redis.lpush("s1", job_id)
+
+    def submit_all(self, job_ids: list[str]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.lpush("s1", job_id)
+        pipe.execute()
 
 
 class Celery(System):
@@ -296,6 +289,9 @@ class Arq(System):
     def submit(self, job_id: str) -> None:
         self.submitter.submit(job_id)
 
+    def submit_all(self, job_ids: list[str]) -> None:
+        self.submitter.submit_all(job_ids)  # asyncio.gather: all in flight at once
+
     def close(self) -> None:
         self.submitter.close()
 
@@ -315,6 +311,9 @@ class Taskiq(System):
 
     def submit(self, job_id: str) -> None:
         self.submitter.submit(job_id)
+
+    def submit_all(self, job_ids: list[str]) -> None:
+        self.submitter.submit_all(job_ids)  # asyncio.gather: all in flight at once
 
     def close(self) -> None:
         self.submitter.close()

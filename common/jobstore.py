@@ -23,6 +23,7 @@ redis-py errors are translated to `StoreUnavailable` here, where they cross in.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -309,6 +310,48 @@ class JobStore:
     def ack_ingress(self, entry_ids: list[bytes]) -> None:
         if entry_ids:
             self.redis.xack(self.keys.ingress, INGRESS_GROUP, *entry_ids)
+
+
+class EndedFeed:
+    """Jobs as they end, pushed by Redis (`{ns}:ended`): wait for jobs without polling.
+
+    Open it before submitting (or check the states once after opening it): a job that ends
+    before the subscription is not announced again. Not thread-safe; `close` when done.
+    """
+
+    def __init__(self, store: JobStore):
+        self._pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(store.keys.ended)
+
+    @_translate
+    def next(self, timeout_s: float) -> tuple[str, str] | None:
+        """(job id, terminal state) of the next job to end, or None after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return None
+            message = self._pubsub.get_message(timeout=remaining_s)
+            if message is not None and message["type"] == "message":
+                job_id, _, state = message["data"].decode().partition(" ")
+                return job_id, state
+
+    def wait(self, job_ids: list[str], timeout_s: float) -> dict[str, str]:
+        """The end states of `job_ids`, as they end; those still running after `timeout_s`
+        are missing from the answer."""
+        pending, ended = set(job_ids), {}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            item = self.next(deadline - time.monotonic())
+            if item is None:
+                break
+            if item[0] in pending:
+                pending.discard(item[0])
+                ended[item[0]] = item[1]
+        return ended
+
+    def close(self) -> None:
+        self._pubsub.close()
 
 
 def job_status(job_id: str, record: dict[str, str], stage_names: list[str]) -> JobStatus:

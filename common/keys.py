@@ -13,6 +13,7 @@ using different namespaces.
     {ns}:dead         list   dead-lettered job ids, newest first
     {ns}:queued:<S>   zset   jobs waiting for a worker of stage S, scored by enqueue ms
     {ns}:transfer     hash   transfer counters the workers add to: <stage>|<phase>|<backend>|<n>
+    {ns}:ended        pub/sub channel: "<id> <state>" as each job ends (wait without polling)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Keys:
         self.results = self.prefix + "results"
         self.dead = self.prefix + "dead"
         self.transfer = self.prefix + "transfer"
+        self.ended = self.prefix + "ended"
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"

@@ -238,3 +238,23 @@ def test_a_batch_answers_each_transition_on_its_own(store):
     assert [o.status for o in outcomes] == ["ok", "exists", "missing", "ok", "ok"]
     assert outcomes[4].values == (b"{}",)
     assert store.run_batch([]) == []
+
+
+def test_the_ended_feed_announces_each_job_end_once(store):
+    from stagepool.common.jobstore import EndedFeed
+
+    feed = EndedFeed(store)
+    try:
+        _submit(store, "ok")
+        _submit(store, "off")
+        _submit(store, "running")
+        store.cancel("off")
+        store.start("ok", "encode", 1, "w", "encoding", 0)
+        store.finish("ok", "encode", 1, "w", "decode", b"d")
+        store.run_batch([JobStore.pass_args("ok", "decode", 1, "w", "decoding", 2, 0, "",
+                                            b"{}")])
+        assert feed.wait(["ok", "off", "running"], timeout_s=1.0) == {
+            "ok": "succeeded", "off": "cancelled"}
+        assert feed.next(timeout_s=0.05) is None  # nothing more, and "running" never ended
+    finally:
+        feed.close()

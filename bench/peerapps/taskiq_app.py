@@ -39,6 +39,19 @@ class Submitter:
     def submit(self, job_id: str) -> None:
         self.loop.run_until_complete(s1.kiq(job_id))
 
+    def submit_all(self, job_ids: list[str], in_flight: int = 32) -> None:
+        """All at once, as far as the connection pool allows (`in_flight` at a time)."""
+        limit = asyncio.Semaphore(in_flight)
+
+        async def one(j):
+            async with limit:
+                await s1.kiq(j)
+
+        async def all_of_them():
+            await asyncio.gather(*(one(j) for j in job_ids))
+
+        self.loop.run_until_complete(all_of_them())
+
     def close(self) -> None:
         self.loop.run_until_complete(s1_broker.shutdown())
         self.loop.close()

@@ -48,6 +48,9 @@
 -- KEYS[2] ({ns}:active), so it shares the hash tag and slot. Queue depth and the age of the
 -- oldest waiting job per stage are ZCARD and ZRANGE 0 0 of it, from any reader.
 --
+-- A job's end (succeeded, failed, cancelled, dead) is also published on {ns}:ended as
+-- "<id> <state>", so a client can wait for its jobs without polling or reading every event.
+--
 -- Events carry `ms`: on `started`, the time the stage waited (enqueue to start); on `finished`
 -- and `succeeded`, the time it ran (start to commit).
 --
@@ -63,6 +66,7 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local terminal = {succeeded = true, failed = true, cancelled = true, dead = true}
 local queued_prefix = string.sub(active, 1, -7) .. 'queued:'
+local ended_channel = string.sub(active, 1, -7) .. 'ended'
 
 local function event(name, stage, attempt, worker, detail, ms)
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'job', id, 'event', name,
@@ -94,6 +98,7 @@ local function finish_job(state, stage, attempt, worker, detail, ms)
   redis.call('HSET', job, 'state', state, 'updated_ms', now_ms)
   redis.call('ZREM', active, id)
   event(state, stage, attempt, worker, detail, ms)
+  redis.call('PUBLISH', ended_channel, id .. ' ' .. state)
 end
 
 -- The checks every stage-scoped command shares (one HMGET); nil when the caller may proceed.
