@@ -43,9 +43,11 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) bench/ring.py --json
 	$(PY) bench/transfer.py --json
 	$(PY) bench/gateway.py --json
+	$(PY) bench/peers.py --json
 
 clean:
 	rm -rf $(VENV) .stagepool build *.egg-info common/ring/*.so common/transfer/*.so

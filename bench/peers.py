@@ -154,11 +154,12 @@ class System:
 class Stagepool(System):
     name = "stagepool"
     note = "configs/noop.toml, broker + workers, shm rings, ZMQ submit"
+    max_batch: int | None = None  # None: noop.toml's (16)
 
     def start(self) -> None:
         namespace = f"bench{uuid.uuid4().hex[:6]}"
         path = self.logs / "stagepool.toml"
-        path.write_text(_noop_toml(namespace, self.workers))
+        path.write_text(_noop_toml(namespace, self.workers, self.max_batch))
         self.cluster = Cluster(config_mod.load(path), str(path), self.logs / "stagepool",
                                {}, redis_url=self.redis_url, persist=False, gateway=False)
         info = self.cluster.start()
@@ -198,9 +199,11 @@ class Stagepool(System):
         self.redis.close()
 
 
-def _noop_toml(namespace: str, workers: int) -> str:
+def _noop_toml(namespace: str, workers: int, max_batch: int | None) -> str:
     text = (ROOT / "configs" / "noop.toml").read_text()
     text = text.replace('namespace = "stagepool"', f'namespace = "{namespace}"')
+    if max_batch is not None:
+        text = text.replace("max_batch = 16", f"max_batch = {max_batch}")
     return text.replace("workers = 2", f"workers = {workers}")
 
 
@@ -447,7 +450,8 @@ def chart(report: dict, path: Path) -> None:
     colors = ["#1f77b4" if n == "stagepool" else "#7f7f7f" if n == "raw" else "#ff7f0e"
               for n in names]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.bar(names, [results[n]["throughput_jobs_s"] for n in names], color=colors)
+    bars = left.bar(names, [results[n]["throughput_jobs_s"] for n in names], color=colors)
+    left.bar_label(bars, fmt="%.0f", fontsize=8)
     left.set_title(f"throughput, {report['jobs']} jobs at once (higher is better)")
     left.set_ylabel("jobs/s")
     x = range(len(names))
@@ -478,6 +482,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=None, help="throughput: jobs at once")
     parser.add_argument("--latency-jobs", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="stagepool workers' max_batch (default: configs/noop.toml's 16)")
     parser.add_argument("--json", action="store_true", help="print the JSON only")
     parser.add_argument("--out", default=str(RESULTS), help="directory for the results")
     args = parser.parse_args()
@@ -486,6 +492,9 @@ def main() -> None:
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.max_batch is not None:
+        Stagepool.max_batch = args.max_batch
+        Stagepool.note += f", max_batch {args.max_batch}"
     names = [n for n in args.only.split(",") if n] or list(SYSTEMS)
     unknown = set(names) - set(SYSTEMS)
     if unknown:
@@ -509,12 +518,15 @@ def main() -> None:
         redis_process.terminate()
         redis_process.wait()
     report = {"mode": "quick" if args.quick else "full", "workers": args.workers,
+              "argv": sys.argv[1:],
               "jobs": args.jobs, "latency_jobs": args.latency_jobs, "rounds": args.rounds,
               "machine": machine(), "results": results, "summary": summarize(results),
               "logs": str(logs)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "peers-quick" if args.quick else "peers"
+    stem = "peers" + ("-" + "-".join(names) if args.only else "") + (
+        f"-batch{args.max_batch}" if args.max_batch is not None else "") + (
+        "-quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(report))
     chart(report, out / f"{stem}.png")
