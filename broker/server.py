@@ -202,6 +202,9 @@ class Broker:
             answers = self.submit_batch(requests)
         except StagepoolError as exc:  # Redis is gone: every submit of the burst hears so
             answers = [exc] * len(submits)
+        except Exception as exc:  # a bug: answer each submit with it, keep serving
+            log.exception("control: a burst of %d submits failed", len(submits))
+            answers = [exc] * len(submits)
         for (identity, request, as_json), answer in zip(submits, answers):
             self._answer(identity, request, as_json, lambda: answer)
         submits.clear()
@@ -228,7 +231,7 @@ class Broker:
         rid = request.rid
         try:
             reply = handle()
-            if isinstance(reply, StagepoolError):
+            if isinstance(reply, Exception):
                 raise reply
         except StagepoolError as exc:
             log.warning("control: refused a request from %s: %s", identity.hex(), exc)
