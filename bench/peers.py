@@ -34,6 +34,7 @@ noisy: compare the ratios within one run, not absolute figures across runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -225,101 +226,74 @@ class Raw(System):
         pipe.execute()
 
 
-class Celery(System):
-    name = "celery"
-    note = "chain(), Redis broker, -P solo, ignore results"
+class Peer(System):
+    """A peer system: its app module in bench/peerapps submits (a `Submitter`, or the module's
+    own `submit`), and its CLI runs the workers."""
+
+    app = ""  # the module's name in bench/peerapps
 
     def start(self) -> None:
-        from peerapps import celery_app
-        self.app = celery_app
+        module = importlib.import_module(f"peerapps.{self.app}")
+        self.submitter = module.Submitter() if hasattr(module, "Submitter") else module
         super().start()
+
+    def submit(self, job_id: str) -> None:
+        self.submitter.submit(job_id)
+
+    def submit_all(self, job_ids: list[str]) -> None:
+        if hasattr(self.submitter, "submit_all"):  # asyncio.gather: all in flight at once
+            self.submitter.submit_all(job_ids)
+        else:
+            super().submit_all(job_ids)
+
+    def close(self) -> None:
+        if hasattr(self.submitter, "close"):
+            self.submitter.close()
+
+
+class Celery(Peer):
+    name, app = "celery", "celery_app"
+    note = "chain(), Redis broker, -P solo, ignore results"
 
     def worker_argv(self, stage: str) -> list[str]:
         return [sys.executable, "-m", "celery", "-A", "peerapps.celery_app", "worker", "-Q",
                 stage, "-P", "solo", "-l", "warning", "--without-gossip", "--without-mingle",
                 "--without-heartbeat", "-n", f"{stage}-{uuid.uuid4().hex[:6]}@%h"]
 
-    def submit(self, job_id: str) -> None:
-        self.app.submit(job_id)
 
-
-class Dramatiq(System):
-    name = "dramatiq"
+class Dramatiq(Peer):
+    name, app = "dramatiq", "dramatiq_app"
     note = "pipeline(), RedisBroker, --processes 1 --threads 1"
-
-    def start(self) -> None:
-        from peerapps import dramatiq_app
-        self.app = dramatiq_app
-        super().start()
 
     def worker_argv(self, stage: str) -> list[str]:
         return [sys.executable, "-m", "dramatiq", "peerapps.dramatiq_app", "--processes", "1",
                 "--threads", "1", "--queues", stage]
 
-    def submit(self, job_id: str) -> None:
-        self.app.submit(job_id)
 
-
-class RQ(System):
-    name = "rq"
+class RQ(Peer):
+    name, app = "rq", "rq_app"
     note = "depends_on, SimpleWorker"
-
-    def start(self) -> None:
-        from peerapps import rq_app
-        self.app = rq_app
-        super().start()
 
     def worker_argv(self, stage: str) -> list[str]:
         return [sys.executable, "-m", "rq.cli", "worker", stage, "--worker-class",
                 "rq.worker.SimpleWorker", "--url", self.redis_url, "--quiet"]
 
-    def submit(self, job_id: str) -> None:
-        self.app.submit(job_id)
 
-
-class Arq(System):
-    name = "arq"
+class Arq(Peer):
+    name, app = "arq", "arq_app"
     note = "enqueue_job chain, max_jobs=1, poll_delay 5 ms"
-
-    def start(self) -> None:
-        from peerapps import arq_app
-        self.submitter = arq_app.Submitter()
-        super().start()
 
     def worker_argv(self, stage: str) -> list[str]:
         return [sys.executable, "-m", "arq", f"peerapps.arq_app.{stage.upper()}"]
 
-    def submit(self, job_id: str) -> None:
-        self.submitter.submit(job_id)
 
-    def submit_all(self, job_ids: list[str]) -> None:
-        self.submitter.submit_all(job_ids)  # asyncio.gather: all in flight at once
-
-    def close(self) -> None:
-        self.submitter.close()
-
-
-class Taskiq(System):
-    name = "taskiq"
+class Taskiq(Peer):
+    name, app = "taskiq", "taskiq_app"
     note = "ListQueueBroker per stage, kiq chain, --max-async-tasks 1"
-
-    def start(self) -> None:
-        from peerapps import taskiq_app
-        self.submitter = taskiq_app.Submitter()
-        super().start()
 
     def worker_argv(self, stage: str) -> list[str]:
         return [sys.executable, "-m", "taskiq", "worker", f"peerapps.taskiq_app:{stage}_broker",
                 "--workers", "1", "--max-async-tasks", "1", "--no-configure-logging"]
-
-    def submit(self, job_id: str) -> None:
-        self.submitter.submit(job_id)
-
-    def submit_all(self, job_ids: list[str]) -> None:
-        self.submitter.submit_all(job_ids)  # asyncio.gather: all in flight at once
-
-    def close(self) -> None:
-        self.submitter.close()
 
 
 SYSTEMS = {cls.name: cls for cls in (Stagepool, Raw, Celery, Dramatiq, RQ, Arq, Taskiq)}
