@@ -35,12 +35,25 @@ def test_a_pipeline_without_stages_is_refused():
         config.load(None, env={})
 
 
+def test_max_batch_must_fit_the_ring_lease_cells(tmp_path):
+    path = tmp_path / "batch.toml"
+    path.write_text('[pipeline]\nname = "x"\n[[pipeline.stages]]\nname = "a"\nmax_batch = 65\n'
+                    '[ring]\ncells = 64\n')
+    with pytest.raises(ConfigError, match="max_batch must be 1..ring.cells"):
+        config.load(path, env={})
+    assert config.load("configs/noop.toml", env={}).pipeline.stages[0].max_batch == 16
+
+
 def test_dispatch_records_round_trip_and_fit_a_default_slot():
     dispatch = wire.Dispatch("j" * 64, 3, "denoise", 1, 0, "host:1234", [
         wire.TensorDesc("prompt_embeds", "bfloat16", [1, 512, 4096], 4194304, 1 << 40, 123)])
     payload = wire.encode_dispatch(dispatch)
     assert wire.decode_dispatch(payload) == dispatch
     assert len(payload) < 1024 - 16
+    # Params ride along as raw JSON bytes; a record without them decodes to params=None.
+    with_params = msgspec.structs.replace(dispatch, params=b'{"prompt": "a fox"}')
+    assert wire.decode_dispatch(wire.encode_dispatch(with_params)).params == b'{"prompt": "a fox"}'
+    assert wire.decode_dispatch(payload).params is None
 
 
 def test_a_garbage_dispatch_is_a_protocol_error():
