@@ -138,31 +138,39 @@ class Broker:
         return answer
 
     def submit_batch(self, requests: list[tuple]) -> list[Submitted | StagepoolError]:
-        """(job_id, params, pipeline, priority) each: written to Redis in one round trip, then
-        published. A request that is refused gets its error in its place; the others go on."""
+        """(job_id, params, pipeline, priority) each: written to Redis in one round trip, and
+        published. A request that is refused gets its error in its place; the others go on.
+
+        A dispatch that carries its params is published first, with the submit's token: its
+        worker applies the same (idempotent) submit itself, so the job starts while our write is on its
+        way. The reply still waits for our write: a submit is acknowledged once durable.
+        """
         first = self._stage_names[0]
         answers: list[Submitted | StagepoolError | None] = []
-        transitions, dispatches = [], []
+        prepared = []
         for job_id, params, pipeline, priority in requests:
             try:
-                job_id, transition, dispatch = self._prepare(job_id, params, pipeline, priority)
+                prepared.append(self._prepare(job_id, params, pipeline, priority))
             except StagepoolError as exc:
                 answers.append(exc)
                 continue
             answers.append(None)
-            transitions.append(transition)
-            dispatches.append((job_id, dispatch))
-        outcomes = iter(self.store.run_batch(transitions))
+        for _, _, payload, early in prepared:
+            if early:
+                self.dispatcher.publish(first, payload)
+        outcomes = self.store.run_batch([transition for _, transition, _, _ in prepared])
+        results = iter(zip(prepared, outcomes))
         for index, answer in enumerate(answers):
             if answer is not None:
                 continue
-            (job_id, dispatch), outcome = dispatches.pop(0), next(outcomes)
-            if outcome.ok:
-                self.dispatcher.publish(first, dispatch)
+            (job_id, _, payload, early), outcome = next(results)
+            if outcome.ok and not early:
+                self.dispatcher.publish(first, payload)
             answers[index] = Submitted(job_id=job_id, created=outcome.ok)
         return answers
 
     def _prepare(self, job_id: str | None, params: dict, pipeline: str, priority: int):
+        """(job id, submit transition, ring payload, publish before the write?)"""
         name = self.config.pipeline.name
         if pipeline and pipeline != name:
             raise ProtocolError(f"unknown pipeline {pipeline!r}; this broker runs {name!r}")
@@ -170,12 +178,17 @@ class Broker:
         params_json = wire.check_params(params)
         first = self._stage_names[0]
         # The params ride in the dispatch when they fit the slot: the worker then needs no
-        # Redis read before it can run.
-        dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, priority, params=params_json))
-        if len(dispatch) > self.ringhost.layout.payload_max:
-            dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, priority))
-        transition = ("submit", job_id, name, params_json, first, dispatch, priority)
-        return job_id, transition, dispatch
+        # Redis read before it can run, and can apply the submit itself.
+        dispatch = Dispatch(job_id, 1, first, priority, params=params_json)
+        token = uuid.uuid4().hex[:16]  # tells our own submit from an earlier one of this id
+        payload = wire.encode_dispatch(msgspec.structs.replace(dispatch, submit=token))
+        early = len(payload) <= self.ringhost.layout.payload_max
+        if not early:
+            dispatch = Dispatch(job_id, 1, first, priority)
+            payload = wire.encode_dispatch(dispatch)
+        stored = wire.encode_dispatch(dispatch)
+        transition = ("submit", job_id, name, params_json, first, stored, priority, token)
+        return job_id, transition, payload, early
 
     # -- control socket ----------------------------------------------------------------------
 

@@ -116,8 +116,10 @@ class JobStore:
 
     @_translate
     def submit(self, job_id: str, pipeline: str, params_json: bytes, first_stage: str,
-               dispatch: bytes, priority: int = 0) -> Outcome:
-        return self._call("submit", job_id, pipeline, params_json, first_stage, dispatch, priority)
+               dispatch: bytes, priority: int = 0, token: str = "") -> Outcome:
+        """ok (created; or created by this same `token`'s submit already) or exists."""
+        return self._call("submit", job_id, pipeline, params_json, first_stage, dispatch, priority,
+                          token)
 
     @_translate
     def start(self, job_id: str, stage: str, attempt: int, worker: str, state: str,

@@ -273,6 +273,10 @@ class Dispatch(msgspec.Struct, array_like=True, omit_defaults=True):
     endpoint: str = ""
     tensors: list[TensorDesc] = []
     params: bytes | None = None
+    # Set on a record the broker published before its `submit` landed in Redis (to take that
+    # round trip off the job's path): the submit request's token. The consumer applies the
+    # same submit, idempotent, before its own start. Only set with `params`, which it needs.
+    submit: str = ""
 
 
 class Codec:

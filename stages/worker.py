@@ -21,7 +21,9 @@ Lifecycle of a dispatch in a worker:
   7. drop the leases. A worker killed anywhere in 3-6 leaves a lease or a claimed slot that
      the broker's reaper recovers; its replacement pulls the same held inputs again.
 A `cheap` stage (base.Stage.cheap) whose dispatches carry their params skips 4: it runs
-first, and 6 records start and commit at once (`pass`): one round trip per batch.
+first, and 6 records start and commit at once (`pass`): one round trip per batch. A first-stage
+dispatch the broker published before its submit landed (`Dispatch.submit`) carries that
+submit, applied (idempotent) in the same round trip, before the start.
 Held outputs whose release notice was lost are swept by the heartbeat thread once Redis says
 no consumer needs them (the job ended, or the next stage committed).
 SIGTERM drains: the current job finishes, then the worker unregisters and exits.
@@ -194,9 +196,10 @@ class Worker:
                 if done is not None:
                     ran.append(done)
         else:
-            outcomes = store.run_batch([
+            submits = [self._submit_args(d) for d in dispatches if d.submit]
+            outcomes = store.run_batch(submits + [
                 ("start", d.job_id, stage.name, d.attempt, self.worker_id, stage.job_state(),
-                 self.stage_index) for d in dispatches])
+                 self.stage_index) for d in dispatches])[len(submits):]
             for dispatch, started in zip(dispatches, outcomes):
                 if not started.ok:
                     log.debug("job %s attempt %d not started: %s", dispatch.job_id,
@@ -237,11 +240,19 @@ class Worker:
     def _fail(self, dispatch: Dispatch, error: str, ahead: bool) -> None:
         if ahead:  # its start is not recorded yet, and retry is fenced on it
             stage = self.stage_config
-            started = self._store.start(dispatch.job_id, stage.name, dispatch.attempt,
-                                        self.worker_id, stage.job_state(), self.stage_index)
+            submits = [self._submit_args(dispatch)] if dispatch.submit else []
+            started = self._store.run_batch(submits + [
+                ("start", dispatch.job_id, stage.name, dispatch.attempt, self.worker_id,
+                 stage.job_state(), self.stage_index)])[-1]
             if not started.ok:
                 return
         self._retry(dispatch, error)
+
+    def _submit_args(self, dispatch: Dispatch) -> tuple:
+        """The submit a dispatch flagged `submit` carries (the broker's own, idempotent)."""
+        stored = encode_dispatch(msgspec.structs.replace(dispatch, submit=""))
+        return ("submit", dispatch.job_id, self.config.pipeline.name, dispatch.params,
+                self.stage_config.name, stored, dispatch.priority, dispatch.submit)
 
     def _commit(self, ran: list[_Ran]) -> None:
         """`complete` (last stage) or hold the outputs, `finish` and hand on: one round trip."""
@@ -281,7 +292,10 @@ class Worker:
                 transitions.append(("complete", d.job_id, stage.name, d.attempt,
                                     self.worker_id, payload))
             ready.append(done)
-        for done, outcome in zip(ready, store.run_batch(transitions)):
+        submits = [self._submit_args(done.dispatch) for done in ready
+                   if done.ahead and done.dispatch.submit]
+        outcomes = store.run_batch(submits + transitions)[len(submits):]
+        for done, outcome in zip(ready, outcomes):
             if not outcome.ok:
                 log.debug("job %s attempt %d not committed: %s", done.dispatch.job_id,
                           done.dispatch.attempt, outcome.status)

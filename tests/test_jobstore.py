@@ -258,3 +258,27 @@ def test_the_ended_feed_announces_each_job_end_once(store):
         assert feed.next(timeout_s=0.05) is None  # nothing more, and "running" never ended
     finally:
         feed.close()
+
+
+def test_a_worker_may_apply_the_brokers_submit_first_and_the_broker_then_finds_it(store):
+    """A dispatch published before the broker's submit landed carries that submit: whichever
+    write arrives first creates the job, the other is `exists`, and the job runs once."""
+    submit = ("submit", "early", "noop", b'{"p": 1}', "encode", b"stored", 0, "tok1")
+    first, passed = store.run_batch([submit, JobStore.pass_args(
+        "early", "encode", 1, "w1", "encoding", 0, 0, "denoise", b"d")])
+    assert first.ok and passed.ok
+    # The broker's own write, arriving late, still says it created the job (same token); a
+    # different submit of the same id (another request) says the job existed.
+    assert store.run_batch([submit])[0].ok
+    assert store.submit("early", "noop", b"{}", "encode", b"d", token="tok2").status == "exists"
+    assert store.submit("early", "noop", b"{}", "encode", b"d").status == "exists"
+    record = store.get("early")
+    assert record["encode.done"] == "1" and record["stage"] == "denoise"
+    assert record["params"] == '{"p": 1}'
+    # The other order: the broker's submit first, the worker's copy is a no-op.
+    store.run_batch([("submit", "late", "noop", b"{}", "encode", b"stored", 0, "tok3")])
+    again, passed = store.run_batch([("submit", "late", "noop", b"{}", "encode", b"stored", 0,
+                                      "tok3"),
+                                     JobStore.pass_args("late", "encode", 1, "w1", "encoding",
+                                                        0, 0, "denoise", b"d")])
+    assert again.ok and passed.ok

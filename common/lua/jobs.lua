@@ -13,7 +13,9 @@
 --
 -- ARGV[1] = events stream MAXLEN (approximate); then per transition: n (the count of items
 -- that follow), command, job id, and the command's arguments:
---   submit   pipeline, params_json, first_stage, dispatch, priority
+--   submit   pipeline, params_json, first_stage, dispatch, priority, token
+--            (token: the submit request's; the same submit applied twice with one token -- by
+--            the broker and by a worker it raced -- answers ok both times)
 --   start    stage, attempt, worker, state_name, stage_index
 --   finish   stage, attempt, worker, next_stage, next_dispatch   -> ok, next attempt
 --   complete stage, attempt, worker, result_json
@@ -117,10 +119,14 @@ end
 local commands = {}
 
 function commands.submit(a)
-  local pipeline, params, first, dispatch, priority = a[1], a[2], a[3], a[4], a[5]
-  local state = redis.call('HGET', job, 'state')
-  if state then return {'exists', state} end
+  local pipeline, params, first, dispatch, priority, token = a[1], a[2], a[3], a[4], a[5], a[6]
+  local f = redis.call('HMGET', job, 'state', 'token')
+  if f[1] then
+    if token and token ~= '' and f[2] == token then return {'ok', f[1]} end
+    return {'exists', f[1]}
+  end
   redis.call('HSET', job, 'id', id, 'pipeline', pipeline, 'params', params, 'priority', priority,
+    'token', token or '',
     'state', 'queued', 'state_index', -1, 'stage', first, 'created_ms', now_ms,
     'updated_ms', now_ms, 'commits', 0, first .. '.attempt', '1', first .. '.retries', 0,
     first .. '.enqueued_ms', now_ms, first .. '.dispatch', dispatch)
