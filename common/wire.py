@@ -277,6 +277,10 @@ class Dispatch(msgspec.Struct, array_like=True, omit_defaults=True):
     # round trip off the job's path): the submit request's token. The consumer applies the
     # same submit, idempotent, before its own start. Only set with `params`, which it needs.
     submit: str = ""
+    # Commits of earlier stages still on their way to Redis when this record was published (a
+    # cheap stage hands on before its commit lands): the consumer applies them, in order and
+    # idempotent, before its own transition. Each is [command, job id, args...] as bytes.
+    carried: list[list[bytes]] = []
 
 
 class Codec:

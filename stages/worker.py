@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 _REGISTER_RETRY_S = 0.5
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "dead"})
 _HANDOFF_TIMEOUT_S = 1.0
+# A hand-on published before its commit lands names the next stage's attempt before Redis
+# assigns it: the first one, right unless the next stage already ran (then it is corrected).
+_FIRST_ATTEMPT = 1
 
 
 @dataclass
@@ -73,6 +76,7 @@ class _Ran:
     ahead: bool  # run before its start was recorded: commit with `pass`
     hand_on: Dispatch | None = None
     held_key: str = ""
+    early: bool = False  # the hand-on went out before the commit, carrying it
 
 
 class Worker:
@@ -196,10 +200,10 @@ class Worker:
                 if done is not None:
                     ran.append(done)
         else:
-            submits = [self._submit_args(d) for d in dispatches if d.submit]
-            outcomes = store.run_batch(submits + [
+            prefix = [t for d in dispatches for t in self._prefix(d)]
+            outcomes = store.run_batch(prefix + [
                 ("start", d.job_id, stage.name, d.attempt, self.worker_id, stage.job_state(),
-                 self.stage_index) for d in dispatches])[len(submits):]
+                 self.stage_index) for d in dispatches])[len(prefix):]
             for dispatch, started in zip(dispatches, outcomes):
                 if not started.ok:
                     log.debug("job %s attempt %d not started: %s", dispatch.job_id,
@@ -240,19 +244,24 @@ class Worker:
     def _fail(self, dispatch: Dispatch, error: str, ahead: bool) -> None:
         if ahead:  # its start is not recorded yet, and retry is fenced on it
             stage = self.stage_config
-            submits = [self._submit_args(dispatch)] if dispatch.submit else []
-            started = self._store.run_batch(submits + [
+            started = self._store.run_batch(self._prefix(dispatch) + [
                 ("start", dispatch.job_id, stage.name, dispatch.attempt, self.worker_id,
                  stage.job_state(), self.stage_index)])[-1]
             if not started.ok:
                 return
         self._retry(dispatch, error)
 
-    def _submit_args(self, dispatch: Dispatch) -> tuple:
-        """The submit a dispatch flagged `submit` carries (the broker's own, idempotent)."""
-        stored = encode_dispatch(msgspec.structs.replace(dispatch, submit=""))
-        return ("submit", dispatch.job_id, self.config.pipeline.name, dispatch.params,
-                self.stage_config.name, stored, dispatch.priority, dispatch.submit)
+    def _prefix(self, dispatch: Dispatch) -> list[tuple]:
+        """The transitions a dispatch carries, to apply before the consumer's own: the broker's
+        submit (`Dispatch.submit`) and earlier stages' commits still in flight (`carried`)."""
+        prefix = []
+        if dispatch.submit:
+            stored = encode_dispatch(msgspec.structs.replace(dispatch, submit="", carried=[]))
+            prefix.append(("submit", dispatch.job_id, self.config.pipeline.name, dispatch.params,
+                           self.stage_config.name, stored, dispatch.priority, dispatch.submit))
+        for command, job_id, *args in dispatch.carried:
+            prefix.append((command.decode(), job_id.decode(), *args))
+        return prefix
 
     def _commit(self, ran: list[_Ran]) -> None:
         """`complete` (last stage) or hold the outputs, `finish` and hand on: one round trip."""
@@ -292,24 +301,54 @@ class Worker:
                 transitions.append(("complete", d.job_id, stage.name, d.attempt,
                                     self.worker_id, payload))
             ready.append(done)
-        submits = [self._submit_args(done.dispatch) for done in ready
-                   if done.ahead and done.dispatch.submit]
-        outcomes = store.run_batch(submits + transitions)[len(submits):]
+        prefix = [t for done in ready if done.ahead for t in self._prefix(done.dispatch)]
+        if len(ready) == 1 and ready[0].ahead and ready[0].hand_on is not None:
+            # A lone job (low load): hand on first, the commit riding along. In a batch the
+            # jobs have queued anyway, and committing first costs Redis less.
+            self._hand_on_early(ready[0], transitions[0])
+        outcomes = store.run_batch(prefix + transitions)[len(prefix):]
         for done, outcome in zip(ready, outcomes):
             if not outcome.ok:
+                if done.early and outcome.status == "duplicate":
+                    # The next stage committed ours (carried) first: make sure it runs.
+                    self._recover_hand_on(done.dispatch)
+                    continue
                 log.debug("job %s attempt %d not committed: %s", done.dispatch.job_id,
                           done.dispatch.attempt, outcome.status)
                 if done.held_key:
                     self._exchange.release(done.held_key)
                 continue
-            if done.hand_on is not None:
-                hand_on = msgspec.structs.replace(done.hand_on, attempt=int(outcome.values[0]))
+            attempt = int(outcome.values[0]) if done.hand_on is not None else 0
+            if done.hand_on is not None and not (done.early and attempt == _FIRST_ATTEMPT):
+                hand_on = msgspec.structs.replace(done.hand_on, attempt=attempt)
                 self._publish(self._produce, encode_dispatch(hand_on))
             self.jobs_done += 1
             if done.pull is not None:
                 # Our stage is committed: the producer may let go of our inputs.
                 self._exchange.notify_release(done.dispatch.endpoint,
                                               self._input_key(done.dispatch.job_id))
+
+    def _hand_on_early(self, done: _Ran, transition: tuple) -> None:
+        """Publish a cheap stage's hand-on before its commit lands, carrying that commit (and
+        whatever its own dispatch carried), when it all fits the slot."""
+        carried = [[x if isinstance(x, bytes) else str(x).encode() for x in t]
+                   for t in self._prefix(done.dispatch) + [transition]]
+        payload = encode_dispatch(msgspec.structs.replace(
+            done.hand_on, attempt=_FIRST_ATTEMPT, carried=carried))
+        if len(payload) <= self._produce.layout.payload_max:
+            self._publish(self._produce, payload)
+            done.early = True
+
+    def _recover_hand_on(self, dispatch: Dispatch) -> None:
+        """Our stage is committed but we cannot tell the next stage's attempt: republish it
+        from Redis unless the next stage has started (what the reaper does for a crash)."""
+        outcome = self._store.retry(dispatch.job_id, self.stage_config.name, dispatch.attempt,
+                                    self.worker_id, "", self._registered.max_attempts,
+                                    crash=True, next_stage=self._registered.next_stage)
+        if outcome.status == "republish":
+            hand_on = decode_dispatch(outcome.values[2])
+            self._publish(self._produce, encode_dispatch(
+                msgspec.structs.replace(hand_on, attempt=int(outcome.values[1]))))
 
     # -- the data plane ------------------------------------------------------------------
 
