@@ -291,7 +291,7 @@ class Worker:
             else:
                 payload = msgspec.json.encode(done.output.result)
             if done.ahead:
-                transitions.append(store.pass_args(
+                transitions.append(JobStore.pass_args(
                     d.job_id, stage.name, d.attempt, self.worker_id, stage.job_state(),
                     self.stage_index, done.ran_ms, next_name, payload))
             elif next_name:

@@ -282,3 +282,28 @@ def test_a_worker_may_apply_the_brokers_submit_first_and_the_broker_then_finds_i
                                      JobStore.pass_args("late", "encode", 1, "w1", "encoding",
                                                         0, 0, "denoise", b"d")])
     assert again.ok and passed.ok
+
+
+def test_commits_carried_down_the_chain_land_once_in_any_order(store):
+    """Hand-ons that went out before their commits: each stage applies what its record
+    carries, then its own. Late originals are no-ops; the result is committed once."""
+    submit = ("submit", "c", "noop", b"{}", "encode", b"d1", 0, "tok")
+    pass1 = JobStore.pass_args("c", "encode", 1, "w1", "encoding", 0, 0, "denoise", b"d2")
+    pass2 = JobStore.pass_args("c", "denoise", 1, "w2", "denoising", 1, 0, "decode", b"d3")
+    done = JobStore.pass_args("c", "decode", 1, "w3", "decoding", 2, 0, "", b'{"r": 1}')
+    # Only the last worker's batch arrives (everyone else's write is late).
+    outcomes = store.run_batch([submit, pass1, pass2, done])
+    assert [o.status for o in outcomes] == ["ok", "ok", "ok", "ok"]
+    # The late originals: the broker's submit (same token), then the workers' own commits.
+    assert [o.status for o in store.run_batch([submit, pass1])] == ["ok", "terminal"]
+    assert store.run_batch([pass2])[0].status == "terminal"
+    record = store.get("c")
+    assert record["state"] == "succeeded" and record["commits"] == "1"
+    events = [f[b"event"] for _, f in store.redis.xrange(store.keys.events)]
+    assert events.count(b"succeeded") == 1 and events.count(b"finished") == 2
+    # A hand-on that named the next stage's attempt too early is refused there.
+    store.run_batch([("submit", "r", "noop", b"{}", "encode", b"d1", 0, "t"), JobStore.pass_args(
+        "r", "encode", 1, "w1", "encoding", 0, 0, "denoise", b"d2")])
+    store.redis.hset(store.keys.job("r"), "denoise.attempt", 2)  # as after a retry
+    stale = JobStore.pass_args("r", "denoise", 1, "w2", "denoising", 1, 0, "decode", b"d3")
+    assert store.run_batch([stale])[0].status == "stale"
