@@ -141,9 +141,10 @@ class Broker:
         """(job_id, params, pipeline, priority) each: written to Redis in one round trip, and
         published. A request that is refused gets its error in its place; the others go on.
 
-        A dispatch that carries its params is published first, with the submit's token: its
-        worker applies the same (idempotent) submit itself, so the job starts while our write is on its
-        way. The reply still waits for our write: a submit is acknowledged once durable.
+        A lone submit whose dispatch fits with its params goes out first, carrying the
+        submit's token: its worker applies the same (idempotent) submit itself, so the job
+        starts while our write is on its way. The reply still waits for our write: a submit
+        is acknowledged once durable.
         """
         first = self._stage_names[0]
         answers: list[Submitted | StagepoolError | None] = []
@@ -155,22 +156,26 @@ class Broker:
                 answers.append(exc)
                 continue
             answers.append(None)
-        for _, _, payload, early in prepared:
-            if early:
-                self.dispatcher.publish(first, payload)
+        # Alone, a job goes out before our write (its worker applies the same submit); in a
+        # burst the jobs queue anyway, and writing first spares Redis the worker's copy.
+        lone = len(prepared) == 1
+        for _, _, _, early in prepared:
+            if lone and early is not None:
+                self.dispatcher.publish(first, early)
         outcomes = self.store.run_batch([transition for _, transition, _, _ in prepared])
         results = iter(zip(prepared, outcomes))
         for index, answer in enumerate(answers):
             if answer is not None:
                 continue
-            (job_id, _, payload, early), outcome = next(results)
-            if outcome.ok and not early:
-                self.dispatcher.publish(first, payload)
+            (job_id, _, stored, early), outcome = next(results)
+            if outcome.ok and not (lone and early is not None):
+                self.dispatcher.publish(first, stored)
             answers[index] = Submitted(job_id=job_id, created=outcome.ok)
         return answers
 
     def _prepare(self, job_id: str | None, params: dict, pipeline: str, priority: int):
-        """(job id, submit transition, ring payload, publish before the write?)"""
+        """(job id, submit transition, first dispatch, the same carrying the submit or None
+        when that does not fit a slot)."""
         name = self.config.pipeline.name
         if pipeline and pipeline != name:
             raise ProtocolError(f"unknown pipeline {pipeline!r}; this broker runs {name!r}")
@@ -181,14 +186,13 @@ class Broker:
         # Redis read before it can run, and can apply the submit itself.
         dispatch = Dispatch(job_id, 1, first, priority, params=params_json)
         token = uuid.uuid4().hex[:16]  # tells our own submit from an earlier one of this id
-        payload = wire.encode_dispatch(msgspec.structs.replace(dispatch, submit=token))
-        early = len(payload) <= self.ringhost.layout.payload_max
-        if not early:
+        early = wire.encode_dispatch(msgspec.structs.replace(dispatch, submit=token))
+        if len(early) > self.ringhost.layout.payload_max:
+            early = None
             dispatch = Dispatch(job_id, 1, first, priority)
-            payload = wire.encode_dispatch(dispatch)
         stored = wire.encode_dispatch(dispatch)
         transition = ("submit", job_id, name, params_json, first, stored, priority, token)
-        return job_id, transition, payload, early
+        return job_id, transition, stored, early
 
     # -- control socket ----------------------------------------------------------------------
 
