@@ -302,9 +302,10 @@ class Worker:
                                     self.worker_id, payload))
             ready.append(done)
         prefix = [t for done in ready if done.ahead for t in self._prefix(done.dispatch)]
-        if len(ready) == 1 and ready[0].ahead and ready[0].hand_on is not None:
-            # A lone job (low load): hand on first, the commit riding along. In a batch the
-            # jobs have queued anyway, and committing first costs Redis less.
+        if (len(ready) == 1 and ready[0].ahead and ready[0].hand_on is not None
+                and not self._consume.depth()):
+            # A lone job (low load): hand on first, the commit riding along. When jobs are
+            # queued (a batch, or more waiting) committing first costs Redis less.
             self._hand_on_early(ready[0], transitions[0])
         outcomes = store.run_batch(prefix + transitions)[len(prefix):]
         for done, outcome in zip(ready, outcomes):

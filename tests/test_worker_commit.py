@@ -53,6 +53,7 @@ def worker():
                                     consume=wire.RingAttach(stage="encode"),
                                     next_stage="denoise", max_attempts=3)
     w._produce = RecordingRing()
+    w._consume = SimpleNamespace(depth=lambda: 0)  # nothing else waiting: low load
     return w
 
 
@@ -105,6 +106,14 @@ def test_a_batch_commits_first_then_hands_on(worker):
     worker._commit([_ran("a"), _ran("b")])
     assert [(d.job_id, d.attempt, d.carried) for d in worker._produce.published] == [
         ("a", 1, []), ("b", 1, [])]
+
+
+def test_a_lone_job_with_more_waiting_commits_first(worker):
+    worker._consume = SimpleNamespace(depth=lambda: 3)
+    worker._store = ScriptedStore([[Outcome("ok", (b"1",))]])
+    worker._commit([_ran()])
+    [published] = worker._produce.published
+    assert published.carried == [] and published.attempt == 1
 
 
 def test_a_record_too_big_to_carry_its_commit_waits_for_it(worker):
