@@ -2,8 +2,10 @@
 
 Lifecycle of a job through the broker:
   1. a `Submit` arrives on the ZMQ ROUTER (or an entry on the Redis ingress stream);
-  2. jobs.lua `submit` writes the record (idempotent on job id), then the first stage's
-     `Dispatch` is published into its ring (or queued in the Dispatcher while the ring is full);
+  2. jobs.lua `submit` writes the record (idempotent on job id; a burst of submits in one
+     round trip), then the first stage's `Dispatch` is published into its ring (or queued in
+     the Dispatcher while the ring is full). A lone submit is published first, carrying the
+     submit for its worker to apply (see `submit_batch`); the reply waits for the write;
   3. workers take it from there: they claim, lease, run, commit to Redis and publish the
      hand-on into the next ring themselves: the broker is not on the per-stage hot path;
   4. the Reaper re-publishes work whose lease expired or whose slot was never released.
