@@ -160,9 +160,11 @@ class Broker:
             answers.append(None)
         # Alone, a job goes out before our write (its worker applies the same submit); in a
         # burst the jobs queue anyway, and writing first spares Redis the worker's copy.
-        lone = len(prepared) == 1
+        if len(prepared) > 1:
+            prepared = [(job_id, transition, stored, None)
+                        for job_id, transition, stored, _ in prepared]
         for _, _, _, early in prepared:
-            if lone and early is not None:
+            if early is not None:
                 self.dispatcher.publish(first, early)
         outcomes = self.store.run_batch([transition for _, transition, _, _ in prepared])
         results = iter(zip(prepared, outcomes))
@@ -170,7 +172,7 @@ class Broker:
             if answer is not None:
                 continue
             (job_id, _, stored, early), outcome = next(results)
-            if outcome.ok and not (lone and early is not None):
+            if outcome.ok and early is None:
                 self.dispatcher.publish(first, stored)
             answers[index] = Submitted(job_id=job_id, created=outcome.ok)
         return answers

@@ -36,13 +36,7 @@ class BrokerClient:
 
     def call(self, request, timeout_s: float | None = None):
         """Send one request; return its reply, or raise RemoteError / TransportError."""
-        self._rid += 1
-        request.rid = self._rid
-        try:
-            frame = self._codec.encode(request)
-        except OverflowError:  # an int beyond 64 bits: JSON carries it, and the broker speaks it
-            frame = self._codec.encode(request, as_json=True)
-        self._sock.send(frame)
+        self._send(request)
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
@@ -54,6 +48,17 @@ class BrokerClient:
         if isinstance(reply, wire.Error):
             raise RemoteError(reply.code, reply.message)
         return reply
+
+    def _send(self, request) -> int:
+        """Stamp the next rid on `request` and send it; returns the rid."""
+        self._rid += 1
+        request.rid = self._rid
+        try:
+            frame = self._codec.encode(request)
+        except OverflowError:  # an int beyond 64 bits: JSON carries it, and the broker speaks it
+            frame = self._codec.encode(request, as_json=True)
+        self._sock.send(frame)
+        return self._rid
 
     def submit(self, params: dict[str, Any] | None = None, job_id: str | None = None,
                priority: int = 0) -> wire.Submitted:
@@ -69,14 +74,7 @@ class BrokerClient:
         deadline = time.monotonic() + self.timeout_s
         while sent < len(jobs) or pending:
             while sent < len(jobs) and len(pending) < window:
-                self._rid += 1
-                request = wire.Submit(rid=self._rid, **jobs[sent])
-                try:
-                    frame = self._codec.encode(request)
-                except OverflowError:
-                    frame = self._codec.encode(request, as_json=True)
-                self._sock.send(frame)
-                pending[self._rid] = sent
+                pending[self._send(wire.Submit(**jobs[sent]))] = sent
                 sent += 1
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not self._sock.poll(remaining_ms):

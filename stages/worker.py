@@ -39,9 +39,6 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
-
 import msgspec
 
 from ..common import wire
@@ -53,31 +50,13 @@ from ..common.ring import Ring, open_memory
 from ..common.transfer import Exchange, Failure, FailureKind, PoolFull, PullStatus
 from ..common.wire import Dispatch, decode_dispatch, encode_dispatch
 from . import base
+from .commits import FIRST_ATTEMPT, Ran, Transitions, early_record, fitted
 
 log = logging.getLogger(__name__)
 
 _REGISTER_RETRY_S = 0.5
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "dead"})
 _HANDOFF_TIMEOUT_S = 1.0
-# A hand-on published before its commit lands names the next stage's attempt before Redis
-# assigns it: the first one, right unless the next stage already ran (then it is corrected).
-_FIRST_ATTEMPT = 1
-
-
-@dataclass
-class _Ran:
-    """One dispatch whose stage ran, waiting for the batch's commit."""
-
-    dispatch: Dispatch
-    params_json: bytes
-    output: base.StageOutput
-    pull: Any  # the inputs' Pull, released after the commit; None without inputs
-    ran_ms: int
-    ahead: bool  # run before its start was recorded: commit with `pass`
-    hand_on: Dispatch | None = None
-    held_key: str = ""
-    early: bool = False  # the hand-on went out before the commit, carrying it
-
 
 class Worker:
     def __init__(self, config: Config, stage: str, *, broker_endpoint: str | None = None,
@@ -89,6 +68,8 @@ class Worker:
         self.transport = transport or config.worker.transport
         self.worker_id = worker_id or f"{stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stage = base.create(self.stage_config)
+        self._transitions = Transitions(config.pipeline.name, self.stage_config,
+                                        self.stage_index)
         self.jobs_done = 0
         self._draining = threading.Event()
         self._stopped = threading.Event()
@@ -192,18 +173,17 @@ class Worker:
             ring.unlease(cell)
 
     def _handle(self, dispatches: list[Dispatch]) -> None:
-        store, stage = self._store, self.stage_config
-        ran: list[_Ran] = []
+        store = self._store
+        ran: list[Ran] = []
         if self.stage.cheap and all(d.params is not None and not d.tensors for d in dispatches):
             for dispatch in dispatches:
                 done = self._run(dispatch, dispatch.params, ahead=True)
                 if done is not None:
                     ran.append(done)
         else:
-            prefix = [t for d in dispatches for t in self._prefix(d)]
+            prefix = [t for d in dispatches for t in self._transitions.prefix(d)]
             outcomes = store.run_batch(prefix + [
-                ("start", d.job_id, stage.name, d.attempt, self.worker_id, stage.job_state(),
-                 self.stage_index) for d in dispatches])[len(prefix):]
+                self._transitions.start(d, self.worker_id) for d in dispatches])[len(prefix):]
             for dispatch, started in zip(dispatches, outcomes):
                 if not started.ok:
                     log.debug("job %s attempt %d not started: %s", dispatch.job_id,
@@ -219,7 +199,7 @@ class Worker:
                 if done.pull is not None:
                     done.pull.close()
 
-    def _run(self, dispatch: Dispatch, params_json: bytes, ahead: bool) -> _Ran | None:
+    def _run(self, dispatch: Dispatch, params_json: bytes, ahead: bool) -> Ran | None:
         """Pull the inputs and run the stage; None when the attempt ended here (failed)."""
         pull = self._pull(dispatch) if dispatch.tensors else None
         if pull is not None and pull.failure is not None:
@@ -239,31 +219,17 @@ class Worker:
             self._fail(dispatch, f"{type(exc).__name__}: {exc}", ahead)
             return None
         ran_ms = int((time.perf_counter() - started) * 1000)
-        return _Ran(dispatch, params_json, output, pull, ran_ms, ahead)
+        return Ran(dispatch, params_json, output, pull, ran_ms, ahead)
 
     def _fail(self, dispatch: Dispatch, error: str, ahead: bool) -> None:
         if ahead:  # its start is not recorded yet, and retry is fenced on it
-            stage = self.stage_config
-            started = self._store.run_batch(self._prefix(dispatch) + [
-                ("start", dispatch.job_id, stage.name, dispatch.attempt, self.worker_id,
-                 stage.job_state(), self.stage_index)])[-1]
+            started = self._store.run_batch(self._transitions.prefix(dispatch) + [
+                self._transitions.start(dispatch, self.worker_id)])[-1]
             if not started.ok:
                 return
         self._retry(dispatch, error)
 
-    def _prefix(self, dispatch: Dispatch) -> list[tuple]:
-        """The transitions a dispatch carries, to apply before the consumer's own: the broker's
-        submit (`Dispatch.submit`) and earlier stages' commits still in flight (`carried`)."""
-        prefix = []
-        if dispatch.submit:
-            stored = encode_dispatch(msgspec.structs.replace(dispatch, submit="", carried=[]))
-            prefix.append(("submit", dispatch.job_id, self.config.pipeline.name, dispatch.params,
-                           self.stage_config.name, stored, dispatch.priority, dispatch.submit))
-        for command, job_id, *args in dispatch.carried:
-            prefix.append((command.decode(), job_id.decode(), *args))
-        return prefix
-
-    def _commit(self, ran: list[_Ran]) -> None:
+    def _commit(self, ran: list[Ran]) -> None:
         """`complete` (last stage) or hold the outputs, `finish` and hand on: one round trip."""
         store, stage = self._store, self.stage_config
         next_name = self._registered.next_stage
@@ -283,25 +249,14 @@ class Worker:
                     done.held_key = key
                     hand_on = msgspec.structs.replace(hand_on, endpoint=self._exchange.endpoint,
                                                       tensors=descs)
-                payload = encode_dispatch(hand_on)
-                if len(payload) > self._produce.layout.payload_max:  # params read from Redis
-                    hand_on = msgspec.structs.replace(hand_on, params=None)
-                    payload = encode_dispatch(hand_on)
-                done.hand_on = hand_on
+                done.hand_on, payload = fitted(hand_on, self._produce.layout.payload_max)
             else:
                 payload = msgspec.json.encode(done.output.result)
-            if done.ahead:
-                transitions.append(JobStore.pass_args(
-                    d.job_id, stage.name, d.attempt, self.worker_id, stage.job_state(),
-                    self.stage_index, done.ran_ms, next_name, payload))
-            elif next_name:
-                transitions.append(("finish", d.job_id, stage.name, d.attempt, self.worker_id,
-                                    next_name, payload))
-            else:
-                transitions.append(("complete", d.job_id, stage.name, d.attempt,
-                                    self.worker_id, payload))
+            transitions.append(self._transitions.commit(done, self.worker_id, next_name,
+                                                        payload))
             ready.append(done)
-        prefix = [t for done in ready if done.ahead for t in self._prefix(done.dispatch)]
+        prefix = [t for done in ready if done.ahead
+                  for t in self._transitions.prefix(done.dispatch)]
         if (len(ready) == 1 and ready[0].ahead and ready[0].hand_on is not None
                 and not self._consume.depth()):
             # A lone job (low load): hand on first, the commit riding along. When jobs are
@@ -320,7 +275,7 @@ class Worker:
                     self._exchange.release(done.held_key)
                 continue
             attempt = int(outcome.values[0]) if done.hand_on is not None else 0
-            if done.hand_on is not None and not (done.early and attempt == _FIRST_ATTEMPT):
+            if done.hand_on is not None and not (done.early and attempt == FIRST_ATTEMPT):
                 hand_on = msgspec.structs.replace(done.hand_on, attempt=attempt)
                 self._publish(self._produce, encode_dispatch(hand_on))
             self.jobs_done += 1
@@ -329,14 +284,13 @@ class Worker:
                 self._exchange.notify_release(done.dispatch.endpoint,
                                               self._input_key(done.dispatch.job_id))
 
-    def _hand_on_early(self, done: _Ran, transition: tuple) -> None:
+    def _hand_on_early(self, done: Ran, transition: tuple) -> None:
         """Publish a cheap stage's hand-on before its commit lands, carrying that commit (and
-        whatever its own dispatch carried), when it all fits the slot."""
-        carried = [[x if isinstance(x, bytes) else str(x).encode() for x in t]
-                   for t in self._prefix(done.dispatch) + [transition]]
-        payload = encode_dispatch(msgspec.structs.replace(
-            done.hand_on, attempt=_FIRST_ATTEMPT, carried=carried))
-        if len(payload) <= self._produce.layout.payload_max:
+        whatever its own record carried), when it all fits the slot."""
+        payload = early_record(done.hand_on,
+                               self._transitions.prefix(done.dispatch) + [transition],
+                               self._produce.layout.payload_max)
+        if payload is not None:
             self._publish(self._produce, payload)
             done.early = True
 

@@ -16,7 +16,8 @@ from stagepool.common import config as config_mod
 from stagepool.common import wire
 from stagepool.common.jobstore import Outcome
 from stagepool.stages import base
-from stagepool.stages.worker import Worker, _Ran
+from stagepool.stages.commits import Ran
+from stagepool.stages.worker import Worker
 
 
 class ScriptedStore:
@@ -59,7 +60,7 @@ def worker():
 
 def _ran(job_id="j1", params=b'{"p": 1}', submit=""):
     dispatch = wire.Dispatch(job_id, 1, "encode", params=params, submit=submit)
-    return _Ran(dispatch, params, base.StageOutput(result={}), None, 0, ahead=True)
+    return Ran(dispatch, params, base.StageOutput(result={}), None, 0, ahead=True)
 
 
 def test_a_lone_job_is_handed_on_first_carrying_its_submit_and_commit(worker):
