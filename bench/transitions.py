@@ -3,8 +3,8 @@
     python bench/transitions.py [--jobs 3000]
 
 On a private redis-server: the round trip of a plain PING and of one transition script from
-Python (median), then the Redis-side time per transition (INFO commandstats) of `submit` and
-`pass` (a stage's start and commit at once) run alone and in batches of 16. Prints JSON.
+Python (median), then the Redis-side time per transition (INFO commandstats) of `submit`,
+`start` and `finish` (a stage's two transitions) run alone and in batches of 16. Prints JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stagepool.broker.cluster import start_redis  # noqa: E402
+from stagepool.common import transitions as tx  # noqa: E402
 from stagepool.common.jobstore import JobStore  # noqa: E402
 
 
@@ -49,21 +50,24 @@ def run(jobs: int) -> dict:
         ids = iter([uuid.uuid4().hex for _ in range(jobs + 200)])
         report = {
             "ping_rtt_us": _median_us(store.redis.ping, jobs),
-            "submit_rtt_us": _median_us(lambda: store.submit(
-                next(ids), "noop", b"{}", "encode", b"d" * 60, 0), jobs),
+            "submit_rtt_us": _median_us(lambda: store.apply(tx.Submit(
+                next(ids), "noop", b"{}", "encode", b"d" * 60)), jobs),
         }
         for batch in (1, 16):
             ids = [uuid.uuid4().hex for _ in range(jobs)]
             store.redis.config_resetstat()
             for i in range(0, jobs, batch):
-                store.run_batch([("submit", j, "noop", b"{}", "encode", b"d" * 60, 0)
-                                 for j in ids[i:i + batch]])
+                store.run([tx.Submit(j, "noop", b"{}", "encode", b"d" * 60)
+                           for j in ids[i:i + batch]])
             report[f"submit_redis_us_batch{batch}"] = _redis_us(store, jobs)
             for i in range(0, jobs, batch):
-                store.run_batch([JobStore.pass_args(j, "encode", 1, "w", "encoding", 0, 0,
-                                                    "denoise", b"d" * 60)
-                                 for j in ids[i:i + batch]])
-            report[f"pass_redis_us_batch{batch}"] = _redis_us(store, jobs)
+                store.run([tx.Start(j, "encode", 1, "w", "encoding", 0)
+                           for j in ids[i:i + batch]])
+            report[f"start_redis_us_batch{batch}"] = _redis_us(store, jobs)
+            for i in range(0, jobs, batch):
+                store.run([tx.Finish(j, "encode", 1, "w", "denoise", b"d" * 60)
+                           for j in ids[i:i + batch]])
+            report[f"finish_redis_us_batch{batch}"] = _redis_us(store, jobs)
         return report
     finally:
         store.close()

@@ -1,1 +1,1 @@
-"""The controller: ring host, ZMQ router, ingress, lease reaper, Redis mirror, CLI."""
+"""The controller: ring host, ZMQ router, ingress, lease reaper, HTTP gateway, CLI."""

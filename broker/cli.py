@@ -32,10 +32,10 @@ import msgspec
 from ..common import config as config_mod
 from ..common.client import BrokerClient
 from ..common.errors import RemoteError, StagepoolError
+from ..common.wire import TERMINAL_STATES
 
 log = logging.getLogger("stagepool")
 
-TERMINAL = {"succeeded", "failed", "cancelled", "dead"}
 DEFAULT_STATE_DIR = ".stagepool"
 
 
@@ -196,7 +196,7 @@ def _follow_with_progress(client: BrokerClient, job_id: str, config, timeout_s: 
                     bars.update(tasks[name], total=total, completed=done, note=f"step {step}")
                 elif "started_ms" in info:
                     bars.update(tasks[name], note="running")
-            if status.state in TERMINAL:
+            if status.state in TERMINAL_STATES:
                 return status
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {status.state} after {timeout_s} s")
@@ -211,7 +211,7 @@ def _follow(client: BrokerClient, job_id: str, timeout_s: float, show: bool):
         if show and status.state != last:
             print(f"  {job_id}: {status.state}", flush=True)
             last = status.state
-        if status.state in TERMINAL:
+        if status.state in TERMINAL_STATES:
             return status
         if time.monotonic() >= deadline:
             raise TimeoutError(f"job {job_id} still {status.state} after {timeout_s} s")

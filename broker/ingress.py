@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from ..common.errors import ProtocolError, StagepoolError
+from ..common import transitions as tx
 from ..common.jobstore import JobStore
 from ..common.wire import JOB_ID
 
@@ -92,7 +93,7 @@ class Ingress:
         log.warning("ingress entry %s rejected: %s", entry_id.decode(), reason)
         job_id = _salvage_job_id(raw)
         if job_id:
-            self.store.reject(job_id, f"rejected at ingress: {reason}")
+            self.store.apply(tx.Reject(job_id, f"rejected at ingress: {reason}"))
         self.store.redis.xadd(
             self.store.keys.events,
             {"job": job_id or "", "event": "rejected", "entry": entry_id, "detail": reason[:500]},

@@ -21,6 +21,7 @@ import time
 
 from ..common.config import Config
 from ..common.errors import ProtocolError, StagepoolError
+from ..common import transitions as tx
 from ..common.jobstore import JobStore
 from ..common.ring import Ring
 from ..common.wire import decode_dispatch
@@ -134,10 +135,9 @@ class Reaper:
     def recover(self, stage: str, job_id: str, attempt: int, reason: str) -> None:
         stage_config = self.config.stage(stage)
         next_stage = self.config.next_stage(stage)
-        outcome = self.store.retry(
-            job_id, stage, attempt, "broker", reason, stage_config.max_attempts, crash=True,
-            next_stage=next_stage.name if next_stage else "",
-        )
+        outcome = self.store.apply(tx.Retry(
+            job_id, stage, attempt, "broker", reason, stage_config.max_attempts, "crash",
+            next_stage.name if next_stage else ""))
         if outcome.status == "retry":
             new_attempt, dispatch = int(outcome.values[0]), outcome.values[1]
             self.dispatcher.republish(stage, dispatch, new_attempt)

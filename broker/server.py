@@ -4,8 +4,7 @@ Lifecycle of a job through the broker:
   1. a `Submit` arrives on the ZMQ ROUTER (or an entry on the Redis ingress stream);
   2. jobs.lua `submit` writes the record (idempotent on job id; a burst of submits in one
      round trip), then the first stage's `Dispatch` is published into its ring (or queued in
-     the Dispatcher while the ring is full). A lone submit is published first, carrying the
-     submit for its worker to apply (see `submit_batch`); the reply waits for the write;
+     the Dispatcher while the ring is full), and the client hears the job is accepted;
   3. workers take it from there: they claim, lease, run, commit to Redis and publish the
      hand-on into the next ring themselves: the broker is not on the per-stage hot path;
   4. the Reaper re-publishes work whose lease expired or whose slot was never released.
@@ -26,12 +25,12 @@ import time
 import uuid
 from typing import Any
 
-import msgspec
 import zmq
 
 from ..common import wire
 from ..common.config import Config
 from ..common.errors import Code, ProtocolError, StagepoolError
+from ..common import transitions as tx
 from ..common.jobstore import JobStore, job_status
 from ..common.wire import (
     Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, Heartbeat, HeartbeatAck,
@@ -123,7 +122,7 @@ class Broker:
         """Publish every non-terminal job's current stage again (fresh rings after a start)."""
         count = 0
         for job_id in list(self.store.active_ids()):
-            outcome = self.store.rebuild(job_id, self._stage_names)
+            outcome = self.store.apply(tx.Rebuild(job_id, self._stage_names))
             if outcome.status != "retry":
                 continue
             attempt, dispatch, stage = outcome.values
@@ -140,63 +139,36 @@ class Broker:
         return answer
 
     def submit_batch(self, requests: list[tuple]) -> list[Submitted | StagepoolError]:
-        """(job_id, params, pipeline, priority) each: written to Redis in one round trip, and
-        published. A request that is refused gets its error in its place; the others go on.
-
-        A lone submit whose dispatch fits with its params goes out first, carrying the
-        submit's token: its worker applies the same (idempotent) submit itself, so the job
-        starts while our write is on its way. The reply still waits for our write: a submit
-        is acknowledged once durable.
-        """
-        first = self._stage_names[0]
+        """(job_id, params, pipeline, priority) each: written to Redis in one round trip, then
+        the created ones published. A request that is refused gets its error in its place;
+        the others go on. A job is published only once durable, so a submit is acknowledged
+        only once durable, and a worker never starts a job Redis does not know."""
         answers: list[Submitted | StagepoolError | None] = []
-        prepared = []
+        submits: list[tx.Submit] = []
         for job_id, params, pipeline, priority in requests:
             try:
-                prepared.append(self._prepare(job_id, params, pipeline, priority))
+                submits.append(self._prepare(job_id, params, pipeline, priority))
+                answers.append(None)
             except StagepoolError as exc:
                 answers.append(exc)
-                continue
-            answers.append(None)
-        # Alone, a job goes out before our write (its worker applies the same submit); in a
-        # burst the jobs queue anyway, and writing first spares Redis the worker's copy.
-        if len(prepared) > 1:
-            prepared = [(job_id, transition, stored, None)
-                        for job_id, transition, stored, _ in prepared]
-        for _, _, _, early in prepared:
-            if early is not None:
-                self.dispatcher.publish(first, early)
-        outcomes = self.store.run_batch([transition for _, transition, _, _ in prepared])
-        results = iter(zip(prepared, outcomes))
+        outcomes = iter(zip(submits, self.store.run(submits)))
         for index, answer in enumerate(answers):
-            if answer is not None:
-                continue
-            (job_id, _, stored, early), outcome = next(results)
-            if outcome.ok and early is None:
-                self.dispatcher.publish(first, stored)
-            answers[index] = Submitted(job_id=job_id, created=outcome.ok)
+            if answer is None:
+                submit, outcome = next(outcomes)
+                if outcome.ok:
+                    self.dispatcher.publish(submit.first_stage, submit.dispatch)
+                answers[index] = Submitted(job_id=submit.job_id, created=outcome.ok)
         return answers
 
-    def _prepare(self, job_id: str | None, params: dict, pipeline: str, priority: int):
-        """(job id, submit transition, first dispatch, the same carrying the submit or None
-        when that does not fit a slot)."""
+    def _prepare(self, job_id: str | None, params: dict, pipeline: str,
+                 priority: int) -> tx.Submit:
         name = self.config.pipeline.name
         if pipeline and pipeline != name:
             raise ProtocolError(f"unknown pipeline {pipeline!r}; this broker runs {name!r}")
         job_id = wire.check_job_id(job_id) if job_id else uuid.uuid4().hex
-        params_json = wire.check_params(params)
         first = self._stage_names[0]
-        # The params ride in the dispatch when they fit the slot: the worker then needs no
-        # Redis read before it can run, and can apply the submit itself.
-        dispatch = Dispatch(job_id, 1, first, priority, params=params_json)
-        token = uuid.uuid4().hex[:16]  # tells our own submit from an earlier one of this id
-        early = wire.encode_dispatch(msgspec.structs.replace(dispatch, submit=token))
-        if len(early) > self.ringhost.layout.payload_max:
-            early = None
-            dispatch = Dispatch(job_id, 1, first, priority)
-        stored = wire.encode_dispatch(dispatch)
-        transition = ("submit", job_id, name, params_json, first, stored, priority, token)
-        return job_id, transition, stored, early
+        dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, wire.check_priority(priority)))
+        return tx.Submit(job_id, name, wire.check_params(params), first, dispatch, priority)
 
     # -- control socket ----------------------------------------------------------------------
 
@@ -284,7 +256,7 @@ class Broker:
             case GetStatus(job_id=job_id):
                 return self._status(job_id)
             case Cancel(job_id=job_id):
-                outcome = self.store.cancel(wire.check_job_id(job_id))
+                outcome = self.store.apply(tx.Cancel(wire.check_job_id(job_id)))
                 if outcome.status == "missing":
                     return Error(code=Code.NOT_FOUND, message=f"no job {job_id}")
                 state = outcome.values[0].decode() if outcome.values else "cancelled"
@@ -318,9 +290,10 @@ class Broker:
         if index <= 0:
             return Error(code=Code.BAD_REQUEST, message=f"{request.stage!r} has no previous stage")
         prev = stages[index - 1]
-        outcome = self.store.rewind(wire.check_job_id(request.job_id), request.stage,
-                                    request.attempt, request.worker_id, request.error, prev.name,
-                                    prev.job_state(), index - 1, prev.max_attempts)
+        outcome = self.store.apply(tx.Rewind(
+            wire.check_job_id(request.job_id), request.stage, request.attempt,
+            request.worker_id, request.error, prev.name, prev.job_state(), index - 1,
+            prev.max_attempts))
         if outcome.status == "retry":
             attempt, dispatch = outcome.values
             self.dispatcher.republish(prev.name, dispatch, int(attempt))

@@ -17,6 +17,7 @@ import msgspec
 from .errors import ConfigError
 
 ENV_PREFIX = "STAGEPOOL_"
+DEFAULT_RESULTS_DIR = ".stagepool/results"  # where decode writes (a stage's `results_dir`)
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -24,14 +25,16 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     name: str
     state: str = ""  # the job state while in this stage; default "<name>ing"-like below
-    kind: str = "noop"  # stage implementation: "noop", or a model family stage
+    # The stage implementation: a built-in kind ("noop", "encode", "denoise", "decode"), an
+    # entry point in the `stagepool.stages` group, or "module:Class" (stages/base.py).
+    kind: str = "noop"
     sleep_ms: float = 0.0  # noop stages: simulated work per job
     workers: int = 1  # pool size that `stagepool up` starts
     max_attempts: int = 3
     lease_ms: int = 10_000  # a lease not refreshed for this long is expired
-    # Claim up to this many waiting dispatches at once and commit them in one Redis round
-    # trip (each holds one of the ring's lease cells). For cheap stages; keep 1 for GPU ones,
-    # where a claimed-but-waiting job would idle while another worker is free.
+    # Claim up to this many waiting dispatches at once, start and commit them in one Redis
+    # round trip each (each holds one of the ring's lease cells). For cheap stages; keep 1
+    # for GPU ones, where a claimed-but-waiting job would idle while another worker is free.
     max_batch: int = 1
     options: dict[str, Any] = {}
 
@@ -70,9 +73,12 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True):
 class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True):
     transport: str = "auto"  # "auto" | "shm" | "tcp" | "verbs"
     heartbeat_ms: int = 1000
-    claim_wait_s: float = 0.5
+    claim_wait_s: float = 0.5  # one wait on an empty ring, between checks for drain/reattach
     spin_us: int = 50  # busy-poll this long before sleeping on an empty ring
     drain_timeout_s: float = 30.0
+    control_timeout_s: float = 5.0  # a request to the broker (register, rewind, ping)
+    register_retry_s: float = 0.5  # between tries to reach the broker
+    publish_wait_s: float = 1.0  # a hand-on into a full ring logs after this, then waits on
 
 
 class TransferConfig(msgspec.Struct, forbid_unknown_fields=True):

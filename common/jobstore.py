@@ -1,21 +1,9 @@
 """The Redis job store: job records, transitions, events, ingress, dead letters.
 
 Every transition runs inside `lua/jobs.lua` (read it for the record's schema), so each is
-atomic, and the stage-scoped ones are fenced by the stage's attempt number. `run_batch` runs
-several in one round trip (a worker committing a batch, the broker a burst of submits):
-
-  submit    -> queued (idempotent on job id)
-  start     -> the stage's state; at most one start per (stage, attempt)
-  finish    -> commits a non-final stage once and records the hand-on for the next stage;
-               answers the next stage's attempt (attempts only grow)
-  complete  -> succeeded: the result commit, exactly once per job
-  pass      -> start + finish (or complete) at once, for a stage run before its start
-  retry     -> a failed or expired attempt: attempt + 1, or failed / dead after max_attempts;
-               for a stage committed by a worker that died before handing on: republish
-  rewind    -> a stage's inputs died with their producer: the previous stage runs again
-  progress  -> "step i/n" of the running attempt, and a progress event
-  rebuild   -> after a broker restart: the job's current stage with a fresh attempt
-  cancel    -> cancelled
+atomic, and the stage-scoped ones are fenced by the stage's attempt number. The transitions
+are typed structs (common/transitions.py); `run` sends several in one round trip (a worker
+committing a batch, the broker a burst of submits), `apply` one.
 
 redis-py errors are translated to `StoreUnavailable` here, where they cross in.
 """
@@ -33,6 +21,7 @@ import redis
 
 from .errors import StoreUnavailable
 from .keys import INGRESS_GROUP, Keys
+from .transitions import Transition
 from .wire import JobStatus
 
 # Record fields that are a stage's, as `<stage>.<field>`; the ints among them.
@@ -92,93 +81,25 @@ class JobStore:
     def close(self) -> None:
         self.redis.close()
 
-    def _call(self, command: str, job_id: str, *args: Any) -> Outcome:
-        return self._run([(command, job_id, *args)])[0]
-
-    def _run(self, transitions: list[tuple]) -> list[Outcome]:
-        """One script call: each (command, job id, *args) in order; one Outcome each."""
+    @_translate
+    def run(self, transitions: list[Transition]) -> list[Outcome]:
+        """Several transitions in one round trip (one script call), in order; one Outcome
+        each. Each is independent of the others' outcome."""
+        if not transitions:
+            return []
         k = self.keys
         keys = [k.events, k.active, k.jobs, k.results, k.dead]
         argv: list[Any] = [self.events_maxlen]
-        for command, job_id, *args in transitions:
-            keys.append(k.job(job_id))
-            argv.extend((len(args) + 2, command, job_id, *args))
+        for transition in transitions:
+            args = transition.args()
+            keys.append(k.job(transition.job_id))
+            argv.extend((len(args) + 2, transition.command, transition.job_id, *args))
         return [Outcome(reply[0].decode(), tuple(reply[1:]))
                 for reply in self._script(keys=keys, args=argv)]
 
-    @_translate
-    def run_batch(self, transitions: list[tuple]) -> list[Outcome]:
-        """Several transitions in one round trip: (command, job id, *args) as the methods
-        below take them (see `pass_args` and the script's header); one Outcome each."""
-        return self._run(transitions) if transitions else []
-
-    # -- transitions ---------------------------------------------------------------------
-
-    @_translate
-    def submit(self, job_id: str, pipeline: str, params_json: bytes, first_stage: str,
-               dispatch: bytes, priority: int = 0, token: str = "") -> Outcome:
-        """ok (created; or created by this same `token`'s submit already) or exists."""
-        return self._call("submit", job_id, pipeline, params_json, first_stage, dispatch, priority,
-                          token)
-
-    @_translate
-    def start(self, job_id: str, stage: str, attempt: int, worker: str, state: str,
-              stage_index: int) -> Outcome:
-        """ok -> values[0] is the params JSON; anything else: drop the dispatch."""
-        return self._call("start", job_id, stage, attempt, worker, state, stage_index)
-
-    @_translate
-    def finish(self, job_id: str, stage: str, attempt: int, worker: str, next_stage: str,
-               next_dispatch: bytes) -> Outcome:
-        return self._call("finish", job_id, stage, attempt, worker, next_stage, next_dispatch)
-
-    @staticmethod
-    def pass_args(job_id: str, stage: str, attempt: int, worker: str, state: str,
-                  stage_index: int, ran_ms: int, next_stage: str, payload: bytes) -> tuple:
-        """A `pass` transition for `run_batch`: start and commit a stage that already ran.
-
-        With `next_stage` it is a `finish` (payload: the next stage's dispatch), without one a
-        `complete` (payload: the result JSON). ok -> values[0] is the next stage's attempt.
-        """
-        return ("pass", job_id, stage, attempt, worker, state, stage_index, ran_ms, next_stage,
-                payload)
-
-    @_translate
-    def rewind(self, job_id: str, stage: str, attempt: int, worker: str, error: str,
-               prev_stage: str, prev_state: str, prev_index: int, max_attempts: int) -> Outcome:
-        """retry -> (prev attempt, prev dispatch); failed; or a fence refusal."""
-        return self._call("rewind", job_id, stage, attempt, worker, error[:2000], prev_stage,
-                          prev_state, prev_index, max_attempts)
-
-    @_translate
-    def progress(self, job_id: str, stage: str, attempt: int, step: int, steps: int) -> Outcome:
-        return self._call("progress", job_id, stage, attempt, step, steps)
-
-    @_translate
-    def complete(self, job_id: str, stage: str, attempt: int, worker: str,
-                 result: Any) -> Outcome:
-        return self._call("complete", job_id, stage, attempt, worker, msgspec.json.encode(result))
-
-    @_translate
-    def retry(self, job_id: str, stage: str, attempt: int, worker: str, error: str,
-              max_attempts: int, *, crash: bool, next_stage: str = "") -> Outcome:
-        """retry -> (attempt, dispatch); republish -> (stage, attempt, dispatch)."""
-        mode = "crash" if crash else "error"
-        return self._call("retry", job_id, stage, attempt, worker, error[:2000], max_attempts,
-                          mode, next_stage)
-
-    @_translate
-    def rebuild(self, job_id: str, stage_names: list[str]) -> Outcome:
-        """retry -> (attempt, dispatch, stage)."""
-        return self._call("rebuild", job_id, *stage_names)
-
-    @_translate
-    def cancel(self, job_id: str) -> Outcome:
-        return self._call("cancel", job_id)
-
-    @_translate
-    def reject(self, job_id: str, error: str) -> Outcome:
-        return self._call("reject", job_id, error[:2000])
+    def apply(self, transition: Transition) -> Outcome:
+        """One transition."""
+        return self.run([transition])[0]
 
     # -- reads ---------------------------------------------------------------------------
 

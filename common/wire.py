@@ -27,6 +27,8 @@ PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20  # a control frame above this is refused with `too_large`
 MAX_PARAMS_BYTES = 64 << 10  # a job's params, as JSON
 JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# The states a job never leaves (jobs.lua keeps the same set).
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "dead"})
 
 Stage = str
 TransportName = Literal["shm", "tcp", "verbs"]
@@ -148,7 +150,6 @@ class Registered(Message, tag="registered"):
 class Heartbeat(Message, tag="heartbeat"):
     worker_id: str
     busy: bool = False
-    jobs_done: int = 0
     rid: int = 0
 
 
@@ -246,7 +247,7 @@ class Release(Message, tag="release"):
 
 
 class TensorDesc(msgspec.Struct, array_like=True, omit_defaults=True):
-    """Where a producer holds one tensor; the consumer pulls it (DESIGN section 5)."""
+    """Where a producer holds one tensor; the consumer pulls it (common/transfer)."""
 
     name: str
     dtype: str
@@ -259,10 +260,9 @@ class TensorDesc(msgspec.Struct, array_like=True, omit_defaults=True):
 class Dispatch(msgspec.Struct, array_like=True, omit_defaults=True):
     """One ring slot's payload: what a consumer needs to start the job's next stage.
 
-    Never tensors: they stay in the producer's memory. `params` (the job's params JSON, as
-    stored in Redis) rides along only when the record still fits its slot; without it the
-    consumer reads them from Redis as it starts the stage. `deadline_ms` is wall-clock epoch
-    milliseconds (0: none); it crosses hosts, so it cannot be monotonic.
+    Never params or tensors: the params live in Redis (`start` returns them), the tensors in
+    the producer's memory. `deadline_ms` is wall-clock epoch milliseconds (0: none); it
+    crosses hosts, so it cannot be monotonic.
     """
 
     job_id: str
@@ -272,15 +272,6 @@ class Dispatch(msgspec.Struct, array_like=True, omit_defaults=True):
     deadline_ms: int = 0
     endpoint: str = ""
     tensors: list[TensorDesc] = []
-    params: bytes | None = None
-    # Set on a record the broker published before its `submit` landed in Redis (to take that
-    # round trip off the job's path): the submit request's token. The consumer applies the
-    # same submit, idempotent, before its own start. Only set with `params`, which it needs.
-    submit: str = ""
-    # Commits of earlier stages still on their way to Redis when this record was published (a
-    # cheap stage hands on before its commit lands): the consumer applies them, in order and
-    # idempotent, before its own transition. Each is [command, job id, args...] as bytes.
-    carried: list[list[bytes]] = []
 
 
 class Codec:
@@ -332,9 +323,18 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
+def check_priority(priority: int) -> int:
+    if not -(1 << 63) <= priority < (1 << 63):
+        raise ProtocolError(f"priority must fit a signed 64-bit integer, got {priority}")
+    return priority
+
+
 def check_params(params: dict[str, Any]) -> bytes:
-    """The params as the JSON stored in Redis; ProtocolError if too large."""
-    blob = msgspec.json.encode(params)
+    """The params as the JSON stored in Redis; ProtocolError if too large or not JSON."""
+    try:
+        blob = msgspec.json.encode(params)
+    except (TypeError, msgspec.EncodeError) as exc:  # e.g. a msgpack Ext value
+        raise ProtocolError(f"params must be JSON values: {exc}") from None
     if len(blob) > MAX_PARAMS_BYTES:
         raise ProtocolError(f"params of {len(blob)} bytes > limit of {MAX_PARAMS_BYTES}")
     return blob

@@ -7,10 +7,8 @@
 `run` raises to fail the attempt (retried up to max_attempts, then the job fails). It may
 call `job.progress(i, n)`; long runs need nothing else: the runtime keeps the lease alive.
 
-A stage whose run costs less than a Redis round trip may say so (`cheap`): when the dispatch
-carries the params, the worker then runs it first and records start and commit in one
-transition (`pass`). The price: a job cancelled while queued may still run once there (its
-output is discarded), so expensive stages must not claim it.
+A stage's `kind` names its class (stages/plugins.py): a built-in kind ("noop", "encode",
+"denoise", "decode"), an entry point in the `stagepool.stages` group, or `module:Class`.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..common.config import StageConfig
+from . import plugins
 
 
 @dataclass
@@ -45,11 +44,6 @@ class Stage(abc.ABC):
     def __init__(self, config: StageConfig):
         self.config = config
 
-    @property
-    def cheap(self) -> bool:
-        """True: run before the start is recorded (see the module docstring)."""
-        return False
-
     def load(self) -> None:
         """Load models; called once before the first job."""
 
@@ -58,22 +52,5 @@ class Stage(abc.ABC):
         """Do the stage's work for one job."""
 
 
-_KINDS: dict[str, Callable[[StageConfig], Stage]] = {}
-
-
-def register(kind: str):
-    def decorate(cls):
-        _KINDS[kind] = cls
-        return cls
-
-    return decorate
-
-
 def create(config: StageConfig) -> Stage:
-    from . import model, noop  # noqa: F401  (registers the built-in kinds)
-
-    try:
-        factory = _KINDS[config.kind]
-    except KeyError:
-        raise ValueError(f"unknown stage kind {config.kind!r}; known: {sorted(_KINDS)}") from None
-    return factory(config)
+    return plugins.load(plugins.STAGES, config.kind, Stage)(config)

@@ -1,30 +1,32 @@
-"""What a worker writes to Redis, and what its ring records carry: the transitions as data.
+"""A worker's commit policy: what it records in Redis for a batch, and what it hands on.
 
-The worker runtime (worker.py) decides when to send; this module decides what. Every
-transition is a `JobStore.run_batch` tuple: (command, job id, *args), see common/lua/jobs.lua.
-
-A record may carry transitions still on their way to Redis, for its consumer to apply first:
-  Dispatch.submit   the broker published a lone job before its submit landed: the submit
-  Dispatch.carried  a cheap stage handed a lone job on before its commit landed: that commit,
-                    and whatever its own record carried
-Each is fenced and idempotent (the submit on its token, `pass` on attempt and `done`), so a
-late original is a no-op. A record handed on early names the next stage's first attempt, which
-Redis confirms or the worker corrects once its commit answers.
+One path for every stage (each step one round trip for the whole batch):
+  1. `start`: the stage's start is recorded, fenced on the attempt; Redis answers the params.
+     A stale or duplicate attempt, or an ended job (cancelled, say), is not started: dropped;
+  2. the worker runs the stage and holds its outputs;
+  3. `commit`: `finish` (a next stage: Redis records the hand-on and answers its attempt) or
+     `complete` (the last stage: the result, exactly once per job). A refused commit (the
+     attempt was superseded, or the job ended meanwhile) hands nothing on;
+  4. the worker publishes each hand-on with the attempt Redis answered.
+A failed attempt is `retry`d (error mode): attempt + 1 published again into our own ring, or
+the job fails after max_attempts.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from ..common.config import StageConfig
-from ..common.jobstore import JobStore
+from ..common import transitions as tx
+from ..common.config import Config
+from ..common.jobstore import Outcome
 from ..common.wire import Dispatch, encode_dispatch
-from . import base
+from .session import Session
 
-FIRST_ATTEMPT = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,65 +34,70 @@ class Ran:
     """One dispatch whose stage ran, waiting for the batch's commit."""
 
     dispatch: Dispatch
-    params_json: bytes
-    output: base.StageOutput
-    pull: Any  # the inputs' Pull, released after the commit; None without inputs
-    ran_ms: int
-    ahead: bool  # run before its start was recorded: commit with `pass`
-    hand_on: Dispatch | None = None
-    held_key: str = ""
-    early: bool = False  # the hand-on went out before the commit, carrying it
+    output: Any  # base.StageOutput
+    pull: Any = None  # the inputs' Pull (closed after the commit); None without inputs
+    hand_on: Dispatch | None = None  # the next stage's dispatch, its attempt still unknown
+    held: bool = False  # outputs held in our pool under the job's key
 
 
-class Transitions:
-    """The transitions of one stage's worker."""
+class Commits:
+    """The transitions of one worker's stage."""
 
-    def __init__(self, pipeline: str, stage: StageConfig, stage_index: int):
-        self.pipeline = pipeline
-        self.stage = stage
-        self.stage_index = stage_index
+    def __init__(self, config: Config, session: Session):
+        names = [s.name for s in config.pipeline.stages]
+        self.stage = config.stage(session.stage)
+        self.index = names.index(session.stage)
+        self.next_stage = names[self.index + 1] if self.index + 1 < len(names) else ""
+        self.session = session  # our identity (worker id), the job store, max_attempts
 
-    def start(self, dispatch: Dispatch, worker: str) -> tuple:
-        return ("start", dispatch.job_id, self.stage.name, dispatch.attempt, worker,
-                self.stage.job_state(), self.stage_index)
+    def start(self, dispatches: list[Dispatch]) -> list[tuple[Dispatch, bytes]]:
+        """The dispatches that started, each with its params JSON."""
+        state, worker = self.stage.job_state(), self.session.worker_id
+        outcomes = self.session.store.run([
+            tx.Start(d.job_id, self.stage.name, d.attempt, worker, state, self.index)
+            for d in dispatches])
+        started = []
+        for dispatch, outcome in zip(dispatches, outcomes):
+            if outcome.ok:
+                started.append((dispatch, outcome.values[0]))
+            else:
+                log.info("job %s attempt %d not started: %s", dispatch.job_id, dispatch.attempt,
+                         outcome.status)
+        return started
 
-    def commit(self, done: Ran, worker: str, next_stage: str, payload: bytes) -> tuple:
-        """`pass` for a stage run ahead of its start, else `finish` (with a next stage: the
-        payload is its dispatch) or `complete` (the payload is the result JSON)."""
-        d, name = done.dispatch, self.stage.name
-        if done.ahead:
-            return JobStore.pass_args(d.job_id, name, d.attempt, worker, self.stage.job_state(),
-                                      self.stage_index, done.ran_ms, next_stage, payload)
-        if next_stage:
-            return ("finish", d.job_id, name, d.attempt, worker, next_stage, payload)
-        return ("complete", d.job_id, name, d.attempt, worker, payload)
+    def commit(self, ran: list[Ran]) -> list[tuple[Ran, Outcome]]:
+        """`finish` each that has a hand-on, `complete` the others; each with its outcome."""
+        worker = self.session.worker_id
+        transitions = []
+        for done in ran:
+            d = done.dispatch
+            if done.hand_on is not None:
+                transitions.append(tx.Finish(d.job_id, self.stage.name, d.attempt, worker,
+                                             self.next_stage, encode_dispatch(done.hand_on)))
+            else:
+                transitions.append(tx.Complete(d.job_id, self.stage.name, d.attempt, worker,
+                                               msgspec.json.encode(done.output.result)))
+        return list(zip(ran, self.session.store.run(transitions)))
 
-    def prefix(self, dispatch: Dispatch) -> list[tuple]:
-        """The transitions a record carries, to apply before the consumer's own."""
-        prefix = []
-        if dispatch.submit:
-            stored = encode_dispatch(msgspec.structs.replace(dispatch, submit="", carried=[]))
-            prefix.append(("submit", dispatch.job_id, self.pipeline, dispatch.params,
-                           self.stage.name, stored, dispatch.priority, dispatch.submit))
-        for command, job_id, *args in dispatch.carried:
-            prefix.append((command.decode(), job_id.decode(), *args))
-        return prefix
+    def retry(self, dispatch: Dispatch, error: str) -> Dispatch | None:
+        """Record a failed attempt; the dispatch to publish again (attempt + 1), or None."""
+        session = self.session
+        outcome = session.store.apply(tx.Retry(
+            dispatch.job_id, self.stage.name, dispatch.attempt, session.worker_id, error,
+            session.registered.max_attempts, "error"))
+        if outcome.status != "retry":
+            log.info("job %s after a failed attempt %d: %s", dispatch.job_id, dispatch.attempt,
+                     outcome.status)
+            return None
+        return msgspec.structs.replace(dispatch, attempt=int(outcome.values[0]))
 
-
-def fitted(hand_on: Dispatch, payload_max: int) -> tuple[Dispatch, bytes]:
-    """The hand-on and its record, without the params if they make it overflow its slot
-    (the next stage then reads them from Redis)."""
-    payload = encode_dispatch(hand_on)
-    if len(payload) > payload_max:
-        hand_on = msgspec.structs.replace(hand_on, params=None)
-        payload = encode_dispatch(hand_on)
-    return hand_on, payload
+    def progress(self, dispatch: Dispatch, step: int, steps: int) -> Outcome:
+        return self.session.store.apply(tx.Progress(dispatch.job_id, self.stage.name, dispatch.attempt, step,
+                                       steps))
 
 
-def early_record(hand_on: Dispatch, carried: list[tuple], payload_max: int) -> bytes | None:
-    """The record of a hand-on published before its commit lands, carrying `carried`; None
-    when that does not fit a slot."""
-    as_bytes = [[x if isinstance(x, bytes) else str(x).encode() for x in t] for t in carried]
-    payload = encode_dispatch(msgspec.structs.replace(hand_on, attempt=FIRST_ATTEMPT,
-                                                      carried=as_bytes))
-    return payload if len(payload) <= payload_max else None
+def handed_on(done: Ran, outcome: Outcome) -> Dispatch | None:
+    """The hand-on to publish after a committed `finish`: its attempt is Redis's answer."""
+    if not outcome.ok or done.hand_on is None:
+        return None
+    return msgspec.structs.replace(done.hand_on, attempt=int(outcome.values[0]))

@@ -1,11 +1,12 @@
 """Model stages: encode, denoise and decode over a model family (stages/families).
 
 Config (`[[pipeline.stages]]`): `kind = "encode" | "denoise" | "decode"` and options
-  family      "tiny" (default) | "wan2.1" | "qwen-image"
+  family      "tiny" (default) | "wan2.1" | "qwen-image" | an entry point in the
+              `stagepool.families` group | "module:Class" (a stages.families.Family)
   model_path  a local Diffusers directory; nothing is downloaded
   device      "cpu" | "cuda" | "cuda:N" | "auto" (cuda if present)
   dtype       "float32" | "bfloat16" | "float16"
-  results_dir where decode writes its files (default ".stagepool/results")
+  results_dir where decode writes its files (default: config.DEFAULT_RESULTS_DIR)
 
 Per job:
   encode   params -> prompt embeddings (held in the worker's pool for denoise to pull)
@@ -20,9 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import JobContext, Stage, StageOutput, register
-
-DEFAULT_RESULTS_DIR = ".stagepool/results"
+from ..common.config import DEFAULT_RESULTS_DIR
+from .base import JobContext, Stage, StageOutput
 
 
 class ModelStage(Stage):
@@ -50,7 +50,6 @@ class ModelStage(Stage):
         self.family.load(self.role)
 
 
-@register("encode")
 class EncodeStage(ModelStage):
     role = "encode"
 
@@ -58,7 +57,6 @@ class EncodeStage(ModelStage):
         return StageOutput(tensors=self.family.encode(job.params))
 
 
-@register("denoise")
 class DenoiseStage(ModelStage):
     role = "denoise"
 
@@ -66,7 +64,6 @@ class DenoiseStage(ModelStage):
         return StageOutput(tensors=self.family.denoise(job.params, job.inputs, job.progress))
 
 
-@register("decode")
 class DecodeStage(ModelStage):
     role = "decode"
 

@@ -1,6 +1,6 @@
 """The no-op stage: the control plane alone, for tests and benchmarks.
 
-Sleeps `sleep_ms` (to simulate work), then passes through; without a sleep it is `cheap`. The last stage's result records
+Sleeps `sleep_ms` (to simulate work), then passes through. The last stage's result records
 which job and attempt produced it, so tests can check each result was committed once.
 `params.fail_stage = "<stage>"` makes that stage raise, to exercise retries and failure.
 """
@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import time
 
-from .base import JobContext, Stage, StageOutput, register
+from .base import JobContext, Stage, StageOutput
 
 
-@register("noop")
 class NoopStage(Stage):
-    @property
-    def cheap(self) -> bool:
-        return not self.config.sleep_ms  # simulated work is treated as real work
-
     def run(self, job: JobContext) -> StageOutput:
         if self.config.sleep_ms:
             time.sleep(self.config.sleep_ms / 1000)

@@ -101,8 +101,33 @@ def make_ring(ring_backend):
         fixture.close()
 
 
+def wait_ended(store, job_ids: list[str], timeout_s: float) -> list[str | None]:
+    """The states of `job_ids`, in order, once all have ended or `timeout_s` has passed:
+    woken by the job store's `{ns}:ended` announcements, not by polling."""
+    from stagepool.common.jobstore import EndedFeed
+    from stagepool.common.wire import TERMINAL_STATES
+
+    feed = EndedFeed(store)  # subscribed first: a job that ends from here on is announced
+    try:
+        states = dict(zip(job_ids, store.states(job_ids)))
+        running = [j for j, state in states.items() if state not in TERMINAL_STATES]
+        states.update(feed.wait(running, timeout_s))
+    finally:
+        feed.close()
+    if any(state not in TERMINAL_STATES for state in states.values()):
+        states = dict(zip(job_ids, store.states(job_ids)))
+    return [states[j] for j in job_ids]
+
+
 def pytest_configure(config):
     os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that starts a cluster is marked `cluster`, however it gets one."""
+    for item in items:
+        if {"cluster", "cluster_factory"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.cluster)
 
 
 TEST_PIPELINE = """

@@ -13,7 +13,7 @@ from stagepool.common import wire
 from stagepool.common.client import BrokerClient
 from stagepool.common.jobstore import JobStore
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture

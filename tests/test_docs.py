@@ -12,7 +12,7 @@ import pytest
 
 from stagepool.common.client import BrokerClient
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire.md"
 

@@ -15,7 +15,9 @@ from stagepool.common.client import BrokerClient
 from stagepool.common.errors import RemoteError
 from stagepool.common.jobstore import JobStore
 
-pytestmark = pytest.mark.slow
+from .conftest import wait_ended
+
+pytestmark = pytest.mark.cluster
 
 
 def _xadd_with_redis_cli(port: int, namespace: str, jobs: list[dict]) -> None:
@@ -25,17 +27,6 @@ def _xadd_with_redis_cli(port: int, namespace: str, jobs: list[dict]) -> None:
     out = subprocess.run(["redis-cli", "-p", str(port)], input=lines.encode(),
                          capture_output=True, timeout=60, check=True)
     assert out.stdout.count(b"-") >= len(jobs), out.stdout[-500:]
-
-
-def _wait_all_terminal(store: JobStore, job_ids: list[str], timeout_s: float) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        states = store.states(job_ids)
-        if all(s in ("succeeded", "failed", "dead", "cancelled") for s in states):
-            return states
-        if time.monotonic() > deadline:
-            return states
-        time.sleep(0.2)
 
 
 def _succeeded_events(store: JobStore) -> collections.Counter:
@@ -70,7 +61,7 @@ def test_a_thousand_jobs_by_zmq_and_redis_cli_survive_a_killed_worker(
             assert time.monotonic() < deadline
             time.sleep(0.05)
         os.kill(cluster.pids()["denoise-0"], signal.SIGKILL)
-        states = _wait_all_terminal(store, zmq_ids + cli_ids, timeout_s=240)
+        states = wait_ended(store, zmq_ids + cli_ids, timeout_s=240)
     counts = collections.Counter(states)
     assert counts == {"succeeded": 1000}, counts
     events = _succeeded_events(store)
@@ -90,7 +81,7 @@ def test_jobs_survive_a_broker_killed_and_restarted_mid_run(cluster_factory, red
         for job_id in job_ids:
             client.submit({}, job_id=job_id)
     os.kill(cluster.pids()["broker"], signal.SIGKILL)  # `up` restarts it; it rebuilds
-    states = _wait_all_terminal(store, job_ids, timeout_s=180)
+    states = wait_ended(store, job_ids, timeout_s=180)
     assert collections.Counter(states) == {"succeeded": 200}
     assert max(_succeeded_events(store).values()) == 1
 
@@ -98,20 +89,16 @@ def test_jobs_survive_a_broker_killed_and_restarted_mid_run(cluster_factory, red
 def test_a_failing_stage_is_retried_then_the_job_fails_with_its_error(cluster_factory,
                                                                      redis_server, namespace):
     cluster = cluster_factory(workers=1)
+    store = JobStore(redis_server.url, namespace)
     with BrokerClient(cluster.broker) as client:
         cluster.wait_ready(client, 1)
         client.submit({"fail_stage": "denoise"}, job_id="doomed")
         client.submit({}, job_id="fine")
-        deadline = time.monotonic() + 60
-        while client.status("doomed").state != "failed":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        assert wait_ended(store, ["doomed", "fine"], 60) == ["failed", "succeeded"]
         status = client.status("doomed")
         assert "asked to fail in denoise" in status.error
         assert status.stages["denoise"]["retries"] == 5
-        while client.status("fine").state != "succeeded":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        assert "decode" not in status.stages
 
 
 def test_cancel_stops_a_queued_job(cluster_factory):
@@ -123,11 +110,35 @@ def test_cancel_stops_a_queued_job(cluster_factory):
         result = client.cancel("c-4")
         assert result.cancelled and result.state == "cancelled"
         assert client.status("c-4").state == "cancelled"
+        assert "started_ms" not in client.status("c-4").stages.get("encode", {})
 
 
-def test_batched_cheap_stages_survive_killed_workers_and_commit_each_result_once(
+def test_a_job_cancelled_while_a_stage_runs_is_not_handed_on(cluster_factory, redis_server,
+                                                             namespace):
+    """The running stage's commit is refused (the job ended): nothing starts after it."""
+    cluster = cluster_factory(workers=1, sleep_ms=300)
+    store = JobStore(redis_server.url, namespace)
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 1)
+        feed_from = store.redis.xadd(store.keys.events, {"event": "mark"})
+        client.submit({}, job_id="mid")
+        while True:  # until encode has started
+            events = store.read_events(feed_from, 100, 5000)
+            assert events, "encode never started"
+            feed_from = events[-1][0]
+            if any(f[b"event"] == b"started" for _, f in events):
+                break
+        assert client.cancel("mid").cancelled
+        client.submit({}, job_id="after")  # runs once encode's worker is free again
+        assert wait_ended(store, ["after"], 30) == ["succeeded"]
+    record = store.get("mid")
+    assert record["state"] == "cancelled"
+    assert "encode.done" not in record and "denoise.started" not in record
+
+
+def test_batched_stages_survive_killed_workers_and_commit_each_result_once(
         cluster_factory, redis_server, namespace):
-    """max_batch 8, no-op stages that run ahead of their start (`pass`): two thousand jobs
+    """max_batch 8 (a batch starts and commits in one round trip each): two thousand jobs
     submitted pipelined, a worker of each of two stages SIGKILLed mid-batch."""
     cluster = cluster_factory(workers=2, max_batch=8)
     store = JobStore(redis_server.url, namespace)
@@ -144,7 +155,7 @@ def test_batched_cheap_stages_survive_killed_workers_and_commit_each_result_once
         pids = cluster.pids()
         os.kill(pids["denoise-0"], signal.SIGKILL)
         os.kill(pids["encode-1"], signal.SIGKILL)
-        states = _wait_all_terminal(store, job_ids, timeout_s=240)
+        states = wait_ended(store, job_ids, timeout_s=240)
     assert collections.Counter(states) == {"succeeded": 2000}
     events = _succeeded_events(store)
     assert set(events) == set(job_ids) and max(events.values()) == 1
@@ -163,7 +174,7 @@ def test_submit_many_answers_each_job_and_refuses_only_the_bad_ones(cluster_fact
         answers = client.submit_many([
             {"job_id": "m-1"}, {"job_id": "bad id!"}, {"job_id": "m-1"},
             {"job_id": "m-2", "pipeline": "other"}, {"job_id": "m-3", "params": {"big": 2**70}},
-            # Params too big for a ring slot stay in Redis: the workers read them at start.
+            # Params never ride in the ring: however big, the workers read them at start.
             {"job_id": "m-4", "params": {"prompt": "x" * 4000}},
         ])
         assert [type(a).__name__ for a in answers] == [

@@ -18,6 +18,9 @@ from stagepool.common.jobstore import JobStore
 from stagepool.common.transfer import Exchange, PullStatus
 from stagepool.stages import families
 
+from .conftest import wait_ended
+from .reference import monolithic
+
 CASES = {
     # family, model directory, params
     "tiny": ("tiny", "tiny", {"prompt": "a red fox in the snow", "seed": 7}),
@@ -53,20 +56,10 @@ def test_the_three_stage_split_equals_the_monolithic_pipeline(case, tiny_models)
     finally:
         a.close()
         b.close()
-    whole = np.asarray(encode.monolithic(params))
+    whole = np.asarray(monolithic(encode, params))
     assert steps == [(i, 4) for i in range(1, 5)]
     assert split.shape == whole.shape
     assert float(np.abs(split - whole).max()) == 0.0
-
-
-def _wait_terminal(store, job_ids, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        states = store.states(job_ids)
-        if all(s in ("succeeded", "failed", "dead", "cancelled") for s in states):
-            return states
-        assert time.monotonic() < deadline, collections.Counter(states)
-        time.sleep(0.2)
 
 
 def _starts(store: JobStore, stage: str) -> collections.Counter:
@@ -77,7 +70,7 @@ def _starts(store: JobStore, stage: str) -> collections.Counter:
     return counts
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_job_through_the_cluster_writes_the_monolithic_image(cluster_factory, redis_server,
                                                                 namespace, tiny_models, tmp_path):
     cluster = cluster_factory(workers=1, models=tiny_models["tiny"], lease_ms=10_000)
@@ -86,7 +79,7 @@ def test_a_job_through_the_cluster_writes_the_monolithic_image(cluster_factory, 
     with BrokerClient(cluster.broker, timeout_s=30) as client:
         cluster.wait_ready(client, 1, timeout_s=120)
         job_id = client.submit(params, job_id="one").job_id
-        _wait_terminal(store, [job_id], 120)
+        wait_ended(store, [job_id], 120)
         status = client.status(job_id)
     assert status.state == "succeeded", status.error
     files = status.result["files"]
@@ -94,11 +87,11 @@ def test_a_job_through_the_cluster_writes_the_monolithic_image(cluster_factory, 
     assert status.stages["denoise"]["step"] == "4/4"
     frames = np.load(files["frames"])
     torch.set_num_threads(1)  # as the workers run: the same reduction order
-    whole = families.create("tiny", str(tiny_models["tiny"])).monolithic(params)
+    whole = monolithic(families.create("tiny", str(tiny_models["tiny"])), params)
     assert float(np.abs(frames - np.asarray(whole)).max()) == 0.0
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_fifty_jobs_survive_a_killed_denoise_worker_without_reencoding(
         cluster_factory, redis_server, namespace, tiny_models):
     cluster = cluster_factory(workers=2, models=tiny_models["tiny"], lease_ms=2000)
@@ -123,7 +116,7 @@ def test_fifty_jobs_survive_a_killed_denoise_worker_without_reencoding(
                     break
             time.sleep(0.01)
         os.kill(pid, signal.SIGKILL)
-        states = _wait_terminal(store, job_ids, 240)
+        states = wait_ended(store, job_ids, 240)
     assert collections.Counter(states) == {"succeeded": 50}
     assert int(store.get(victim)["denoise.attempt"]) >= 2  # the killed attempt was replayed
     encodes = _starts(store, "encode")
@@ -131,7 +124,7 @@ def test_fifty_jobs_survive_a_killed_denoise_worker_without_reencoding(
     assert max(encodes.values()) == 1, "a job was encoded again after the kill"
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.parametrize("transfer", ["local", "mooncake"])
 def test_a_killed_encode_worker_sends_its_held_jobs_back_to_encode(
         transfer, cluster_factory, redis_server, namespace, tiny_models):
@@ -150,7 +143,7 @@ def test_a_killed_encode_worker_sends_its_held_jobs_back_to_encode(
             assert time.monotonic() < deadline, "encode never ran ahead"
             time.sleep(0.02)
         os.kill(cluster.pids()["encode-0"], signal.SIGKILL)  # the supervisor restarts it
-        states = _wait_terminal(store, job_ids, 240)
+        states = wait_ended(store, job_ids, 240)
     assert collections.Counter(states) == {"succeeded": len(job_ids)}
     rewound = [j for j in job_ids if int(store.get(j).get("denoise.rewinds", 0)) > 0]
     assert rewound, "no job lost its embeddings with the encode worker"

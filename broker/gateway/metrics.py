@@ -21,6 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ...common.errors import StagepoolError
+from ...common.wire import TERMINAL_STATES
 from .observe import Observer
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 _TAIL_BLOCK_MS = 1000
 _TAIL_BATCH = 1000
 _TAIL_RETRY_S = 1.0
-ENDED = ("succeeded", "failed", "cancelled", "dead")
 
 
 class Metrics:
@@ -61,7 +61,7 @@ class Metrics:
             self.stage_duration.labels(stage)
             self.retries.labels(stage)
             self.rewinds.labels(stage)
-        for state in ENDED:
+        for state in sorted(TERMINAL_STATES):
             self.ended.labels(state)
         self._scraped = _Families()
         self.registry.register(self._scraped)
@@ -179,7 +179,7 @@ class Metrics:
             self.retries.labels(stage).inc()
         elif name == "rewound":
             self.rewinds.labels(stage).inc()
-        if name in ENDED:
+        if name in TERMINAL_STATES:
             self.ended.labels(name).inc()
 
 

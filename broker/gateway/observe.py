@@ -20,9 +20,10 @@ import msgspec
 
 from ...common import wire
 from ...common.client import BrokerClient
-from ...common.config import Config
+from ...common.config import DEFAULT_RESULTS_DIR, Config
 from ...common.errors import Code, RemoteError, StagepoolError, TransportError
 from ...common.jobstore import JobStore, job_status
+from ...common.wire import TERMINAL_STATES
 from . import schema
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class Observer:
         stage = record.get("stage", "")
         progress = None
         step = status.stages.get(stage, {}).get("step")
-        if step and status.state not in schema.TERMINAL:
+        if step and status.state not in TERMINAL_STATES:
             done, total = (int(x) for x in step.split("/"))
             progress = done / total if total else None
         return schema.Job(
@@ -171,5 +172,5 @@ def _results_dirs(config: Config) -> list[Path]:
     dirs = {Path(d).resolve() for d in config.gateway.results_dirs}
     for stage in config.pipeline.stages:
         if stage.kind == "decode":
-            dirs.add(Path(stage.options.get("results_dir", ".stagepool/results")).resolve())
+            dirs.add(Path(stage.options.get("results_dir", DEFAULT_RESULTS_DIR)).resolve())
     return sorted(dirs)

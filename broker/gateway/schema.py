@@ -11,8 +11,6 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "dead"})
-
 Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$",

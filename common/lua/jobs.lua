@@ -12,17 +12,12 @@
 --   5+i {ns}:job:<id> hash   the record of transition i
 --
 -- ARGV[1] = events stream MAXLEN (approximate); then per transition: n (the count of items
--- that follow), command, job id, and the command's arguments:
---   submit   pipeline, params_json, first_stage, dispatch, priority, token
---            (token: the submit request's; the same submit applied twice with one token -- by
---            the broker and by a worker it raced -- answers ok both times)
---   start    stage, attempt, worker, state_name, stage_index
---   finish   stage, attempt, worker, next_stage, next_dispatch   -> ok, next attempt
+-- that follow), command, job id, and the command's arguments, in the order of its struct in
+-- common/transitions.py (the one definition every caller builds from):
+--   submit   pipeline, params_json, first_stage, dispatch, priority
+--   start    stage, attempt, worker, state_name, stage_index           -> ok, params_json
+--   finish   stage, attempt, worker, next_stage, next_dispatch         -> ok, next attempt
 --   complete stage, attempt, worker, result_json
---   pass     stage, attempt, worker, state_name, stage_index, ran_ms, next_stage, payload
---            start and then finish (payload: next_dispatch) or, with next_stage '', complete
---            (payload: result_json), for a stage whose worker ran it before starting it in
---            Redis: started_ms is backdated by ran_ms (the worker's own measure)
 --   retry    stage, attempt, worker, error, max_attempts, mode ("error" | "crash"), next_stage
 --   rewind   stage, attempt, worker, error, prev_stage, prev_state, prev_index, max_attempts
 --            (the stage's inputs are gone with their producer: run prev_stage again)
@@ -119,14 +114,10 @@ end
 local commands = {}
 
 function commands.submit(a)
-  local pipeline, params, first, dispatch, priority, token = a[1], a[2], a[3], a[4], a[5], a[6]
-  local f = redis.call('HMGET', job, 'state', 'token')
-  if f[1] then
-    if token and token ~= '' and f[2] == token then return {'ok', f[1]} end
-    return {'exists', f[1]}
-  end
+  local pipeline, params, first, dispatch, priority = a[1], a[2], a[3], a[4], a[5]
+  local state = redis.call('HGET', job, 'state')
+  if state then return {'exists', state} end
   redis.call('HSET', job, 'id', id, 'pipeline', pipeline, 'params', params, 'priority', priority,
-    'token', token or '',
     'state', 'queued', 'state_index', -1, 'stage', first, 'created_ms', now_ms,
     'updated_ms', now_ms, 'commits', 0, first .. '.attempt', '1', first .. '.retries', 0,
     first .. '.enqueued_ms', now_ms, first .. '.dispatch', dispatch)
@@ -137,18 +128,17 @@ function commands.submit(a)
   return {'ok', 'queued'}
 end
 
--- ran_ms: only from `pass`, whose stage already ran (its start is backdated by that much).
-local function start(stage, attempt, worker, state_name, index, ran_ms)
+function commands.start(a)
+  local stage, attempt, worker, state_name, index = a[1], a[2], a[3], a[4], tonumber(a[5])
   local refused, started = fence(stage, attempt, false)
   if refused then return refused end
   -- A duplicate delivery of an attempt that already started (a republished hand-on).
   if started == attempt then return {'duplicate'} end
-  local started_ms = now_ms - (ran_ms or 0)
   local f = redis.call('HMGET', job, stage .. '.enqueued_ms', 'state_index', 'params')
   local enqueued_ms = tonumber(f[1])
-  local waited_ms = enqueued_ms and math.max(0, started_ms - enqueued_ms) or ''
+  local waited_ms = enqueued_ms and math.max(0, now_ms - enqueued_ms) or ''
   redis.call('HSET', job, stage .. '.started', attempt, stage .. '.worker', worker,
-    stage .. '.started_ms', started_ms, 'updated_ms', now_ms)
+    stage .. '.started_ms', now_ms, 'updated_ms', now_ms)
   dequeue(stage)
   -- Stages start in order, but a late retry of an earlier stage never moves the state back.
   if index >= tonumber(f[2]) then
@@ -158,11 +148,8 @@ local function start(stage, attempt, worker, state_name, index, ran_ms)
   return {'ok', f[3]}
 end
 
-function commands.start(a)
-  return start(a[1], a[2], a[3], a[4], tonumber(a[5]))
-end
-
-local function finish(stage, attempt, worker, next_stage, dispatch)
+function commands.finish(a)
+  local stage, attempt, worker, next_stage, dispatch = a[1], a[2], a[3], a[4], a[5]
   local refused = fence(stage, attempt, true)
   if refused then return refused end
   -- Attempts only grow: after a rewind the next stage may have used attempts already, and a
@@ -178,11 +165,8 @@ local function finish(stage, attempt, worker, next_stage, dispatch)
   return {'ok', tostring(next_attempt)}
 end
 
-function commands.finish(a)
-  return finish(a[1], a[2], a[3], a[4], a[5])
-end
-
-local function complete(stage, attempt, worker, result)
+function commands.complete(a)
+  local stage, attempt, worker, result = a[1], a[2], a[3], a[4]
   local refused = fence(stage, attempt, true)
   if refused then return refused end
   local ran_ms = since(stage .. '.started_ms')
@@ -192,18 +176,6 @@ local function complete(stage, attempt, worker, result)
   redis.call('ZADD', results, now_ms, id)
   finish_job('succeeded', stage, attempt, worker, '', ran_ms)
   return {'ok'}
-end
-
-function commands.complete(a)
-  return complete(a[1], a[2], a[3], a[4])
-end
-
-function commands.pass(a)
-  local stage, attempt, worker = a[1], a[2], a[3]
-  local started = start(stage, attempt, worker, a[4], tonumber(a[5]), tonumber(a[6]))
-  if started[1] ~= 'ok' then return started end
-  if a[7] == '' then return complete(stage, attempt, worker, a[8]) end
-  return finish(stage, attempt, worker, a[7], a[8])
 end
 
 function commands.retry(a)

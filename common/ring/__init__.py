@@ -1,4 +1,4 @@
-"""Rings: the scheduling hot path (DESIGN section 4).
+"""Rings: the scheduling hot path (protocol.py has the memory layout and the protocol).
 
 `protocol.Ring` is the queue, written once against `base.RemoteMemory`; `shm`, `tcp` and
 `verbs` are the backends. `open_memory` picks one from a broker's `RingAttach`.

@@ -1,4 +1,4 @@
-"""The tensor-transfer interface (DESIGN section 5): what a backend provides and promises.
+"""The tensor-transfer interface: what a backend provides and promises.
 
 A transfer moves a producer's held tensors into a consumer's hands:
 

@@ -1,6 +1,6 @@
 """A worker's side of the data plane: its pool, the outputs it holds, release notices.
 
-Lifecycle of a held output (DESIGN section 5):
+Lifecycle of a held output:
   1. `put(key, tensors)`: the producer copies its stage outputs into its pool and keeps them
      under `key` (`<job id>/<stage>`); the descriptors and `endpoint` go in the next Dispatch;
   2. the consumer `pull`s them: in place from a same-host pool (`local`), or one batched

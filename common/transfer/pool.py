@@ -1,6 +1,6 @@
 """A registered buffer pool: one memfd mapping, carved by a first-fit allocator.
 
-One pool per worker process, registered once with every backend (DESIGN section 5). The memfd
+One pool per worker process, registered once with every backend. The memfd
 lets a consumer on the same host map the pool through `/proc/<pid>/fd/<fd>` with no copy, and
 dies with the process: a killed producer leaves nothing behind in /dev/shm.
 

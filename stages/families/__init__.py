@@ -8,7 +8,9 @@ code, so the split output equals the monolithic pipeline's for the same seed:
   denoise(params, tensors, progress) -> tensors (latents); progress(step, steps) per step
   decode(params, tensors)           -> frames: float32 array (frames, height, width, 3) in [0, 1]
 
-`monolithic(model_path)` loads the whole diffusers pipeline, for the equivalence tests.
+A family is named by `family = ...` in a model stage's options: a built-in one ("tiny",
+"wan2.1", "qwen-image"), an entry point in the `stagepool.families` group, or
+"module:Class" (stages/plugins.py).
 """
 
 from __future__ import annotations
@@ -54,10 +56,6 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def decode(self, params: dict[str, Any], inputs: Tensors): ...
 
-    @abc.abstractmethod
-    def monolithic(self, params: dict[str, Any]):
-        """The whole pipeline's output for `params`, in the same form as `decode`'s."""
-
     @staticmethod
     def step_callback(progress: Callable[[int, int], None], steps: int):
         """A diffusers `callback_on_step_end` that reports step i/N."""
@@ -94,12 +92,6 @@ def size_for_aspect(ratio: str, area: int, multiple: int = 16) -> tuple[int, int
 
 
 def create(name: str, model_path: str, device: str = "cpu", dtype: str = "float32") -> Family:
-    from .qwen_image import QwenImageFamily
-    from .wan import WanFamily
+    from .. import plugins
 
-    families = {"tiny": WanFamily, "wan2.1": WanFamily, "qwen-image": QwenImageFamily}
-    try:
-        cls = families[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {sorted(families)}") from None
-    return cls(model_path, device, dtype)
+    return plugins.load(plugins.FAMILIES, name, Family)(model_path, device, dtype)

@@ -96,15 +96,3 @@ class QwenImageFamily(Family):
         with torch.no_grad():
             image = vae.decode(latents, return_dict=False)[0][:, :, 0]
         return pipe.image_processor.postprocess(image, output_type="np")
-
-    def monolithic(self, params: dict[str, Any]):
-        from diffusers import QwenImagePipeline
-
-        p = self.params(params)
-        pipe = QwenImagePipeline.from_pretrained(self.model_path, dtype=self.dtype)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(prompt=p["prompt"], negative_prompt=p["negative_prompt"],
-                    true_cfg_scale=p["true_cfg_scale"], height=p["height"], width=p["width"],
-                    num_inference_steps=int(p["infer_steps"]),
-                    max_sequence_length=p["max_sequence_length"],
-                    generator=self.generator(p), output_type="np").images

@@ -85,18 +85,6 @@ class WanFamily(Family):
             video = vae.decode(latents, return_dict=False)[0]
         return self.pipe.video_processor.postprocess_video(video, output_type="np")[0]
 
-    def monolithic(self, params: dict[str, Any]):
-        from diffusers import WanPipeline
-
-        p = self.params(params)
-        pipe = WanPipeline.from_pretrained(self.model_path, dtype=self.dtype)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(prompt=p["prompt"], negative_prompt=p["negative_prompt"],
-                    height=p["height"], width=p["width"], num_frames=p["num_frames"],
-                    num_inference_steps=int(p["infer_steps"]),
-                    guidance_scale=p["guidance_scale"],
-                    max_sequence_length=p["max_sequence_length"],
-                    generator=self.generator(p), output_type="np").frames[0]
 
 
 def _scheduler(path: str):

@@ -1,0 +1,165 @@
+"""A worker's session with the broker: register, attach the rings, heartbeat, reattach.
+
+  1. `attach` registers (retrying until the broker answers) and opens what the answer names:
+     the ring to consume with our lease cells, the ring to hand on to, and the job store;
+  2. the heartbeat thread beats the lease cells in `leased` (every min(heartbeat, lease/3)),
+     pings the broker every heartbeat_ms, and runs the caller's periodic chores;
+  3. a restarted broker (a new broker id, or "unknown worker") sets `reattach`: the worker
+     calls `attach` again between batches, and a fresh broker rebuilds every job from Redis;
+  4. `close` unregisters (the broker would forget us after worker_timeout_ms anyway) and
+     closes the rings.
+The session never touches jobs: it only keeps the worker reachable and its leases alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Callable
+
+from ..common import wire
+from ..common.client import BrokerClient
+from ..common.config import Config
+from ..common.errors import RemoteError, StagepoolError
+from ..common.jobstore import JobStore
+from ..common.ring import Ring, open_memory
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    def __init__(self, config: Config, stage: str, endpoint: str, transport: str,
+                 worker_id: str):
+        self.config = config
+        self.stage = stage
+        self.endpoint = endpoint
+        self.transport = transport
+        self.worker_id = worker_id
+        self.registered: wire.Registered | None = None
+        self.consume: Ring | None = None
+        self.produce: Ring | None = None
+        self.store: JobStore | None = None
+        self.reattach = threading.Event()
+        self.leased: tuple[int, ...] = ()  # our cells holding a lease: the heartbeat beats them
+        self._stopped = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    @property
+    def cells(self) -> list[int]:
+        return self.registered.cells or [self.registered.cell]
+
+    def attach(self, giving_up: threading.Event) -> None:
+        """Register, retrying until the broker answers (or `giving_up` is set: then raise)."""
+        self._close_rings()
+        settings = self.config.worker
+        while True:
+            try:
+                with self._client() as client:
+                    registered = client.call(wire.Register(
+                        worker_id=self.worker_id, stage=self.stage, host=socket.gethostname(),
+                        pid=os.getpid(),
+                        transport="shm" if self.transport == "auto" else self.transport,
+                        cells=self.config.stage(self.stage).max_batch))
+                    self.consume = Ring.attach(self._open(registered.consume, client))
+                    if registered.produce:
+                        self.produce = Ring.attach(self._open(registered.produce, client))
+                break
+            except (StagepoolError, OSError) as exc:
+                self._close_rings()
+                if giving_up.is_set():
+                    raise
+                log.warning("registering with %s: %s; retrying", self.endpoint, exc)
+                time.sleep(settings.register_retry_s)
+        self.registered = registered
+        if self.store is None or self.store.url != registered.redis_url:
+            self.store = JobStore(registered.redis_url, registered.namespace,
+                                  events_maxlen=self.config.redis.events_maxlen)
+        self.reattach.clear()
+
+    def renew(self) -> None:
+        """Take a fresh identity (and so fresh cells) at the next attach, leaving our current
+        leases to expire: after a failure mid-batch they are the jobs' only trace."""
+        self.worker_id = f"{self.worker_id.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:6]}"
+        self.reattach.set()
+
+    def rewind(self, dispatch: wire.Dispatch, error: str) -> str:
+        """Ask the broker to run the previous stage again (our inputs died with it)."""
+        with self._client() as client:
+            return client.call(wire.Rewind(job_id=dispatch.job_id, stage=dispatch.stage,
+                                           attempt=dispatch.attempt, worker_id=self.worker_id,
+                                           error=error)).status
+
+    def start_heartbeat(self, busy: threading.Event, chores: Callable[[], None]) -> None:
+        self._heartbeat = threading.Thread(target=self._beat_loop, args=(busy, chores),
+                                           name="heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=self.config.worker.control_timeout_s)
+        if self.registered is not None:
+            try:
+                with self._client() as client:
+                    client.call(wire.Unregister(worker_id=self.worker_id))
+            except StagepoolError:
+                log.info("could not unregister; the broker drops us after its timeout")
+        self._close_rings()
+        if self.store is not None:
+            self.store.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _client(self) -> BrokerClient:
+        return BrokerClient(self.endpoint, timeout_s=self.config.worker.control_timeout_s,
+                            name=self.worker_id)
+
+    def _open(self, attach: wire.RingAttach, client: BrokerClient):
+        def verbs_connect(ring: str, qp: dict) -> dict:
+            return client.call(wire.VerbsConnect(worker_id=self.worker_id, stage=ring, qp=qp)).qp
+
+        return open_memory(attach, self.transport, verbs_connect=verbs_connect)
+
+    def _close_rings(self) -> None:
+        for ring in (self.consume, self.produce):
+            if ring is not None:
+                ring.mem.close()
+        self.consume = self.produce = None
+
+    def _beat_loop(self, busy: threading.Event, chores: Callable[[], None]) -> None:
+        client = None
+        next_ping = 0.0
+        while not self._stopped.is_set():
+            registered, ring = self.registered, self.consume
+            if busy.is_set() and ring is not None:
+                try:
+                    for cell in self.leased:
+                        ring.beat(cell)
+                except StagepoolError:
+                    log.warning("lease refresh failed", exc_info=True)
+            now = time.monotonic()
+            if now >= next_ping and not self.reattach.is_set():
+                next_ping = now + registered.heartbeat_ms / 1000
+                try:
+                    client = client or self._client()
+                    ack = client.call(wire.Heartbeat(worker_id=self.worker_id,
+                                                     busy=busy.is_set()))
+                    if ack.broker_id != registered.broker_id:
+                        self.reattach.set()
+                except RemoteError:
+                    self.reattach.set()  # unknown worker: the broker restarted
+                except StagepoolError:
+                    if client is not None:
+                        client.close()
+                    client = None
+                try:
+                    chores()
+                except Exception:
+                    log.warning("periodic chores failed", exc_info=True)
+            self._stopped.wait(min(registered.heartbeat_ms, registered.lease_ms / 3) / 1000)
+        if client is not None:
+            client.close()

@@ -1,0 +1,35 @@
+"""The monolithic diffusers pipelines: what the three-stage split must equal, for the tests.
+
+`monolithic(family, params)` runs the whole pipeline the family splits, loaded from the same
+directory with the same dtype and seed, and returns frames in the form `Family.decode` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stagepool.stages.families import Family
+from stagepool.stages.families.qwen_image import QwenImageFamily
+from stagepool.stages.families.wan import WanFamily
+
+
+def monolithic(family: Family, params: dict[str, Any]):
+    p = family.params(params)
+    common = dict(prompt=p["prompt"], negative_prompt=p["negative_prompt"], height=p["height"],
+                  width=p["width"], num_inference_steps=int(p["infer_steps"]),
+                  max_sequence_length=p["max_sequence_length"],
+                  generator=family.generator(p), output_type="np")
+    if isinstance(family, WanFamily):
+        from diffusers import WanPipeline
+
+        pipe = WanPipeline.from_pretrained(family.model_path, dtype=family.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**common, num_frames=p["num_frames"],
+                    guidance_scale=p["guidance_scale"]).frames[0]
+    if isinstance(family, QwenImageFamily):
+        from diffusers import QwenImagePipeline
+
+        pipe = QwenImagePipeline.from_pretrained(family.model_path, dtype=family.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**common, true_cfg_scale=p["true_cfg_scale"]).images
+    raise TypeError(f"no monolithic reference for {type(family).__name__}")
