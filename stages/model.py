@@ -40,13 +40,8 @@ class ModelStage(Stage):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if "threads" in opts:
             torch.set_num_threads(int(opts["threads"]))
-        model_path = opts.get("model_path") or ""
-        if not (Path(model_path) / "model_index.json").exists():
-            raise FileNotFoundError(
-                f"stage {self.config.name}: no Diffusers model at {model_path!r} "
-                f"(`stagepool models init-tiny DIR` builds the tiny ones)")
-        self.family = families.create(opts.get("family", "tiny"), model_path, device,
-                                      opts.get("dtype", "float32"))
+        self.family = families.create(opts.get("family", "tiny"), opts.get("model_path") or "",
+                                      device, opts.get("dtype", "float32"))
         self.family.load(self.role)
 
 

@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -36,8 +37,10 @@ from ..common.ring import Ring
 from ..common.wire import Dispatch, encode_dispatch
 from . import base, claims
 from .commits import Commits, Ran, handed_on
-from .dataplane import DataPlane
 from .session import Session
+
+if TYPE_CHECKING:
+    from .dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class Worker:
         session, settings = self.session, self.config.worker
         if self.stage.uses_tensors:
             # Before registering: a worker is only offered jobs once its pool can hold them.
+            # Imported here: the data plane needs torch, which a noop deployment may lack.
+            from .dataplane import DataPlane
+
             self.data = DataPlane(self.config, self.stage_config.name)
         session.attach(self._draining)
         session.start_heartbeat(self._busy, self._chores)

@@ -36,3 +36,33 @@ def consume(spec, cell: int, out_path: str, work_s: float, idle_exit_s: float) -
         ring.unlease(cell)
     os.close(fd)
     ring.mem.close()
+
+
+def work(spec, cell: int, redis_url: str, namespace: str, work_s: float,
+         idle_exit_s: float) -> None:
+    """A worker's path on one stage, by hand: claim, lease, release, start, work, complete,
+    unlease; exit after `idle_exit_s` without dispatches."""
+    from stagepool.common import transitions as tx
+    from stagepool.common.jobstore import JobStore
+    from stagepool.common.wire import decode_dispatch
+
+    ring = attach(*spec)
+    store = JobStore(redis_url, namespace)
+    worker = f"w{cell}-{os.getpid()}"
+    idle_since = time.monotonic()
+    while time.monotonic() - idle_since < idle_exit_s:
+        claim = ring.claim(timeout_s=0.05)
+        if claim is None:
+            continue
+        idle_since = time.monotonic()
+        d = decode_dispatch(claim.payload)
+        ring.lease(cell, claim.ticket, d.attempt, d.job_id, 300)
+        if not ring.release(claim):
+            ring.unlease(cell)
+            continue
+        if store.apply(tx.Start(d.job_id, d.stage, d.attempt, worker, "working", 0)).ok:
+            time.sleep(work_s)
+            store.apply(tx.Complete(d.job_id, d.stage, d.attempt, worker, b"{}"))
+        ring.unlease(cell)
+    store.close()
+    ring.mem.close()

@@ -50,10 +50,6 @@ def test_dispatch_records_round_trip_and_fit_a_default_slot():
     payload = wire.encode_dispatch(dispatch)
     assert wire.decode_dispatch(payload) == dispatch
     assert len(payload) < 1024 - 16
-    # Params ride along as raw JSON bytes; a record without them decodes to params=None.
-    with_params = msgspec.structs.replace(dispatch, params=b'{"prompt": "a fox"}')
-    assert wire.decode_dispatch(wire.encode_dispatch(with_params)).params == b'{"prompt": "a fox"}'
-    assert wire.decode_dispatch(payload).params is None
 
 
 def test_a_garbage_dispatch_is_a_protocol_error():

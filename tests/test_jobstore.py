@@ -210,3 +210,25 @@ def test_the_ended_feed_announces_each_job_end_once(store):
         feed.close()
 
 
+
+
+def test_each_transition_struct_is_the_argument_order_the_script_documents():
+    """common/transitions.py and the header of jobs.lua name the same arguments in order."""
+    import re
+    from importlib import resources
+
+    import msgspec
+
+    source = resources.files("stagepool.common").joinpath("lua/jobs.lua").read_text()
+    documented = {}
+    for line in source.splitlines():
+        match = re.match(r"^--   ([a-z]+) +(.*)$", line)
+        if match and match.group(1) != "ARGV":
+            args = re.sub(r"\(.*?\)", "", match.group(2).split("->")[0])
+            documented[match.group(1)] = [a.strip() for a in args.split(",") if a.strip()]
+    structs = {cls.command: [f.name for f in msgspec.structs.fields(cls)][1:]
+               for cls in vars(tx).values()
+               if isinstance(cls, type) and issubclass(cls, tx.Transition)
+               and hasattr(cls, "command")}
+    assert structs == {command: documented[command] for command in structs}
+    assert len(structs) == 10

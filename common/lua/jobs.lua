@@ -15,15 +15,15 @@
 -- that follow), command, job id, and the command's arguments, in the order of its struct in
 -- common/transitions.py (the one definition every caller builds from):
 --   submit   pipeline, params_json, first_stage, dispatch, priority
---   start    stage, attempt, worker, state_name, stage_index           -> ok, params_json
+--   start    stage, attempt, worker, state, stage_index                -> ok, params_json
 --   finish   stage, attempt, worker, next_stage, next_dispatch         -> ok, next attempt
 --   complete stage, attempt, worker, result_json
 --   retry    stage, attempt, worker, error, max_attempts, mode ("error" | "crash"), next_stage
 --   rewind   stage, attempt, worker, error, prev_stage, prev_state, prev_index, max_attempts
 --            (the stage's inputs are gone with their producer: run prev_stage again)
 --   progress stage, attempt, step, steps
---   rebuild  stage names in pipeline order...
---   cancel   (nothing more)
+--   rebuild  stages (the stage names in pipeline order, each its own argument)
+--   cancel   (none)
 --   reject   error   (an ingress entry whose job id is valid but whose body is not)
 --
 -- Record fields: id, pipeline, params, priority, state, state_index, stage, created_ms,

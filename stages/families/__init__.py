@@ -16,6 +16,7 @@ A family is named by `family = ...` in a model stage's options: a built-in one (
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -26,8 +27,13 @@ Tensors = dict[str, torch.Tensor]
 class Family(abc.ABC):
     name: str
     defaults: dict[str, Any]  # job params a request may leave out
+    needs_model_dir = True  # model_path must be a Diffusers directory (model_index.json)
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32"):
+        if self.needs_model_dir and not (Path(model_path) / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"no Diffusers model at {model_path!r} for the {self.name} family "
+                f"(`stagepool models init-tiny DIR` builds the tiny ones)")
         self.model_path = model_path
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)

@@ -1,0 +1,51 @@
+"""Plugins defined outside stagepool, as a user's package would: named by `module:Class`.
+
+`Gradient` is a model family with no weights: encode turns the prompt's bytes into a vector,
+denoise blends it toward a seeded target over `infer_steps`, decode paints a gradient frame.
+`Shout` is a stage kind: the prompt, upper-cased, as the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from stagepool.stages.base import JobContext, Stage, StageOutput
+from stagepool.stages.families import Family, Tensors
+
+
+class Gradient(Family):
+    name = "gradient"
+    defaults = {"prompt": "", "seed": 0, "height": 8, "width": 12, "infer_steps": 3}
+    needs_model_dir = False
+
+    def load(self, stage: str) -> None:
+        self.stage = stage
+
+    def encode(self, params: dict[str, Any]) -> Tensors:
+        raw = self.params(params)["prompt"].encode()[:16].ljust(16, b" ")
+        return {"embedding": torch.tensor(list(raw), dtype=torch.float32) / 255}
+
+    def denoise(self, params: dict[str, Any], inputs: Tensors,
+                progress: Callable[[int, int], None]) -> Tensors:
+        p = self.params(params)
+        x = inputs["embedding"].clone()
+        target = torch.rand(16, generator=self.generator(p))
+        steps = int(p["infer_steps"])
+        for i in range(steps):
+            x = x + (target - x) / (steps - i)
+            progress(i + 1, steps)
+        return {"latents": x}
+
+    def decode(self, params: dict[str, Any], inputs: Tensors):
+        p = self.params(params)
+        level = float(inputs["latents"].mean())
+        ramp = torch.linspace(0, 1, p["width"]).expand(p["height"], p["width"])
+        frame = torch.stack([ramp, torch.full_like(ramp, level), 1 - ramp], dim=-1)
+        return frame[None].numpy()
+
+
+class Shout(Stage):
+    def run(self, job: JobContext) -> StageOutput:
+        return StageOutput(result={"shout": str(job.params.get("prompt", "")).upper()})
