@@ -9,7 +9,9 @@ import pytest
 
 from stagepool.common.errors import PayloadTooLarge, RingError
 from stagepool.common.ring import Layout, Ring
-from stagepool.common.ring.protocol import OFF_ENQUEUE
+from stagepool.common.ring.protocol import (
+    OFF_ENQUEUE, OFF_SLEEPERS, OFF_WATCHERS, WAKE_CONSUMERS, WAKE_WATCHERS,
+)
 
 
 def test_items_come_out_in_the_order_they_went_in(make_ring):
@@ -63,6 +65,41 @@ def test_a_sleeping_consumer_wakes_when_an_item_is_published(make_ring):
     claim = consumer.claim(timeout_s=5)
     assert claim is not None and claim.payload == b"late"
     assert time.monotonic() - started < 2, "woken by the publish, not by the timeout"
+
+
+def test_a_publish_wakes_one_sleeping_consumer_and_every_watcher(make_ring, ring_backend):
+    """Three consumers and two watchers asleep on the owner's memory: one publish wakes one
+    consumer (not the stage's every idle worker) and both watchers."""
+    if ring_backend != "shm":
+        pytest.skip("futex masks are the shm backend's; tcp forwards through its watcher")
+    ring = make_ring()
+    mem, owner = ring.owner_mem, ring.owner
+    woken = {"consumer": 0, "watcher": 0}
+    lock = threading.Lock()
+
+    def sleep(kind, mask, counter):
+        mem.fetch_add(counter, 1)
+        word = mem.load(OFF_ENQUEUE) & 0xFFFFFFFF
+        if mem.wait(OFF_ENQUEUE, word, 1.0, mask):
+            with lock:
+                woken[kind] += 1
+
+    threads = [threading.Thread(target=sleep, args=("consumer", WAKE_CONSUMERS, OFF_SLEEPERS))
+               for _ in range(3)]
+    threads += [threading.Thread(target=sleep, args=("watcher", WAKE_WATCHERS, OFF_WATCHERS))
+                for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while mem.load(OFF_SLEEPERS) + mem.load(OFF_WATCHERS) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.05)  # the last counted thread reaches its futex wait
+    assert owner.try_produce(b"one")
+    time.sleep(0.3)
+    assert woken == {"consumer": 1, "watcher": 2}
+    for thread in threads:
+        thread.join()
 
 
 def test_claim_times_out_on_an_empty_ring(make_ring):

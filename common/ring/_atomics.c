@@ -143,24 +143,36 @@ static PyObject *region_write(Region *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
-/* wait(off, expected_u32, timeout_s) -> True if woken or the word differed, False on timeout. */
+/* wait(off, expected_u32, timeout_s, mask) -> True if woken or the word differed, False on
+ * timeout. Only a wake whose mask shares a bit with `mask` wakes this wait (FUTEX_WAIT_BITSET):
+ * the ring wakes one consumer per publish, and its remote-wait forwarders apart. */
 static PyObject *region_wait(Region *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!nargs_ok(nargs, 3, "wait")) return NULL;
+    if (!nargs_ok(nargs, 4, "wait")) return NULL;
     uint32_t *p = (uint32_t *)at(self, args[0], 4, 4);
     if (!p) return NULL;
     unsigned long expected = PyLong_AsUnsignedLong(args[1]);
     if (expected == (unsigned long)-1 && PyErr_Occurred()) return NULL;
     double timeout_s = PyFloat_AsDouble(args[2]);
     if (timeout_s == -1.0 && PyErr_Occurred()) return NULL;
+    unsigned long mask = PyLong_AsUnsignedLong(args[3]);
+    if (mask == (unsigned long)-1 && PyErr_Occurred()) return NULL;
     if (timeout_s < 0) timeout_s = 0;
+    /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline. */
     struct timespec ts;
-    ts.tv_sec = (time_t)timeout_s;
-    ts.tv_nsec = (long)((timeout_s - (double)ts.tv_sec) * 1e9);
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    time_t whole = (time_t)timeout_s;
+    ts.tv_sec += whole;
+    ts.tv_nsec += (long)((timeout_s - (double)whole) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec += 1;
+        ts.tv_nsec -= 1000000000L;
+    }
     long rc;
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
     /* Not FUTEX_PRIVATE: the word lives in memory shared between processes. */
-    rc = syscall(SYS_futex, p, FUTEX_WAIT, (uint32_t)expected, &ts, NULL, 0);
+    rc = syscall(SYS_futex, p, FUTEX_WAIT_BITSET, (uint32_t)expected, &ts, NULL,
+                 (uint32_t)mask);
     if (rc == -1) err = errno;
     Py_END_ALLOW_THREADS
     if (rc == -1 && err == ETIMEDOUT) Py_RETURN_FALSE;
@@ -171,13 +183,16 @@ static PyObject *region_wait(Region *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_TRUE;
 }
 
+/* wake(off, n, mask) -> how many waits whose mask shares a bit with `mask` were woken (<= n). */
 static PyObject *region_wake(Region *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!nargs_ok(nargs, 2, "wake")) return NULL;
+    if (!nargs_ok(nargs, 3, "wake")) return NULL;
     uint32_t *p = (uint32_t *)at(self, args[0], 4, 4);
     if (!p) return NULL;
     int n = (int)PyLong_AsLong(args[1]);
     if (n == -1 && PyErr_Occurred()) return NULL;
-    long rc = syscall(SYS_futex, p, FUTEX_WAKE, n, NULL, NULL, 0);
+    unsigned long mask = PyLong_AsUnsignedLong(args[2]);
+    if (mask == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    long rc = syscall(SYS_futex, p, FUTEX_WAKE_BITSET, n, NULL, NULL, (uint32_t)mask);
     if (rc == -1) return PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromLong(rc);
 }

@@ -19,6 +19,8 @@ import abc
 import time
 
 _WAIT_POLL_S = 0.0005
+WAKE_ALL = 2**31 - 1  # `wake` count: every matching waiter
+WAKE_ANY = 0xFFFFFFFF  # wait/wake mask: every channel
 
 
 class RemoteMemory(abc.ABC):
@@ -53,8 +55,10 @@ class RemoteMemory(abc.ABC):
         """Write one u64."""
         self.write(offset, value.to_bytes(8, "little"))
 
-    def wait(self, offset: int, expected_u32: int, timeout_s: float) -> bool:
-        """Sleep until the u32 at `offset` differs from `expected_u32`, or `timeout_s` passes.
+    def wait(self, offset: int, expected_u32: int, timeout_s: float,
+             mask: int = WAKE_ANY) -> bool:
+        """Sleep until the u32 at `offset` differs from `expected_u32`, or `timeout_s` passes,
+        or a `wake` whose mask shares a bit with `mask` comes.
 
         The default polls; backends with a wake-up channel override it.
         """
@@ -65,8 +69,9 @@ class RemoteMemory(abc.ABC):
             time.sleep(_WAIT_POLL_S)
         return True
 
-    def wake(self, offset: int) -> None:
-        """Wake every `wait` on the word at `offset`. Default: nothing (waiters poll)."""
+    def wake(self, offset: int, count: int = WAKE_ALL, mask: int = WAKE_ANY) -> None:
+        """Wake up to `count` `wait`s on the word at `offset` whose mask shares a bit with
+        `mask`. Default: nothing (waiters poll)."""
 
     def close(self) -> None:
         """Release the connection or mapping. Idempotent."""

@@ -5,7 +5,8 @@ Memory layout (all integers little-endian):
     0     magic u64 | version u32 | slot_bytes u32 | capacity u64 | cells u32 | cell_bytes u32
     64    enqueue counter u64         (its own 64-byte line: producers CAS it)
     128   dequeue counter u64         (its own line: consumers CAS it)
-    192   sleepers u64                (consumers asleep in `wait`; producers wake only if > 0)
+    192   sleepers u64                (consumers asleep in `wait`: a publish wakes one of them)
+    200   watchers u64                (forwarders of remote waits asleep: a publish wakes all)
     256   capacity slots of slot_bytes:  seq u64 | len u32 | crc32 u32 | payload
     ...   cells lease cells of 128 bytes (below)
 
@@ -39,13 +40,18 @@ import zlib
 from dataclasses import dataclass
 
 from ..errors import PayloadTooLarge, RingError, RingFull
-from .base import RemoteMemory
+from .base import WAKE_ALL, RemoteMemory
 
 MAGIC = 0x31474E4952505053  # b"SPPRING1" little-endian
 VERSION = 1
 OFF_ENQUEUE = 64
 OFF_DEQUEUE = 128
 OFF_SLEEPERS = 192
+OFF_WATCHERS = 200
+# Wait/wake masks (futex bitsets): a publish wakes one consumer, not every idle worker of the
+# stage, and the tcp server's watchers (which forward to remote waits) apart from them.
+WAKE_CONSUMERS = 1
+WAKE_WATCHERS = 2
 HEADER_BYTES = 256
 SLOT_HEADER_BYTES = 16
 CELL_BYTES = 128
@@ -56,6 +62,7 @@ OWNER_LOCK = 1 << 63  # seq bit the owner holds while it writes a tombstone
 _HEADER = struct.Struct("<QIIQII")
 _SLOT_HEADER = struct.Struct("<QII")
 _LEN_CRC = struct.Struct("<II")
+_WAITERS = struct.Struct("<QQ")  # sleepers, watchers
 _CELL_BODY = struct.Struct("<QIII4x64s")  # ticket, attempt, lease_ms, job_len, job_id
 _TORN_READ_RETRIES = 100
 
@@ -189,9 +196,18 @@ class Ring:
                 return False
             else:
                 position = mem.load(OFF_ENQUEUE)
-        if mem.load(OFF_SLEEPERS):
-            mem.wake(OFF_ENQUEUE)
+        self._wake()
         return True
+
+    def _wake(self) -> None:
+        """After a publish: one sleeping consumer (the one that slept longest), and every
+        watcher. Waking every consumer would make all of a stage's idle workers race for
+        one record, on the CPUs the winner needs."""
+        sleepers, watchers = _WAITERS.unpack(self.mem.read(OFF_SLEEPERS, _WAITERS.size))
+        if sleepers:
+            self.mem.wake(OFF_ENQUEUE, 1, WAKE_CONSUMERS)
+        if watchers:
+            self.mem.wake(OFF_ENQUEUE, WAKE_ALL, WAKE_WATCHERS)
 
     def produce(self, payload: bytes, timeout_s: float) -> None:
         """Publish, backing off while the ring is full; `RingFull` after `timeout_s`."""
@@ -276,7 +292,7 @@ class Ring:
                 claimed = self.try_claim()
                 if claimed is not None:
                     return claimed
-                mem.wait(OFF_ENQUEUE, word, min(remaining_s, 0.1))
+                mem.wait(OFF_ENQUEUE, word, min(remaining_s, 0.1), WAKE_CONSUMERS)
             finally:
                 mem.fetch_add(OFF_SLEEPERS, -1)
             claimed = self.try_claim()
@@ -387,6 +403,5 @@ class Ring:
             return False
         self.mem.write(offset + 8, _LEN_CRC.pack(TOMBSTONE, 0))
         self.mem.store(offset, position + 1)
-        if self.mem.load(OFF_SLEEPERS):
-            self.mem.wake(OFF_ENQUEUE)
+        self._wake()
         return True

@@ -17,7 +17,7 @@ import re
 
 from ..errors import RingError
 from ._atomics import Region
-from .base import RemoteMemory
+from .base import WAKE_ALL, WAKE_ANY, RemoteMemory
 
 _SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
@@ -64,11 +64,12 @@ class ShmMemory(RemoteMemory):
     def compare_and_swap(self, offset: int, expected: int, desired: int) -> int:
         return self._region.cas(offset, expected, desired)
 
-    def wait(self, offset: int, expected_u32: int, timeout_s: float) -> bool:
-        return self._region.wait(offset, expected_u32, timeout_s)
+    def wait(self, offset: int, expected_u32: int, timeout_s: float,
+             mask: int = WAKE_ANY) -> bool:
+        return self._region.wait(offset, expected_u32, timeout_s, mask)
 
-    def wake(self, offset: int) -> None:
-        self._region.wake(offset, 2**31 - 1)
+    def wake(self, offset: int, count: int = WAKE_ALL, mask: int = WAKE_ANY) -> None:
+        self._region.wake(offset, count, mask)
 
     def close(self) -> None:
         if self._region is None:

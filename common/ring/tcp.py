@@ -23,8 +23,8 @@ import msgspec
 import zmq
 
 from ..errors import ProtocolError, RemoteError, TransportError
-from .base import RemoteMemory
-from .protocol import OFF_ENQUEUE, OFF_SLEEPERS
+from .base import WAKE_ALL, WAKE_ANY, RemoteMemory
+from .protocol import OFF_ENQUEUE, OFF_WATCHERS, WAKE_WATCHERS
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class Wait(Op, tag="W"):
 
 class Wake(Op, tag="k"):
     offset: int
+    count: int = WAKE_ALL
+    mask: int = WAKE_ANY
 
 
 class Value(msgspec.Struct, tag="v", array_like=True):
@@ -155,12 +157,14 @@ class TcpMemory(RemoteMemory):
     def compare_and_swap(self, offset: int, expected: int, desired: int) -> int:
         return self._call(Cas(0, self.ring, offset, expected, desired)).value
 
-    def wait(self, offset: int, expected_u32: int, timeout_s: float) -> bool:
+    def wait(self, offset: int, expected_u32: int, timeout_s: float,
+             mask: int = WAKE_ANY) -> bool:
+        # Parked at the server, answered by its watcher on any change: `mask` needs no wire.
         op = Wait(0, self.ring, offset, expected_u32, int(timeout_s * 1000))
         return bool(self._call(op, timeout_s=timeout_s + self.timeout_s).value)
 
-    def wake(self, offset: int) -> None:
-        self._call(Wake(0, self.ring, offset))
+    def wake(self, offset: int, count: int = WAKE_ALL, mask: int = WAKE_ANY) -> None:
+        self._call(Wake(0, self.ring, offset, count, mask))
 
     def close(self) -> None:
         with self._lock:
@@ -204,6 +208,9 @@ class TcpRingServer:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._parked: list[_Parked] = []
+        # Set while a remote `Wait` is parked on the ring: only then does its watcher sleep
+        # on the ring's futex (and so get woken by, and cost, every publish).
+        self._watched = {name: threading.Event() for name in regions}
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(AnyOp)
 
@@ -212,8 +219,8 @@ class TcpRingServer:
         self._threads.append(serve)
         for name, region in self._regions.items():
             watch = threading.Thread(
-                target=self._watch, args=(region,), name=f"ring-watch-{name}", daemon=True
-            )
+                target=self._watch, args=(region, self._watched[name]),
+                name=f"ring-watch-{name}", daemon=True)
             self._threads.append(watch)
         for thread in self._threads:
             thread.start()
@@ -223,25 +230,37 @@ class TcpRingServer:
         for thread in self._threads:
             thread.join(timeout=2)
 
-    def _watch(self, region) -> None:
-        # Counted as a sleeper for good, so producers always wake it; it forwards each change
-        # of the enqueue word to the server loop, which answers parked `Wait`s.
+    def _watch(self, region, watched: threading.Event) -> None:
+        # While remote `Wait`s are parked, counted as a sleeper, so producers wake it; it
+        # forwards each change of the enqueue word to the server loop, which answers them.
+        # Otherwise it is not a sleeper, and a publish wakes no thread of ours.
         poke = self._ctx.socket(zmq.PUSH)
         poke.setsockopt(zmq.LINGER, 0)
         poke.setsockopt(zmq.SNDHWM, 4)
         poke.connect(self._poke_addr)
-        region.fetch_add(OFF_SLEEPERS, 1)
+
+        def forward() -> None:
+            try:
+                poke.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the server has pokes queued already
+
         try:
             while not self._stop.is_set():
-                word = region.load(OFF_ENQUEUE) & 0xFFFFFFFF
-                region.wait(OFF_ENQUEUE, word, 0.1)
-                if region.load(OFF_ENQUEUE) & 0xFFFFFFFF != word:
-                    try:
-                        poke.send(b"", zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass  # the server has pokes queued already
+                if not watched.wait(0.1):
+                    continue
+                region.fetch_add(OFF_WATCHERS, 1)
+                try:
+                    # A publish before we counted woke nobody: have the parked waits checked.
+                    forward()
+                    while watched.is_set() and not self._stop.is_set():
+                        word = region.load(OFF_ENQUEUE) & 0xFFFFFFFF
+                        region.wait(OFF_ENQUEUE, word, 0.1, WAKE_WATCHERS)
+                        if region.load(OFF_ENQUEUE) & 0xFFFFFFFF != word:
+                            forward()
+                finally:
+                    region.fetch_add(OFF_WATCHERS, -1)
         finally:
-            region.fetch_add(OFF_SLEEPERS, -1)
             poke.close(linger=0)
 
     def _serve(self) -> None:
@@ -307,14 +326,17 @@ class TcpRingServer:
                 return Value(rid, region.fetch_add(offset, delta))
             case Cas(rid=rid, offset=offset, expected=expected, desired=desired):
                 return Value(rid, region.cas(offset, expected, desired))
-            case Wake(rid=rid, offset=offset):
-                region.wake(offset, 2**31 - 1)
+            case Wake(rid=rid, offset=offset, count=count, mask=mask):
+                if not (1 <= count <= WAKE_ALL and 1 <= mask <= WAKE_ANY):
+                    raise ProtocolError("wake needs 1 <= count < 2**31 and a nonzero u32 mask")
+                region.wake(offset, count, mask)
                 return Value(rid, 0)
             case Wait(rid=rid, offset=offset, expected=expected, timeout_ms=timeout_ms):
                 if region.load(offset) & 0xFFFFFFFF != expected:
                     return Value(rid, 1)
                 deadline = time.monotonic() + min(timeout_ms, 60_000) / 1000
                 self._parked.append(_Parked(identity, op, deadline))
+                self._watched[op.ring].set()
                 return None
             case Attach(rid=rid, version=version):
                 if version != OPS_VERSION:
@@ -334,3 +356,6 @@ class TcpRingServer:
             else:
                 still.append(parked)
         self._parked = still
+        for name, watched in self._watched.items():
+            if watched.is_set() and not any(p.op.ring == name for p in still):
+                watched.clear()
