@@ -33,8 +33,9 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_attempts: int = 3
     lease_ms: int = 10_000  # a lease not refreshed for this long is expired
     # Claim up to this many waiting dispatches at once, start and commit them in one Redis
-    # round trip each (each holds one of the ring's lease cells). For cheap stages; keep 1
-    # for GPU ones, where a claimed-but-waiting job would idle while another worker is free.
+    # round trip each (each holds one of the ring's lease cells). For stages that take
+    # milliseconds; keep 1 for GPU ones, where a claimed job would idle in its batch while
+    # another worker is free.
     max_batch: int = 1
     options: dict[str, Any] = {}
 

@@ -9,7 +9,7 @@ import pytest
 
 from stagepool.common.errors import PayloadTooLarge, RingError
 from stagepool.common.ring import Layout, Ring
-from stagepool.common.ring.protocol import (
+from stagepool.common.ring.layout import (
     OFF_ENQUEUE, OFF_SLEEPERS, OFF_WATCHERS, WAKE_CONSUMERS, WAKE_WATCHERS,
 )
 

@@ -1,4 +1,4 @@
-"""Rings: the scheduling hot path (protocol.py has the memory layout and the protocol).
+"""Rings: the scheduling hot path (layout.py has the numbers, protocol.py the protocol).
 
 `protocol.Ring` is the queue, written once against `base.RemoteMemory`; `shm`, `tcp` and
 `verbs` are the backends. `open_memory` picks one from a broker's `RingAttach`.
@@ -10,7 +10,8 @@ import socket
 
 from ..errors import RingError
 from .base import RemoteMemory
-from .protocol import Claim, Layout, Lease, Ring
+from .layout import Layout
+from .protocol import Claim, Lease, Ring
 
 __all__ = ["Claim", "Layout", "Lease", "RemoteMemory", "Ring", "open_memory"]
 

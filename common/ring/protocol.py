@@ -41,79 +41,17 @@ from dataclasses import dataclass
 
 from ..errors import PayloadTooLarge, RingError, RingFull
 from .base import WAKE_ALL, RemoteMemory
+from .layout import (
+    CELL_BYTES, HEADER_BYTES, JOB_ID_MAX_BYTES, OFF_DEQUEUE, OFF_ENQUEUE, OFF_SLEEPERS,
+    SLOT_HEADER_BYTES,
+    OWNER_LOCK, TOMBSTONE, WAKE_CONSUMERS, WAKE_WATCHERS, Layout,
+)
 
-MAGIC = 0x31474E4952505053  # b"SPPRING1" little-endian
-VERSION = 1
-OFF_ENQUEUE = 64
-OFF_DEQUEUE = 128
-OFF_SLEEPERS = 192
-OFF_WATCHERS = 200
-# Wait/wake masks (futex bitsets): a publish wakes one consumer, not every idle worker of the
-# stage, and the tcp server's watchers (which forward to remote waits) apart from them.
-WAKE_CONSUMERS = 1
-WAKE_WATCHERS = 2
-HEADER_BYTES = 256
-SLOT_HEADER_BYTES = 16
-CELL_BYTES = 128
-JOB_ID_MAX_BYTES = 64
-TOMBSTONE = 0xFFFFFFFF  # slot len marking a position the owner skipped
-OWNER_LOCK = 1 << 63  # seq bit the owner holds while it writes a tombstone
-
-_HEADER = struct.Struct("<QIIQII")
 _SLOT_HEADER = struct.Struct("<QII")
 _LEN_CRC = struct.Struct("<II")
 _WAITERS = struct.Struct("<QQ")  # sleepers, watchers
 _CELL_BODY = struct.Struct("<QIII4x64s")  # ticket, attempt, lease_ms, job_len, job_id
 _TORN_READ_RETRIES = 100
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Geometry of one ring. `capacity` is a power of two; `slot_bytes` a multiple of 64."""
-
-    capacity: int
-    slot_bytes: int = 1024
-    cells: int = 64
-
-    def __post_init__(self):
-        if self.capacity < 2 or self.capacity & (self.capacity - 1):
-            raise RingError(f"capacity must be a power of two >= 2, got {self.capacity}")
-        if self.slot_bytes < 64 or self.slot_bytes % 64:
-            raise RingError(f"slot_bytes must be a multiple of 64, got {self.slot_bytes}")
-        if self.cells < 1:
-            raise RingError("a ring needs at least one lease cell")
-
-    @property
-    def payload_max(self) -> int:
-        return self.slot_bytes - SLOT_HEADER_BYTES
-
-    @property
-    def cells_offset(self) -> int:
-        return HEADER_BYTES + self.capacity * self.slot_bytes
-
-    @property
-    def nbytes(self) -> int:
-        return self.cells_offset + self.cells * CELL_BYTES
-
-    def slot_offset(self, position: int) -> int:
-        return HEADER_BYTES + (position & (self.capacity - 1)) * self.slot_bytes
-
-    def cell_offset(self, cell: int) -> int:
-        if not 0 <= cell < self.cells:
-            raise RingError(f"lease cell {cell} outside 0..{self.cells - 1}")
-        return self.cells_offset + cell * CELL_BYTES
-
-    def pack(self) -> bytes:
-        return _HEADER.pack(MAGIC, VERSION, self.slot_bytes, self.capacity, self.cells, CELL_BYTES)
-
-    @classmethod
-    def unpack(cls, header: bytes) -> Layout:
-        magic, version, slot_bytes, capacity, cells, cell_bytes = _HEADER.unpack_from(header)
-        if magic != MAGIC:
-            raise RingError(f"not a stagepool ring (magic {magic:#x})")
-        if version != VERSION or cell_bytes != CELL_BYTES:
-            raise RingError(f"ring version {version} / cell size {cell_bytes} not supported")
-        return cls(capacity=capacity, slot_bytes=slot_bytes, cells=cells)
 
 
 @dataclass(frozen=True)
@@ -163,7 +101,7 @@ class Ring:
     @classmethod
     def attach(cls, mem: RemoteMemory) -> Ring:
         """Open a ring someone else formatted; checks magic, version and size."""
-        layout = Layout.unpack(mem.read(0, _HEADER.size))
+        layout = Layout.unpack(mem.read(0, HEADER_BYTES))
         if mem.nbytes and mem.nbytes < layout.nbytes:
             raise RingError(f"ring needs {layout.nbytes} bytes, memory has {mem.nbytes}")
         return cls(mem, layout)
@@ -200,9 +138,8 @@ class Ring:
         return True
 
     def _wake(self) -> None:
-        """After a publish: one sleeping consumer (the one that slept longest), and every
-        watcher. Waking every consumer would make all of a stage's idle workers race for
-        one record, on the CPUs the winner needs."""
+        # One sleeping consumer (the longest asleep), not every idle worker of the stage
+        # racing for one record on the CPUs the winner needs; and every watcher.
         sleepers, watchers = _WAITERS.unpack(self.mem.read(OFF_SLEEPERS, _WAITERS.size))
         if sleepers:
             self.mem.wake(OFF_ENQUEUE, 1, WAKE_CONSUMERS)
@@ -360,12 +297,12 @@ class Ring:
     def stuck(self, start: int = 0) -> tuple[list[int], int | None, int]:
         """Positions needing the owner's eye right now.
 
-        Returns (claimed, unpublished, dequeue): positions claimed but not freed (a consumer between
-        claim and release, or dead there), and the head position if its producer took it but
-        has not published (a producer mid-write, or dead there), and the dequeue counter the
-        scan stopped at (every position below it not in `claimed` was freed). The caller decides, by how
-        long it has seen them, whether to `reclaim` or `skip`. `start` skips positions the
-        caller knows are freed (the scan is then proportional to what is in flight).
+        Returns (claimed, unpublished, dequeue): positions claimed but not freed (a consumer
+        between claim and release, or dead there); the head position if its producer took it
+        but has not published (mid-write, or dead there); the dequeue counter the scan stopped
+        at (every position below it not in `claimed` was freed). The caller decides, by how
+        long it has seen them, whether to `reclaim` or `skip`. `start` skips positions known
+        to be freed (the scan is then proportional to what is in flight).
         """
         enqueue, dequeue = self.counters()
         claimed = []

@@ -24,7 +24,7 @@ import zmq
 
 from ..errors import ProtocolError, RemoteError, TransportError
 from .base import WAKE_ALL, WAKE_ANY, RemoteMemory
-from .protocol import OFF_ENQUEUE, OFF_WATCHERS, WAKE_WATCHERS
+from .layout import OFF_ENQUEUE, OFF_WATCHERS, WAKE_WATCHERS
 
 log = logging.getLogger(__name__)
 

@@ -128,7 +128,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def reaches(self, endpoint: Endpoint) -> bool:
-        """Whether this backend can pull from `endpoint` at all (cheap, no I/O)."""
+        """Whether this backend can pull from `endpoint` at all (no I/O)."""
 
     @abc.abstractmethod
     def pull(self, endpoint: Endpoint, descs: list[TensorDesc]) -> Pull:
