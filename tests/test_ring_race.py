@@ -44,14 +44,20 @@ def test_every_item_is_consumed_exactly_once(make_ring, ring_backend, tmp_path, 
     per_producer = 600 if ring_backend == "shm" else 150
     ring = make_ring(capacity=64, cells=consumers)
     outs = [str(tmp_path / f"c{c}.txt") for c in range(consumers)]
-    procs = [ctx.Process(target=ring_procs.consume, args=(ring.spec(), c, outs[c], 0, 3.0))
+    stop = ctx.Event()
+    procs = [ctx.Process(target=ring_procs.consume, args=(ring.spec(), c, outs[c], stop))
              for c in range(consumers)]
     procs += [ctx.Process(target=ring_procs.produce, args=(ring.spec(), p, per_producer))
               for p in range(producers)]
     for proc in procs:
         proc.start()
+    deadline = time.monotonic() + 240
+    while len(_read_records(outs)) < producers * per_producer:
+        assert time.monotonic() < deadline, "items were lost"
+        time.sleep(0.02)
+    stop.set()  # every item is recorded and the ring is empty: a second delivery is not coming
     for proc in procs:
-        proc.join(timeout=240)
+        proc.join(timeout=30)
         assert proc.exitcode == 0
     records = _read_records(outs)
     expected = {f"{p}:{i}:1" for p in range(producers) for i in range(per_producer)}
