@@ -27,10 +27,10 @@ from typing import Any
 
 import zmq
 
+from ..common import transitions as tx
 from ..common import wire
 from ..common.config import Config
 from ..common.errors import Code, ProtocolError, StagepoolError
-from ..common import transitions as tx
 from ..common.jobstore import JobStore, job_status
 from ..common.wire import (
     Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, Heartbeat, HeartbeatAck,

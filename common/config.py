@@ -37,6 +37,10 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     # milliseconds; keep 1 for GPU ones, where a claimed job would idle in its batch while
     # another worker is free.
     max_batch: int = 1
+    # A job's run in this stage is stopped at its next step after this long (and retried, up
+    # to max_attempts); one that reaches no step within worker.stop_grace_s more makes its
+    # worker exit, so that the reaper recovers the job and the supervisor starts a new one.
+    time_limit_s: float = 3600.0
     options: dict[str, Any] = {}
 
     def job_state(self) -> str:
@@ -80,6 +84,7 @@ class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True):
     control_timeout_s: float = 5.0  # a request to the broker (register, rewind, ping)
     register_retry_s: float = 0.5  # between tries to reach the broker
     publish_wait_s: float = 1.0  # a hand-on into a full ring logs after this, then waits on
+    stop_grace_s: float = 30.0  # past a stage's time limit: how long until a hung run exits
 
 
 class TransferConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -176,8 +181,9 @@ def _check(config: Config) -> None:
         raise ConfigError(f"gateway.host = {gateway.host!r} is reachable from other hosts: "
                           "set gateway.token (or STAGEPOOL_GATEWAY_TOKEN)")
     for stage in config.pipeline.stages:
-        if stage.max_attempts < 1 or stage.lease_ms < 100:
-            raise ConfigError(f"stage {stage.name}: max_attempts >= 1 and lease_ms >= 100")
+        if stage.max_attempts < 1 or stage.lease_ms < 100 or stage.time_limit_s <= 0:
+            raise ConfigError(f"stage {stage.name}: max_attempts >= 1, lease_ms >= 100 and "
+                              "time_limit_s > 0")
         if not 1 <= stage.max_batch <= config.ring.cells:
             raise ConfigError(f"stage {stage.name}: max_batch must be 1..ring.cells "
                               f"({config.ring.cells}), got {stage.max_batch}")

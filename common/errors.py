@@ -75,6 +75,16 @@ class StoreUnavailable(StagepoolError):
     code = Code.UNAVAILABLE
 
 
+class StageStopped(StagepoolError):
+    """Raised inside a running stage at a step boundary: its job ended (cancelled), its
+    attempt was superseded, or its time limit passed. `retry`: the attempt failed (time limit)
+    and the job may run again; otherwise nothing is left to do for it."""
+
+    def __init__(self, message: str, *, retry: bool = False):
+        super().__init__(message)
+        self.retry = retry
+
+
 class RemoteError(StagepoolError):
     """An error reply from a peer, raised on the caller's side."""
 

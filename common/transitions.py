@@ -10,7 +10,7 @@ here. `JobStore.apply` runs one; `JobStore.run` several in one round trip.
     Complete  -> ok (the result commit: exactly once per job)
     Retry     -> retry, attempt, dispatch | republish, stage, attempt, dispatch | failed | dead
     Rewind    -> retry, prev attempt, prev dispatch | failed
-    Progress  -> ok | stale
+    Progress  -> ok | stale | terminal, state | missing: anything but ok stops the stage
     Rebuild   -> retry, attempt, dispatch, stage | terminal | missing
     Cancel    -> ok, "cancelled" | terminal, state | missing
     Reject    -> ok, "failed" | exists, state

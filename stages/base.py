@@ -4,8 +4,12 @@
         def load(self): ...                           # once per worker process
         def run(self, job: JobContext) -> StageOutput: ...   # once per job attempt
 
-`run` raises to fail the attempt (retried up to max_attempts, then the job fails). It may
-call `job.progress(i, n)`; long runs need nothing else: the runtime keeps the lease alive.
+`run` raises to fail the attempt (retried up to max_attempts, then the job fails). A long run
+calls `job.progress(i, n)` at each step: it records the step, and it raises `StageStopped`
+when the run must stop there (the job was cancelled, the attempt superseded, or the stage's
+time limit passed). Let it propagate: the runtime frees the job and moves on. The runtime
+keeps the lease alive meanwhile; a run that reaches no step long past its time limit makes
+the worker exit.
 
 A stage's `kind` names its class (stages/plugins.py): a built-in kind ("noop", "encode",
 "denoise", "decode"), an entry point in the `stagepool.stages` group, or `module:Class`.

@@ -15,6 +15,10 @@ Lifecycle of a batch of dispatches in a worker (one commit path for every stage)
      tell the previous stage's worker to release our inputs, and drop the leases.
 A worker killed anywhere in 2-6 leaves a claimed slot or a lease that the broker's reaper
 recovers; its replacement pulls the same held inputs again.
+A running stage stops at its next step (`StageStopped` from `job.progress`) when Redis says
+its job ended or its attempt was superseded, or when its time limit passed (then it is
+retried). A run that reaches no step within worker.stop_grace_s past its limit (a hung
+kernel) makes the worker exit: the reaper recovers the job, the supervisor a new worker.
 SIGTERM drains: the current batch finishes, then the worker unregisters and exits.
 """
 
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from ..common.config import Config
-from ..common.errors import RemoteError, StagepoolError, TransportError
+from ..common.errors import RemoteError, StagepoolError, StageStopped, TransportError
 from ..common.ring import Ring
 from ..common.wire import Dispatch, encode_dispatch
 from . import base, claims
@@ -43,6 +47,8 @@ if TYPE_CHECKING:
     from .dataplane import DataPlane
 
 log = logging.getLogger(__name__)
+
+EXIT_HUNG = 70  # the exit status of a worker whose stage would not stop (EX_SOFTWARE)
 
 
 class Worker:
@@ -58,6 +64,7 @@ class Worker:
         self.data: DataPlane | None = None
         self._draining = threading.Event()
         self._busy = threading.Event()
+        self._run_deadline = 0.0  # monotonic: the time limit of the run in progress (0: none)
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.drain())
@@ -101,6 +108,15 @@ class Worker:
                 self.data.close(session.store)
 
     def _chores(self) -> None:
+        """On the heartbeat thread: the data plane's upkeep, and the hung-run watchdog."""
+        deadline = self._run_deadline
+        if deadline and time.monotonic() > deadline + self.config.worker.stop_grace_s:
+            # The run ignored its stop (no step reached): only a new process frees the GPU.
+            log.error("worker %s: a %s run is past its time limit and did not stop; exiting "
+                      "so the reaper recovers its job", self.session.worker_id,
+                      self.stage_config.name)
+            logging.shutdown()
+            os._exit(EXIT_HUNG)
         if self.data is not None:
             self.data.chores(self.session.store)
 
@@ -148,12 +164,22 @@ class Worker:
                 else:
                     self._retry(dispatch, why)
                 return None
+        limit_s = self.stage_config.time_limit_s
+        self._run_deadline = time.monotonic() + limit_s
         job = base.JobContext(job_id=dispatch.job_id, attempt=dispatch.attempt,
                               params=msgspec.json.decode(params_json),
                               inputs=pull.tensors if pull else {},
-                              progress=self._progress_reporter(dispatch))
+                              progress=self._progress_reporter(dispatch, self._run_deadline))
         try:
             output = self.stage.run(job)
+        except StageStopped as stop:
+            log.info("job %s: %s stopped (attempt %d): %s", dispatch.job_id,
+                     self.stage_config.name, dispatch.attempt, stop)
+            if pull is not None:
+                pull.close()
+            if stop.retry:
+                self._retry(dispatch, str(stop))
+            return None
         except Exception as exc:
             log.warning("job %s failed in %s (attempt %d)", dispatch.job_id,
                         self.stage_config.name, dispatch.attempt, exc_info=True)
@@ -161,6 +187,8 @@ class Worker:
                 pull.close()
             self._retry(dispatch, f"{type(exc).__name__}: {exc}")
             return None
+        finally:
+            self._run_deadline = 0.0
         return Ran(dispatch, output, pull)
 
     def _commit(self, ran: list[Ran]) -> None:
@@ -212,11 +240,24 @@ class Worker:
                     return
                 log.warning("hand-on waiting: %s", exc)
 
-    def _progress_reporter(self, dispatch: Dispatch):
+    def _progress_reporter(self, dispatch: Dispatch, deadline: float):
+        """`job.progress`: record the step; raise StageStopped where the run must stop."""
+        limit_s = self.stage_config.time_limit_s
+
         def report(step: int, steps: int) -> None:
             try:
-                self.commits.progress(dispatch, step, steps)
+                outcome = self.commits.progress(dispatch, step, steps)
             except StagepoolError:
                 log.debug("progress not recorded", exc_info=True)
+            else:
+                if outcome.status == "terminal":
+                    raise StageStopped(f"the job is {outcome.values[0].decode()} "
+                                       f"(at step {step}/{steps})")
+                if not outcome.ok:
+                    raise StageStopped(f"the attempt is {outcome.status} (at step "
+                                       f"{step}/{steps}): another attempt owns the job")
+            if time.monotonic() > deadline:
+                raise StageStopped(f"time limit of {limit_s:g} s passed at step "
+                                   f"{step}/{steps}", retry=True)
 
         return report

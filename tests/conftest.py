@@ -149,6 +149,7 @@ worker_timeout_ms = 3000
 
 [worker]
 heartbeat_ms = 200
+{worker_extra}
 
 [transfer]
 backend = "{transfer}"
@@ -166,7 +167,7 @@ state = "{state}"
 sleep_ms = {sleep_ms}
 workers = {workers}
 lease_ms = {lease_ms}
-max_attempts = 5
+max_attempts = {max_attempts}
 max_batch = {max_batch}
 """
 
@@ -187,8 +188,10 @@ class Cluster:
     """`stagepool up` as a real process tree on a real Redis."""
 
     def __init__(self, tmp_path, redis_url, namespace, workers=2, sleep_ms=0, models=None,
-                 lease_ms=1000, transfer="auto", token="", max_batch=1):
-        """`models`: a tiny model directory -> the model stages on it, else no-op stages."""
+                 lease_ms=1000, transfer="auto", token="", max_batch=1, stage_extra="",
+                 worker_extra="", max_attempts=5):
+        """`models`: a tiny model directory -> the model stages on it, else no-op stages.
+        `stage_extra` and `worker_extra`: more TOML lines for every stage and for [worker]."""
         import json
         import sys
 
@@ -196,13 +199,15 @@ class Cluster:
         for name, state in [("encode", "encoding"), ("denoise", "denoising"),
                             ("decode", "decoding")]:
             stages += STAGE.format(name=name, state=state, sleep_ms=sleep_ms, workers=workers,
-                                   lease_ms=lease_ms, max_batch=max_batch)
+                                   lease_ms=lease_ms, max_batch=max_batch,
+                                   max_attempts=max_attempts) + stage_extra
             if models is not None:
                 stages += MODEL_STAGE.format(kind=name, model_path=models,
                                              results_dir=tmp_path / "results")
         self.config_path = tmp_path / "pipeline.toml"
-        self.config_path.write_text(TEST_PIPELINE.format(stages=stages, namespace=namespace,
-                                                             transfer=transfer, token=token))
+        self.config_path.write_text(TEST_PIPELINE.format(
+            stages=stages, namespace=namespace, transfer=transfer, token=token,
+            worker_extra=worker_extra))
         self.state_dir = tmp_path / "state"
         self.log = open(tmp_path / "up.log", "wb")
         self.process = subprocess.Popen(

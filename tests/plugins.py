@@ -2,11 +2,15 @@
 
 `Gradient` is a model family with no weights: encode turns the prompt's bytes into a vector,
 denoise blends it toward a seeded target over `infer_steps`, decode paints a gradient frame.
-`Shout` is a stage kind: the prompt, upper-cased, as the result.
+`Shout` is a stage kind: the prompt, upper-cased, as the result. `Steps` runs, in the stage
+named by `params.slow_stage`, `params.steps` steps of `params.step_ms` each, reporting each
+(a denoise loop without a model), and one step elsewhere; `Hang` never reaches a step there
+(a hung kernel).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -49,3 +53,20 @@ class Gradient(Family):
 class Shout(Stage):
     def run(self, job: JobContext) -> StageOutput:
         return StageOutput(result={"shout": str(job.params.get("prompt", "")).upper()})
+
+
+class Steps(Stage):
+    def run(self, job: JobContext) -> StageOutput:
+        slow = job.params.get("slow_stage") == self.config.name
+        steps = int(job.params.get("steps", 1)) if slow else 1
+        for i in range(steps):
+            time.sleep(float(job.params.get("step_ms", 10)) / 1000)
+            job.progress(i + 1, steps)
+        return StageOutput(result={"steps": steps})
+
+
+class Hang(Stage):
+    def run(self, job: JobContext) -> StageOutput:
+        if job.params.get("slow_stage") == self.config.name:
+            time.sleep(3600)
+        return StageOutput(result={})

@@ -236,9 +236,13 @@ function commands.rewind(a)
   return {'retry', tostring(prev_attempt), dispatch}
 end
 
+-- Also the running stage's stop signal: an ended job or a superseded attempt stops it here.
 function commands.progress(a)
   local stage, attempt, step, steps = a[1], a[2], a[3], a[4]
-  if redis.call('HGET', job, stage .. '.attempt') ~= attempt then return {'stale'} end
+  local f = redis.call('HMGET', job, 'state', stage .. '.attempt')
+  if not f[1] then return {'missing'} end
+  if terminal[f[1]] then return {'terminal', f[1]} end
+  if f[2] ~= attempt then return {'stale'} end
   redis.call('HSET', job, stage .. '.step', step .. '/' .. steps, 'updated_ms', now_ms)
   event('progress', stage, attempt, '', step .. '/' .. steps)
   return {'ok'}

@@ -1,0 +1,108 @@
+"""Stopping a running stage: cancel, a superseded attempt and the time limit reach it at its
+next step; a run that reaches no step makes its worker exit. Real clusters, real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from stagepool.common.client import BrokerClient
+from stagepool.common.jobstore import JobStore
+
+from .conftest import wait_ended
+
+pytestmark = pytest.mark.cluster
+
+STEPS = 'kind = "tests.plugins:Steps"\n'
+
+
+def _events(store: JobStore, job_id: str) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in store.redis.xrange(store.keys.events)
+            if fields.get(b"job") == job_id.encode()]
+
+
+def _wait_for_step(store: JobStore, job_id: str, stage: str, step: int, timeout_s: float):
+    """Wait, on the events stream, until `stage` of `job_id` has reported `step`."""
+    last, deadline = "0", time.monotonic() + timeout_s
+    while True:
+        for entry_id, f in store.read_events(last, 500, 200):
+            last = entry_id
+            if (f[b"job"] == job_id.encode() and f[b"event"] == b"progress"
+                    and f[b"stage"] == stage.encode()
+                    and int(f[b"detail"].split(b"/")[0]) >= step):
+                return
+        assert time.monotonic() < deadline, f"{job_id} never reached step {step} of {stage}"
+
+
+def test_a_cancelled_job_stops_its_running_denoise_at_the_next_step(
+        cluster_factory, redis_server, namespace, tiny_models):
+    """The diffusers loop itself is interrupted: the step counter stops, the GPU (here a
+    CPU) is free for the next job at once."""
+    cluster = cluster_factory(workers=1, models=tiny_models["tiny"], lease_ms=10_000)
+    store = JobStore(redis_server.url, namespace)
+    with BrokerClient(cluster.broker, timeout_s=30) as client:
+        cluster.wait_ready(client, 1, timeout_s=120)
+        client.submit({"prompt": "long", "seed": 1, "infer_steps": 5000}, job_id="long")
+        _wait_for_step(store, "long", "denoise", 3, 120)
+        assert client.cancel("long").cancelled
+        client.submit({"prompt": "next", "seed": 2}, job_id="next")
+        assert wait_ended(store, ["next"], 120) == ["succeeded"]
+    events = _events(store, "long")
+    cancelled_at = next(i for i, e in enumerate(events) if e["event"] == "cancelled")
+    after = [e for e in events[cancelled_at:] if e["event"] == "progress"]
+    assert len(after) <= 1, f"{len(after)} steps ran after the cancel"
+    assert int(events[cancelled_at - 1]["detail"].split("/")[0]) < 5000
+    assert "denoise.done" not in store.get("long") and "decode.started" not in store.get("long")
+
+
+def test_a_superseded_attempt_stops_at_its_next_step(cluster_factory, redis_server, namespace):
+    cluster = cluster_factory(workers=1, stage_extra=STEPS, lease_ms=5000)
+    store = JobStore(redis_server.url, namespace)
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 1)
+        client.submit({"slow_stage": "denoise", "steps": 3000, "step_ms": 5}, job_id="old")
+        _wait_for_step(store, "old", "denoise", 2, 30)
+        # What a retry by the reaper does to the running attempt's fence.
+        store.redis.hincrby(store.keys.job("old"), "denoise.attempt", 1)
+        client.submit({}, job_id="behind")  # runs once the denoise worker is free again
+        assert wait_ended(store, ["behind"], 30) == ["succeeded"]
+        record = store.get("old")
+        assert record["state"] == "denoising" and "denoise.done" not in record
+        assert int(record["denoise.step"].split("/")[0]) < 3000
+        client.cancel("old")
+    assert "the attempt is stale" in (cluster.state_dir / "logs" / "denoise-0.log").read_text()
+
+
+def test_a_run_past_its_time_limit_stops_and_is_retried_until_the_job_fails(
+        cluster_factory, redis_server, namespace):
+    cluster = cluster_factory(workers=1, max_attempts=2, lease_ms=5000,
+                              stage_extra=STEPS + "time_limit_s = 0.3\n")
+    store = JobStore(redis_server.url, namespace)
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 1)
+        started = time.monotonic()
+        client.submit({"slow_stage": "denoise", "steps": 1000, "step_ms": 20}, job_id="slow")
+        client.submit({"slow_stage": "denoise", "steps": 5, "step_ms": 20}, job_id="quick")
+        assert wait_ended(store, ["slow", "quick"], 60) == ["failed", "succeeded"]
+        assert time.monotonic() - started < 15  # two attempts of 0.3 s, not 2 x 20 s
+        status = client.status("slow")
+    assert "time limit of 0.3 s passed" in status.error
+    assert status.stages["denoise"]["retries"] == 2
+
+
+def test_a_run_that_reaches_no_step_makes_its_worker_exit_and_the_job_is_recovered(
+        cluster_factory, redis_server, namespace):
+    cluster = cluster_factory(workers=1, max_attempts=2, lease_ms=1000,
+                              stage_extra='kind = "tests.plugins:Hang"\ntime_limit_s = 0.3\n',
+                              worker_extra="stop_grace_s = 0.5")
+    store = JobStore(redis_server.url, namespace)
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 1)
+        client.submit({"slow_stage": "denoise"}, job_id="hung")
+        assert wait_ended(store, ["hung"], 60) == ["dead"]
+        client.submit({}, job_id="after")
+        assert wait_ended(store, ["after"], 60) == ["succeeded"]
+    log = (cluster.state_dir / "logs" / "denoise-0.log").read_text()
+    assert log.count("did not stop") == 2  # one exit per attempt, each replaced
