@@ -57,12 +57,15 @@ def _broker_endpoint(args) -> str:
     return config_mod.load(getattr(args, "config", None)).broker.endpoint
 
 
-def _parse_workers(items: list[str]) -> dict[str, int]:
+def _parse_workers(items: list[str], config) -> dict[str, int]:
+    names = [stage.name for stage in config.pipeline.stages]
     workers = {}
     for item in items:
         stage, _, count = item.partition("=")
         if not count.isdigit():
             raise SystemExit(f"--workers takes STAGE=N, got {item!r}")
+        if stage not in names:
+            raise SystemExit(f"--workers {item}: no stage {stage!r} (stages: {', '.join(names)})")
         workers[stage] = int(count)
     return workers
 
@@ -128,8 +131,9 @@ def cmd_up(args) -> int:
     from .cluster import Cluster
 
     config = config_mod.load(args.config)
+    workers = _parse_workers(args.workers, config)
     _ensure_tiny_models(config)
-    cluster = Cluster(config, args.config, Path(args.state_dir), _parse_workers(args.workers),
+    cluster = Cluster(config, args.config, Path(args.state_dir), workers,
                       redis_url=args.redis_url, gateway=not args.no_gateway)
     info = cluster.start()
     print(f"stagepool up: broker {info['broker']}, redis {info['redis_url']}, "

@@ -119,7 +119,10 @@ class Cluster:
             for i in range(self.workers.get(stage.name, stage.workers)):
                 name = f"{stage.name}-{i}"
                 argv = base + ["worker", "--stage", stage.name] + config_args
-                self.children.append(Child(name, argv, env, logs / f"{name}.log"))
+                placed = env
+                if stage.devices:  # one GPU per worker, round robin over the stage's GPUs
+                    placed = dict(env, CUDA_VISIBLE_DEVICES=stage.devices[i % len(stage.devices)])
+                self.children.append(Child(name, argv, placed, logs / f"{name}.log"))
         for child in self.children:
             child.start()
         info = {

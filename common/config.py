@@ -30,6 +30,10 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     kind: str = "noop"
     sleep_ms: float = 0.0  # noop stages: simulated work per job
     workers: int = 1  # pool size that `stagepool up` starts
+    # The GPUs of this host the pool runs on ("0", "1" or GPU UUIDs): `stagepool up` gives
+    # worker i CUDA_VISIBLE_DEVICES = devices[i % len(devices)], so each sees one GPU as
+    # "cuda". Empty: the workers inherit CUDA_VISIBLE_DEVICES (every GPU; "cuda" is GPU 0).
+    devices: list[str] = []
     max_attempts: int = 3
     lease_ms: int = 10_000  # a lease not refreshed for this long is expired
     # Claim up to this many waiting dispatches at once, start and commit them in one Redis
@@ -184,6 +188,12 @@ def _check(config: Config) -> None:
         if stage.max_attempts < 1 or stage.lease_ms < 100 or stage.time_limit_s <= 0:
             raise ConfigError(f"stage {stage.name}: max_attempts >= 1, lease_ms >= 100 and "
                               "time_limit_s > 0")
+        if any(not d or "," in d for d in stage.devices):
+            raise ConfigError(f"stage {stage.name}: each of devices names one GPU, got "
+                              f"{stage.devices}")
+        if stage.devices and stage.options.get("device", "cuda") not in ("cuda", "auto"):
+            raise ConfigError(f"stage {stage.name}: with devices, each worker sees one GPU as "
+                              f"'cuda'; device = {stage.options['device']!r} would not be it")
         if not 1 <= stage.max_batch <= config.ring.cells:
             raise ConfigError(f"stage {stage.name}: max_batch must be 1..ring.cells "
                               f"({config.ring.cells}), got {stage.max_batch}")
