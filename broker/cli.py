@@ -108,13 +108,16 @@ def cmd_worker(args) -> int:
 
 
 def _ensure_tiny_models(config) -> None:
-    """Build the tiny family's model directory where a stage names one that is missing."""
+    """Build the tiny model directories where a tiny-family stage names a missing one
+    (`DIR/tiny` or `DIR/qwen-image`, as `stagepool models init-tiny DIR` lays them out)."""
     for stage in config.pipeline.stages:
         opts = stage.options
         path = Path(opts.get("model_path") or "")
-        if opts.get("family") == "tiny" and not (path / "model_index.json").exists():
-            from ..stages.families.tiny import init_tiny
+        if opts.get("family") not in ("tiny", "tiny-qwen-image"):
+            continue
+        from ..stages.families.tiny import BUILDERS, init_tiny  # torch: model stages only
 
+        if path.name in BUILDERS and not (path / "model_index.json").exists():
             print(f"building the tiny models in {path.parent} (once)", flush=True)
             init_tiny(path.parent)
 

@@ -2,7 +2,8 @@
 
 Every tick, for each stage ring, on the broker's own memory:
   1. lease cells: a held lease whose beat has not changed for its lease_ms (by the broker's
-     monotonic clock) is expired -> `recover`;
+     monotonic clock) is expired -> `recover`, and its holder asked to stop (the cell's stop
+     word), should it come back;
   2. slots claimed but not released for claim_grace_ms (a consumer died between claim and
      lease) -> `Ring.reclaim`, then `recover` from the slot's own record;
   3. a head slot taken but not published for publish_grace_ms (a producer died mid-write)
@@ -97,6 +98,8 @@ class Reaper:
                 self._recovered.add((stage, cell, lease.gen))
             log.warning("lease expired: job %s stage %s attempt %d (cell %d)",
                         lease.job_id, stage, lease.attempt, cell)
+            # A holder that comes back (a frozen or partitioned worker) stops at its next step.
+            ring.request_stop(cell, lease.gen)
             self.recover(stage, lease.job_id, lease.attempt, "lease expired")
 
     def _scan_slots(self, stage: str, ring: Ring, now: float) -> None:

@@ -259,6 +259,8 @@ class Broker:
                 outcome = self.store.apply(tx.Cancel(wire.check_job_id(job_id)))
                 if outcome.status == "missing":
                     return Error(code=Code.NOT_FOUND, message=f"no job {job_id}")
+                if outcome.ok:
+                    self._stop_running(job_id)
                 state = outcome.values[0].decode() if outcome.values else "cancelled"
                 return CancelResult(job_id=job_id, cancelled=outcome.ok, state=state)
             case GetQueues():
@@ -319,6 +321,16 @@ class Broker:
         if record is None:
             return Error(code=Code.NOT_FOUND, message=f"no job {job_id}")
         return job_status(job_id, record, self._stage_names)
+
+    def _stop_running(self, job_id: str) -> None:
+        """Ask the worker running `job_id`, if any, to stop at its next step (its lease cell's
+        stop word): the GPU is free within a step, with no Redis read in the step loop."""
+        for stage, ring in self.ringhost.rings.items():
+            for cell in range(ring.layout.cells):
+                lease = ring.read_lease(cell)
+                if lease is not None and lease.job_id == job_id:
+                    ring.request_stop(cell, lease.gen)
+                    log.info("job %s cancelled: asked %s cell %d to stop", job_id, stage, cell)
 
     def _queues(self) -> Queues:
         queues = []

@@ -89,6 +89,7 @@ class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True):
     register_retry_s: float = 0.5  # between tries to reach the broker
     publish_wait_s: float = 1.0  # a hand-on into a full ring logs after this, then waits on
     stop_grace_s: float = 30.0  # past a stage's time limit: how long until a hung run exits
+    progress_interval_ms: int = 250  # a running stage's step is written to Redis this often
 
 
 class TransferConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -79,8 +79,9 @@ class Complete(Transition):
 
 class Retry(_Erring):
     """A failed (`error`) or expired (`crash`) attempt: attempt + 1, or failed (error) / dead
-    (crash) after max_attempts. For a stage already committed by a worker that died before
-    handing on (crash, with `next_stage`): republish the hand-on."""
+    (crash) after max_attempts; a permanent error (`fatal`) fails the job at once. For a stage
+    already committed by a worker that died before handing on (crash, with `next_stage`):
+    republish the hand-on."""
 
     command = "retry"
     stage: str
@@ -88,7 +89,7 @@ class Retry(_Erring):
     worker: str
     error: str
     max_attempts: int
-    mode: Literal["error", "crash"]
+    mode: Literal["error", "crash", "fatal"]
     next_stage: str = ""
 
 

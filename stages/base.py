@@ -4,7 +4,8 @@
         def load(self): ...                           # once per worker process
         def run(self, job: JobContext) -> StageOutput: ...   # once per job attempt
 
-`run` raises to fail the attempt (retried up to max_attempts, then the job fails). A long run
+`run` raises to fail the attempt: a `ValueError` or `TypeError` (bad params, the model code
+refusing them) fails the job at once, anything else is retried up to max_attempts. A long run
 calls `job.progress(i, n)` at each step: it records the step, and it raises `StageStopped`
 when the run must stop there (the job was cancelled, the attempt superseded, or the stage's
 time limit passed). Let it propagate: the runtime frees the job and moves on. The runtime
@@ -23,6 +24,9 @@ from typing import Any, Callable
 
 from ..common.config import StageConfig
 from . import plugins
+
+# Exceptions that will fail every time for these params: the job fails without a retry.
+PERMANENT_ERRORS = (ValueError, TypeError)
 
 
 @dataclass

@@ -50,20 +50,17 @@ class Commits:
         self.next_stage = names[self.index + 1] if self.index + 1 < len(names) else ""
         self.session = session  # our identity (worker id), the job store, max_attempts
 
-    def start(self, dispatches: list[Dispatch]) -> list[tuple[Dispatch, bytes]]:
-        """The dispatches that started, each with its params JSON."""
+    def start(self, dispatches: list[Dispatch]) -> list[bytes | None]:
+        """Per dispatch, in order: its params JSON if it started, else None (dropped)."""
         state, worker = self.stage.job_state(), self.session.worker_id
         outcomes = self.session.store.run([
             tx.Start(d.job_id, self.stage.name, d.attempt, worker, state, self.index)
             for d in dispatches])
-        started = []
         for dispatch, outcome in zip(dispatches, outcomes):
-            if outcome.ok:
-                started.append((dispatch, outcome.values[0]))
-            else:
+            if not outcome.ok:
                 log.info("job %s attempt %d not started: %s", dispatch.job_id, dispatch.attempt,
                          outcome.status)
-        return started
+        return [outcome.values[0] if outcome.ok else None for outcome in outcomes]
 
     def commit(self, ran: list[Ran]) -> list[tuple[Ran, Outcome]]:
         """`finish` each that has a hand-on, `complete` the others; each with its outcome."""
@@ -79,12 +76,13 @@ class Commits:
                                                msgspec.json.encode(done.output.result)))
         return list(zip(ran, self.session.store.run(transitions)))
 
-    def retry(self, dispatch: Dispatch, error: str) -> Dispatch | None:
-        """Record a failed attempt; the dispatch to publish again (attempt + 1), or None."""
+    def retry(self, dispatch: Dispatch, error: str, permanent: bool = False) -> Dispatch | None:
+        """Record a failed attempt; the dispatch to publish again (attempt + 1), or None.
+        A permanent error fails the job at once."""
         session = self.session
         outcome = session.store.apply(tx.Retry(
             dispatch.job_id, self.stage.name, dispatch.attempt, session.worker_id, error,
-            session.registered.max_attempts, "error"))
+            session.registered.max_attempts, "fatal" if permanent else "error"))
         if outcome.status != "retry":
             log.info("job %s after a failed attempt %d: %s", dispatch.job_id, dispatch.attempt,
                      outcome.status)

@@ -1,7 +1,7 @@
 """Model stages: encode, denoise and decode over a model family (stages/families).
 
 Config (`[[pipeline.stages]]`): `kind = "encode" | "denoise" | "decode"` and options
-  family      "tiny" (default) | "wan2.1" | "qwen-image" | an entry point in the
+  family      "tiny" (default) | "wan2.1" | "qwen-image" | "tiny-qwen-image" | an entry point in the
               `stagepool.families` group | "module:Class" (a stages.families.Family)
   model_path  a local Diffusers directory; nothing is downloaded
   device      "cpu" | "cuda" | "cuda:N" | "auto" (cuda if present); default "cpu", or "cuda"
@@ -93,8 +93,9 @@ class DecodeStage(ModelStage):
 
 
 def _atomic(path: Path, write) -> str:
-    """Write through a temporary name, so a half-written file never has the final name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write through a temporary name, so a half-written file never has the final name. The
+    real extension stays last: PyAV and Pillow pick the container by the file name."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     with open(tmp, "wb") as f:
         write(f)
     tmp.replace(path)

@@ -125,7 +125,7 @@ class Worker:
         session.leased = tuple(cell for cell, _ in batch)
         self._busy.set()
         try:
-            self._handle([dispatch for _, dispatch in batch])
+            self._handle(batch)
         except StagepoolError:
             # Redis or a ring went away mid-batch: the leases are now the jobs' only trace.
             log.warning("could not finish a batch of %d; leaving its leases to the reaper",
@@ -137,11 +137,14 @@ class Worker:
             session.leased = ()
         claims.unlease(session.consume, batch)
 
-    def _handle(self, dispatches: list[Dispatch]) -> None:
+    def _handle(self, batch: list[claims.Leased]) -> None:
         ran: list[Ran] = []
         try:
-            for dispatch, params_json in self.commits.start(dispatches):
-                done = self._run(dispatch, params_json)
+            started = self.commits.start([dispatch for _, dispatch in batch])
+            for (cell, dispatch), params_json in zip(batch, started):
+                if params_json is None:  # not started: stale, duplicate or ended
+                    continue
+                done = self._run(dispatch, params_json, cell)
                 if done is not None:
                     ran.append(done)
             self._commit(ran)
@@ -150,7 +153,7 @@ class Worker:
                 if done.pull is not None:
                     done.pull.close()
 
-    def _run(self, dispatch: Dispatch, params_json: bytes) -> Ran | None:
+    def _run(self, dispatch: Dispatch, params_json: bytes, cell: int) -> Ran | None:
         """Pull the inputs and run the stage; None when the attempt ended here."""
         pull = None
         if dispatch.tensors:
@@ -169,7 +172,8 @@ class Worker:
         job = base.JobContext(job_id=dispatch.job_id, attempt=dispatch.attempt,
                               params=msgspec.json.decode(params_json),
                               inputs=pull.tensors if pull else {},
-                              progress=self._progress_reporter(dispatch, self._run_deadline))
+                              progress=self._progress_reporter(dispatch, cell,
+                                                               self._run_deadline))
         try:
             output = self.stage.run(job)
         except StageStopped as stop:
@@ -185,7 +189,8 @@ class Worker:
                         self.stage_config.name, dispatch.attempt, exc_info=True)
             if pull is not None:
                 pull.close()
-            self._retry(dispatch, f"{type(exc).__name__}: {exc}")
+            self._retry(dispatch, f"{type(exc).__name__}: {exc}",
+                        permanent=isinstance(exc, base.PERMANENT_ERRORS))
             return None
         finally:
             self._run_deadline = 0.0
@@ -222,8 +227,8 @@ class Worker:
             if done.pull is not None:  # our stage is committed: the producer may let go
                 self.data.release_upstream(done.dispatch)
 
-    def _retry(self, dispatch: Dispatch, error: str) -> None:
-        again = self.commits.retry(dispatch, error)
+    def _retry(self, dispatch: Dispatch, error: str, permanent: bool = False) -> None:
+        again = self.commits.retry(dispatch, error, permanent)
         if again is not None:
             self._publish(self.session.consume, encode_dispatch(again))
 
@@ -240,11 +245,29 @@ class Worker:
                     return
                 log.warning("hand-on waiting: %s", exc)
 
-    def _progress_reporter(self, dispatch: Dispatch, deadline: float):
-        """`job.progress`: record the step; raise StageStopped where the run must stop."""
+    def _progress_reporter(self, dispatch: Dispatch, cell: int, deadline: float):
+        """`job.progress`: raise StageStopped where the run must stop, else record the step.
+
+        Each step reads our lease cell's stop word (where the broker asks us to stop: a local
+        load on shm); a step is written to Redis at most every progress_interval_ms (and the
+        last), and Redis's answer stops a superseded or ended attempt too."""
         limit_s = self.stage_config.time_limit_s
+        interval_s = self.config.worker.progress_interval_ms / 1000
+        ring = self.session.consume
+        next_write = 0.0
 
         def report(step: int, steps: int) -> None:
+            nonlocal next_write
+            now = time.monotonic()
+            if ring.stop_requested(cell):
+                raise StageStopped(f"the broker stopped the attempt at step {step}/{steps} "
+                                   "(cancelled, or recovered after its lease expired)")
+            if now > deadline:
+                raise StageStopped(f"time limit of {limit_s:g} s passed at step "
+                                   f"{step}/{steps}", retry=True)
+            if now < next_write and step < steps:
+                return
+            next_write = now + interval_s
             try:
                 outcome = self.commits.progress(dispatch, step, steps)
             except StagepoolError:
@@ -256,8 +279,5 @@ class Worker:
                 if not outcome.ok:
                     raise StageStopped(f"the attempt is {outcome.status} (at step "
                                        f"{step}/{steps}): another attempt owns the job")
-            if time.monotonic() > deadline:
-                raise StageStopped(f"time limit of {limit_s:g} s passed at step "
-                                   f"{step}/{steps}", retry=True)
 
         return report

@@ -1,12 +1,15 @@
 """The monolithic diffusers pipelines: what the three-stage split must equal, for the tests.
 
 `monolithic(family, params)` runs the whole pipeline the family splits, loaded from the same
-directory with the same dtype and seed, and returns frames in the form `Family.decode` does.
+directory with the same dtype and seed on the family's device, and returns frames in the form
+`Family.decode` does.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from stagepool.stages.families import Family
 from stagepool.stages.families.qwen_image import QwenImageFamily
@@ -23,6 +26,8 @@ def monolithic(family: Family, params: dict[str, Any]):
         from diffusers import WanPipeline
 
         pipe = WanPipeline.from_pretrained(family.model_path, dtype=family.dtype)
+        pipe.vae.to(torch.float32)  # as the decode stage loads it
+        pipe.to(family.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe(**common, num_frames=p["num_frames"],
                     guidance_scale=p["guidance_scale"]).frames[0]
@@ -30,6 +35,8 @@ def monolithic(family: Family, params: dict[str, Any]):
         from diffusers import QwenImagePipeline
 
         pipe = QwenImagePipeline.from_pretrained(family.model_path, dtype=family.dtype)
+        pipe.vae.to(torch.float32)  # as the decode stage loads it
+        pipe.to(family.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe(**common, true_cfg_scale=p["true_cfg_scale"]).images
     raise TypeError(f"no monolithic reference for {type(family).__name__}")

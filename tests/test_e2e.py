@@ -101,6 +101,18 @@ def test_a_failing_stage_is_retried_then_the_job_fails_with_its_error(cluster_fa
         assert "decode" not in status.stages
 
 
+def test_a_permanent_error_fails_the_job_at_once(cluster_factory, redis_server, namespace):
+    cluster = cluster_factory(workers=1)
+    store = JobStore(redis_server.url, namespace)
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 1)
+        client.submit({"reject_stage": "denoise"}, job_id="bad")
+        assert wait_ended(store, ["bad"], 30) == ["failed"]
+        status = client.status("bad")
+    assert status.error.startswith("ValueError: asked to refuse the params in denoise")
+    assert status.stages["denoise"]["retries"] == 1 and status.stages["denoise"]["attempt"] == 1
+
+
 def test_cancel_stops_a_queued_job(cluster_factory):
     cluster = cluster_factory(workers=1, sleep_ms=200)
     with BrokerClient(cluster.broker) as client:

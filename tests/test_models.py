@@ -24,9 +24,14 @@ from .reference import monolithic
 CASES = {
     # family, model directory, params
     "tiny": ("tiny", "tiny", {"prompt": "a red fox in the snow", "seed": 7}),
-    "wan2.1": ("wan2.1", "tiny", {"prompt": "a cat at sunset", "seed": 3, "num_frames": 5}),
+    # The real families on the tiny directories, sized down by params.
+    "wan2.1": ("wan2.1", "tiny", {"prompt": "a cat at sunset", "seed": 3, "num_frames": 5,
+                                  "height": 32, "width": 32, "infer_steps": 4,
+                                  "max_sequence_length": 32}),
     "qwen-image": ("qwen-image", "qwen-image",
-                   {"prompt": "a bowl of fruit", "negative_prompt": "blurry", "seed": 11}),
+                   {"prompt": "a bowl of fruit", "negative_prompt": "blurry", "seed": 11,
+                    "height": 32, "width": 32, "infer_steps": 4, "max_sequence_length": 64}),
+    "tiny-qwen-image": ("tiny-qwen-image", "qwen-image", {"prompt": "a pear", "seed": 5}),
 }
 
 

@@ -102,6 +102,18 @@ def test_a_publish_wakes_one_sleeping_consumer_and_every_watcher(make_ring, ring
         thread.join()
 
 
+def test_a_stop_request_reaches_the_lease_it_names_and_no_later_one(make_ring):
+    ring = make_ring()
+    worker = ring.client()
+    worker.lease(2, 0, 1, "job-a", 5000)
+    assert not worker.stop_requested(2)
+    ring.owner.request_stop(2, ring.owner.read_lease(2).gen)
+    assert worker.stop_requested(2)
+    worker.unlease(2)
+    worker.lease(2, 1, 1, "job-b", 5000)  # the next lease in the same cell
+    assert not worker.stop_requested(2)
+
+
 def test_claim_times_out_on_an_empty_ring(make_ring):
     started = time.monotonic()
     assert make_ring().client().claim(timeout_s=0.2) is None

@@ -106,3 +106,26 @@ def test_a_run_that_reaches_no_step_makes_its_worker_exit_and_the_job_is_recover
         assert wait_ended(store, ["after"], 60) == ["succeeded"]
     log = (cluster.state_dir / "logs" / "denoise-0.log").read_text()
     assert log.count("did not stop") == 2  # one exit per attempt, each replaced
+
+
+def test_cancel_reaches_the_running_stage_through_its_lease_cell_without_redis(
+        cluster_factory, redis_server, namespace):
+    """With progress written to Redis once a minute, the broker's stop word in the lease cell
+    alone stops the run at its next step."""
+    cluster = cluster_factory(workers=1, stage_extra=STEPS, lease_ms=5000,
+                              worker_extra="progress_interval_ms = 60000")
+    store = JobStore(redis_server.url, namespace)
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 1)
+        client.submit({"slow_stage": "denoise", "steps": 100_000, "step_ms": 2}, job_id="c")
+        deadline = time.monotonic() + 30
+        while store.get("c").get("denoise.started") is None:  # its first step is written
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert client.cancel("c").cancelled
+        started = time.monotonic()
+        client.submit({}, job_id="then")
+        assert wait_ended(store, ["then"], 30) == ["succeeded"]
+        assert time.monotonic() - started < 5  # not the 200 s the run would have taken
+    log = (cluster.state_dir / "logs" / "denoise-0.log").read_text()
+    assert "the broker stopped the attempt" in log

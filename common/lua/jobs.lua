@@ -18,7 +18,8 @@
 --   start    stage, attempt, worker, state, stage_index                -> ok, params_json
 --   finish   stage, attempt, worker, next_stage, next_dispatch         -> ok, next attempt
 --   complete stage, attempt, worker, result_json
---   retry    stage, attempt, worker, error, max_attempts, mode ("error" | "crash"), next_stage
+--   retry    stage, attempt, worker, error, max_attempts, mode, next_stage
+--            (mode: "error", "crash" (an expired lease) or "fatal" (fail the job at once))
 --   rewind   stage, attempt, worker, error, prev_stage, prev_state, prev_index, max_attempts
 --            (the stage's inputs are gone with their producer: run prev_stage again)
 --   progress stage, attempt, step, steps
@@ -194,7 +195,7 @@ function commands.retry(a)
   end
   local retries = redis.call('HINCRBY', job, stage .. '.retries', 1)
   redis.call('HSET', job, 'error', err, 'updated_ms', now_ms)
-  if retries >= max_attempts then
+  if retries >= max_attempts or mode == 'fatal' then
     if mode == 'crash' then
       redis.call('LPUSH', dead, id)
       finish_job('dead', stage, attempt, worker, err)

@@ -23,6 +23,7 @@ WAKE_WATCHERS = 2
 HEADER_BYTES = 256
 SLOT_HEADER_BYTES = 16
 CELL_BYTES = 128
+CELL_STOP = 104  # offset in a cell of the owner's stop request (the gen of the lease to stop)
 JOB_ID_MAX_BYTES = 64
 TOMBSTONE = 0xFFFFFFFF  # slot len marking a position the owner skipped
 OWNER_LOCK = 1 << 63  # seq bit the owner holds while it writes a tombstone

@@ -24,12 +24,15 @@ slot whose consumer died between claim and lease (`reclaim`), and publishes a to
 slot whose producer died between its CAS and its publish (`skip`). Whoever loses the CAS learns
 it lost and backs off; nothing is overwritten behind anyone's back.
 
-Lease cell (128 bytes, one per worker, written only by the worker that owns it):
+Lease cell (128 bytes, one per worker; all but `stop` written only by the worker that owns it):
     0 gen u64 (odd while a lease is held) | 8 beat u64 | 16 ticket u64 | 24 attempt u32 |
-    28 lease_ms u32 | 32 job_len u32 | 40 job_id[64]
+    28 lease_ms u32 | 32 job_len u32 | 40 job_id[64] | 104 stop u64
 A lease is taken by writing the body and then gen = gen + 1 (odd), refreshed by bumping beat,
 dropped by gen = gen + 1 (even). The owner reads gen, body, gen (a seqlock), and judges expiry
 by its own monotonic clock from the last change of beat: no clocks are compared across hosts.
+`stop` is the owner's word to the holder: set to a lease's gen, it asks that lease's running
+stage to stop at its next step (its job was cancelled, or its attempt recovered); a later lease
+in the cell has another gen, so an old request never stops it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from .base import WAKE_ALL, RemoteMemory
 from .layout import (
     CELL_BYTES, HEADER_BYTES, JOB_ID_MAX_BYTES, OFF_DEQUEUE, OFF_ENQUEUE, OFF_SLEEPERS,
     SLOT_HEADER_BYTES,
-    OWNER_LOCK, TOMBSTONE, WAKE_CONSUMERS, WAKE_WATCHERS, Layout,
+    CELL_STOP, OWNER_LOCK, TOMBSTONE, WAKE_CONSUMERS, WAKE_WATCHERS, Layout,
 )
 
 _SLOT_HEADER = struct.Struct("<QII")
@@ -250,6 +253,14 @@ class Ring:
         self.mem.write(offset + 16, _CELL_BODY.pack(ticket, attempt, lease_ms, len(job), job))
         self.mem.store(offset, gen + 1)
         self._cell_gen[cell] = gen + 1
+
+    def stop_requested(self, cell: int) -> bool:
+        """Whether the owner asked the holder of our current lease in `cell` to stop."""
+        return self.mem.load(self.layout.cell_offset(cell) + CELL_STOP) == self._gen(cell)
+
+    def request_stop(self, cell: int, gen: int) -> None:
+        """Owner side: ask the holder of lease `gen` in `cell` to stop at its next step."""
+        self.mem.store(self.layout.cell_offset(cell) + CELL_STOP, gen)
 
     def beat(self, cell: int) -> None:
         """Refresh our lease (the heartbeat)."""

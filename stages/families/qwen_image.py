@@ -20,8 +20,10 @@ from . import Family, Tensors
 
 class QwenImageFamily(Family):
     name = "qwen-image"
-    defaults = {"prompt": "", "negative_prompt": None, "seed": 0, "height": 32, "width": 32,
-                "infer_steps": 4, "true_cfg_scale": 4.0, "max_sequence_length": 64}
+    # Qwen-Image's own defaults (its pipeline and model card): 1328x1328, 50 steps, CFG 4.0.
+    defaults = {"prompt": "", "negative_prompt": None, "seed": 0, "height": 1328,
+                "width": 1328, "infer_steps": 50, "true_cfg_scale": 4.0,
+                "max_sequence_length": 512}
 
     def load(self, stage: str) -> None:
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, \
@@ -96,3 +98,11 @@ class QwenImageFamily(Family):
         with torch.no_grad():
             image = vae.decode(latents, return_dict=False)[0][:, :, 0]
         return pipe.image_processor.postprocess(image, output_type="np")
+
+
+class TinyQwenImageFamily(QwenImageFamily):
+    """Qwen-Image at toy size (`stagepool models init-tiny`): toy defaults to match."""
+
+    name = "tiny-qwen-image"
+    defaults = {**QwenImageFamily.defaults, "height": 32, "width": 32, "infer_steps": 4,
+                "max_sequence_length": 64}

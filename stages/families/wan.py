@@ -19,9 +19,10 @@ from . import Family, Tensors
 
 class WanFamily(Family):
     name = "wan2.1"
-    defaults = {"prompt": "", "negative_prompt": "", "seed": 0, "height": 32, "width": 32,
-                "num_frames": 1, "infer_steps": 4, "guidance_scale": 5.0,
-                "max_sequence_length": 32}
+    # Wan2.1-T2V's own defaults (its pipeline and model card): 480x832, 81 frames, 50 steps.
+    defaults = {"prompt": "", "negative_prompt": "", "seed": 0, "height": 480, "width": 832,
+                "num_frames": 81, "infer_steps": 50, "guidance_scale": 5.0,
+                "max_sequence_length": 512}
 
     def load(self, stage: str) -> None:
         from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
@@ -86,6 +87,14 @@ class WanFamily(Family):
         return self.pipe.video_processor.postprocess_video(video, output_type="np")[0]
 
 
+
+
+class TinyFamily(WanFamily):
+    """Wan2.1 at toy size (`stagepool models init-tiny`): toy defaults to match."""
+
+    name = "tiny"
+    defaults = {**WanFamily.defaults, "height": 32, "width": 32, "num_frames": 1,
+                "infer_steps": 4, "max_sequence_length": 32}
 
 def _scheduler(path: str):
     import diffusers
