@@ -171,8 +171,12 @@ max_attempts = {max_attempts}
 max_batch = {max_batch}
 """
 
+# Where the model tests run their stages: "cpu" here and in CI; `STAGEPOOL_TEST_DEVICE=cuda`
+# on a GPU machine (bench/gpu_env.sh) runs the same tests there.
+DEVICE = os.environ.get("STAGEPOOL_TEST_DEVICE", "cpu")
+
 MODEL_STAGE = """kind = "{kind}"
-options = {{ family = "tiny", model_path = "{model_path}", threads = 1, results_dir = "{results_dir}" }}
+options = {{ family = "tiny", model_path = "{model_path}", threads = 1, results_dir = "{results_dir}", device = "{device}" }}
 """
 
 
@@ -202,7 +206,7 @@ class Cluster:
                                    lease_ms=lease_ms, max_batch=max_batch,
                                    max_attempts=max_attempts) + stage_extra
             if models is not None:
-                stages += MODEL_STAGE.format(kind=name, model_path=models,
+                stages += MODEL_STAGE.format(kind=name, model_path=models, device=DEVICE,
                                              results_dir=tmp_path / "results")
         self.config_path = tmp_path / "pipeline.toml"
         self.config_path.write_text(TEST_PIPELINE.format(

@@ -18,7 +18,7 @@ from stagepool.common.jobstore import JobStore
 from stagepool.common.transfer import Exchange, PullStatus
 from stagepool.stages import families
 
-from .conftest import wait_ended
+from .conftest import DEVICE, wait_ended
 from .reference import monolithic
 
 CASES = {
@@ -47,7 +47,7 @@ def _hand_over(producer: Exchange, consumer: Exchange, key: str, tensors: dict) 
 def test_the_three_stage_split_equals_the_monolithic_pipeline(case, tiny_models):
     family, model_dir, params = CASES[case]
     path = str(tiny_models[model_dir])
-    encode, denoise, decode = (families.create(family, path) for _ in range(3))
+    encode, denoise, decode = (families.create(family, path, DEVICE) for _ in range(3))
     encode.load("encode")
     denoise.load("denoise")
     decode.load("decode")
@@ -92,7 +92,7 @@ def test_a_job_through_the_cluster_writes_the_monolithic_image(cluster_factory, 
     assert status.stages["denoise"]["step"] == "4/4"
     frames = np.load(files["frames"])
     torch.set_num_threads(1)  # as the workers run: the same reduction order
-    whole = monolithic(families.create("tiny", str(tiny_models["tiny"])), params)
+    whole = monolithic(families.create("tiny", str(tiny_models["tiny"]), DEVICE), params)
     assert float(np.abs(frames - np.asarray(whole)).max()) == 0.0
 
 
