@@ -3,7 +3,7 @@
     stagepool up --config FILE [--workers STAGE=N ...] [--redis-url URL] [--state-dir DIR]
     stagepool demo [--config FILE]          a local cluster, one job through every stage
     stagepool broker --config FILE
-    stagepool worker --stage S --config FILE [--transport auto|shm|tcp|verbs]
+    stagepool worker --stage S --config FILE [--transport auto|shm|tcp|verbs] [--gpu ID]
     stagepool gateway --config FILE [--host H] [--port P]   HTTP API, /metrics, dashboard
     stagepool top [--interval S]            live queue depth, workers and jobs
     stagepool submit [--param K=V ...] [--params JSON] [--job-id ID] [--json]
@@ -98,6 +98,8 @@ def cmd_top(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    if args.gpu is not None:  # before anything imports torch: it reads this once
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     from ..stages.worker import Worker
 
     worker = Worker(config_mod.load(args.config), args.stage, broker_endpoint=args.broker,
@@ -304,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("worker", cmd_worker, "run one worker")
     p.add_argument("--stage", required=True)
     p.add_argument("--transport", default=None, choices=["auto", "shm", "tcp", "verbs"])
+    p.add_argument("--gpu", default=None, metavar="ID",
+                   help="run on this GPU only (an index or UUID: CUDA_VISIBLE_DEVICES)")
     p = add("gateway", cmd_gateway, "run the HTTP gateway (API, /metrics, dashboard)")
     p.add_argument("--host", default=None, help="bind address (default: gateway.host)")
     p.add_argument("--port", type=int, default=None, help="port (default: gateway.port)")

@@ -4,8 +4,8 @@ Config (`[[pipeline.stages]]`): `kind = "encode" | "denoise" | "decode"` and opt
   family      "tiny" (default) | "wan2.1" | "qwen-image" | "tiny-qwen-image" | an entry point in the
               `stagepool.families` group | "module:Class" (a stages.families.Family)
   model_path  a local Diffusers directory; nothing is downloaded
-  device      "cpu" | "cuda" | "cuda:N" | "auto" (cuda if present); default "cpu", or "cuda"
-              when the stage names `devices` (each worker then sees its one GPU as cuda)
+  device      "auto" (the default: cuda if present, else cpu) | "cpu" | "cuda" | "cuda:N";
+              with `devices` (or `stagepool worker --gpu`) each worker sees its GPU as cuda
   dtype       "float32" | "bfloat16" | "float16"
   results_dir where decode writes its files (default: config.DEFAULT_RESULTS_DIR)
 
@@ -36,7 +36,7 @@ class ModelStage(Stage):
         from . import families
 
         opts = self.config.options
-        device = opts.get("device", "cuda" if self.config.devices else "cpu")
+        device = opts.get("device", "auto")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if "threads" in opts:

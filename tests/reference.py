@@ -23,20 +23,25 @@ def monolithic(family: Family, params: dict[str, Any]):
                   max_sequence_length=p["max_sequence_length"],
                   generator=family.generator(p), output_type="np")
     if isinstance(family, WanFamily):
-        from diffusers import WanPipeline
+        from diffusers import AutoencoderKLWan, WanPipeline
 
-        pipe = WanPipeline.from_pretrained(family.model_path, dtype=family.dtype)
-        pipe.vae.to(torch.float32)  # as the decode stage loads it
+        pipe = WanPipeline.from_pretrained(family.model_path, dtype=family.dtype,
+                                           vae=_vae(AutoencoderKLWan, family))
         pipe.to(family.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe(**common, num_frames=p["num_frames"],
                     guidance_scale=p["guidance_scale"]).frames[0]
     if isinstance(family, QwenImageFamily):
-        from diffusers import QwenImagePipeline
+        from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
 
-        pipe = QwenImagePipeline.from_pretrained(family.model_path, dtype=family.dtype)
-        pipe.vae.to(torch.float32)  # as the decode stage loads it
+        pipe = QwenImagePipeline.from_pretrained(family.model_path, dtype=family.dtype,
+                                                 vae=_vae(AutoencoderKLQwenImage, family))
         pipe.to(family.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe(**common, true_cfg_scale=p["true_cfg_scale"]).images
     raise TypeError(f"no monolithic reference for {type(family).__name__}")
+
+
+def _vae(cls, family: Family):
+    """The VAE in float32, as the decode stage loads it (and the models' cards advise)."""
+    return cls.from_pretrained(family.model_path, subfolder="vae", dtype=torch.float32)
