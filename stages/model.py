@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.config import DEFAULT_RESULTS_DIR
+from ..common.errors import StageStopped
 from .base import JobContext, Stage, StageOutput
 
 
@@ -57,7 +58,17 @@ class DenoiseStage(ModelStage):
     role = "denoise"
 
     def run(self, job: JobContext) -> StageOutput:
-        return StageOutput(tensors=self.family.denoise(job.params, job.inputs, job.progress))
+        try:
+            return StageOutput(tensors=self.family.denoise(job.params, job.inputs,
+                                                           job.progress))
+        except StageStopped:
+            # The loop's activations are freed by now; hand the cached blocks back too, for
+            # the other stages' workers that may share this GPU.
+            import torch
+
+            if self.family.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
 
 
 class DecodeStage(ModelStage):
