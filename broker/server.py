@@ -37,6 +37,8 @@ from ..common.wire import (
     Hello, QueueInfo, Queues, Register, Registered, Submit, Submitted, Unregister,
     Rewind, RewindResult, VerbsAccept, VerbsConnect, Welcome, Ack,
 )
+from ..stages.families import params as schemas
+from ..stages.families import pipeline_schema
 from .dispatcher import Dispatcher
 from .ingress import Ingress
 from .reaper import Reaper
@@ -80,6 +82,8 @@ class Broker:
         self._sock.bind(config.broker.endpoint)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stage_names = [s.name for s in config.pipeline.stages]
+        # The jobs' params schema (their family's): every submit is checked against it.
+        self.params_schema = pipeline_schema(config.pipeline.stages)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -168,7 +172,10 @@ class Broker:
         job_id = wire.check_job_id(job_id) if job_id else uuid.uuid4().hex
         first = self._stage_names[0]
         dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, wire.check_priority(priority)))
-        return tx.Submit(job_id, name, wire.check_params(params), first, dispatch, priority)
+        params_json = wire.check_params(params)
+        if self.params_schema is not None:
+            schemas.check(self.params_schema, params)
+        return tx.Submit(job_id, name, params_json, first, dispatch, priority)
 
     # -- control socket ----------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ class Code(enum.StrEnum):
     UNKNOWN_WORKER = "unknown_worker"
     NO_CAPACITY = "no_capacity"
     UNAVAILABLE = "unavailable"
+    INVALID_PARAMS = "invalid_params"
     INTERNAL = "internal"
 
 
@@ -39,6 +40,12 @@ class ProtocolError(StagepoolError):
     """A peer sent something that does not decode, or broke the message order."""
 
     code = Code.BAD_REQUEST
+
+
+class InvalidParams(ProtocolError):
+    """A job's params do not fit its pipeline's schema (the message names the field)."""
+
+    code = Code.INVALID_PARAMS
 
 
 class PayloadTooLarge(StagepoolError):

@@ -12,7 +12,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Cluster, RedisServer
+from stagepool.common.client import BrokerClient
+from stagepool.common.errors import RemoteError
+from stagepool.common.jobstore import JobStore
+
+from .conftest import Cluster, RedisServer, wait_ended
 
 CHROMIUM = shutil.which("chromium")
 
@@ -104,6 +108,36 @@ def test_lightx2v_image_and_video_tasks_end_with_their_files(http):
     assert done["stop_status"] == "do_nothing"
     assert http.get("/v1/tasks/nope/status").status_code == 404
     assert http.get("/v1/tasks/nope/result").status_code == 404
+
+
+def test_bad_params_are_refused_at_every_door_and_reach_no_worker(cluster, http):
+    store = JobStore(cluster.info["redis_url"], cluster.info["namespace"])
+    # HTTP: 422 naming the field; no job is created.
+    for i, bad in enumerate([{"height": "64"}, {"width": 100}, {"num_frames": 4},
+                             {"colour": "red"}, {"prompt": "x" * 5000}]):
+        response = http.post("/v1/jobs", json={"job_id": f"h{i}", "params": {"prompt": "p",
+                                                                             **bad}})
+        assert response.status_code == 422, response.text
+        body = response.json()
+        assert body["code"] == "invalid_params" and "invalid params" in body["message"]
+        assert store.get(f"h{i}") is None
+    assert "$.height" in http.post("/v1/jobs", json={"params": {"height": "64"}}).json()["message"]
+    lightx2v = http.post("/v1/tasks/image/", json={"prompt": "x", "target_shape": [40, 40]})
+    assert lightx2v.status_code == 422 and "$.height" in lightx2v.json()["message"]
+    # ZMQ: an error to the sender alone.
+    with BrokerClient(cluster.broker) as client:
+        with pytest.raises(RemoteError) as refused:
+            client.submit({"infer_steps": 0}, job_id="z")
+    assert refused.value.code == "invalid_params" and "$.infer_steps" in refused.value.message
+    # Ingress: a rejected entry, recorded as a failed job its sender can read.
+    store.redis.xadd(store.keys.ingress, {"job": '{"job_id": "x", "params": {"seed": -1}}'})
+    assert wait_ended(store, ["x"], 30) == ["failed"]
+    assert "invalid params" in store.get("x")["error"] and "$.seed" in store.get("x")["error"]
+    # No worker saw any of them.
+    started = {f[b"job"] for _, f in store.redis.xrange(store.keys.events)
+               if f[b"event"] == b"started"}
+    assert not started & {b"h0", b"h1", b"h2", b"h3", b"h4", b"z", b"x"}
+    store.close()
 
 
 def test_lightx2v_stop_and_queue_status(http):

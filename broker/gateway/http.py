@@ -116,8 +116,8 @@ def query_int(request: Request, name: str, default: int | None, lo: int, hi: int
     return value
 
 
-_REMOTE_STATUS = {Code.NOT_FOUND: 404, Code.BAD_REQUEST: 400, Code.TOO_LARGE: 413,
-                  Code.UNAVAILABLE: 503, Code.NO_CAPACITY: 503}
+_REMOTE_STATUS = {Code.NOT_FOUND: 404, Code.BAD_REQUEST: 400, Code.INVALID_PARAMS: 422,
+                  Code.TOO_LARGE: 413, Code.UNAVAILABLE: 503, Code.NO_CAPACITY: 503}
 
 
 def wrap(handler: Callable) -> Callable:

@@ -9,8 +9,10 @@ code, so the split output equals the monolithic pipeline's for the same seed:
   decode(params, tensors)           -> frames: float32 array (frames, height, width, 3) in [0, 1]
 
 A family is named by `family = ...` in a model stage's options: a built-in one ("tiny",
-"wan2.1", "qwen-image"), an entry point in the `stagepool.families` group, or
-"module:Class" (stages/plugins.py).
+"wan2.1", "qwen-image", "tiny-qwen-image"), an entry point in the `stagepool.families` group,
+or "module:Class" (stages/plugins.py). Its `Params` (a msgspec Struct, params.py) is its jobs'
+schema, which the broker checks every submit against; importing a family module does not
+import torch (the broker imports it), only loading and running one does.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import abc
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from . import params as schemas
 
-Tensors = dict[str, torch.Tensor]
+Tensors = dict[str, Any]  # name -> torch.Tensor
 
 
 class Family(abc.ABC):
     name: str
-    defaults: dict[str, Any]  # job params a request may leave out
+    Params: type[schemas.Params] | None = None  # the jobs' schema; None: params unchecked
+    defaults: dict[str, Any]  # job params a request may leave out (the schema's defaults)
     needs_model_dir = True  # model_path must be a Diffusers directory (model_index.json)
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32"):
@@ -34,6 +37,8 @@ class Family(abc.ABC):
             raise FileNotFoundError(
                 f"no Diffusers model at {model_path!r} for the {self.name} family "
                 f"(`stagepool models init-tiny DIR` builds the tiny ones)")
+        import torch
+
         self.model_path = model_path
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
@@ -72,14 +77,18 @@ class Family(abc.ABC):
         return on_step
 
     @staticmethod
-    def denormalize(vae, latents: torch.Tensor) -> torch.Tensor:
+    def denormalize(vae, latents):
         """Latents back to the VAE's scale, as the Wan and Qwen-Image pipelines do."""
+        import torch
+
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape)
         std = 1.0 / torch.tensor(vae.config.latents_std).view(shape)
         return latents / std.to(latents) + mean.to(latents)
 
-    def generator(self, params: dict[str, Any]) -> torch.Generator:
+    def generator(self, params: dict[str, Any]):
+        import torch
+
         # A CPU generator: the same noise for the same seed on every device.
         return torch.Generator("cpu").manual_seed(int(params["seed"]))
 
@@ -101,3 +110,25 @@ def create(name: str, model_path: str, device: str = "cpu", dtype: str = "float3
     from .. import plugins
 
     return plugins.load(plugins.FAMILIES, name, Family)(model_path, device, dtype)
+
+
+def pipeline_schema(stages: list) -> type[schemas.Params] | None:
+    """The params schema of a pipeline's jobs: its model stages' family's `Params`; None when
+    no stage runs a family or the family declares none. ConfigError when the model stages
+    name families with different schemas (a job has one set of params)."""
+    from ...common.errors import ConfigError
+    from .. import plugins
+    from ..base import Stage
+    from ..model import ModelStage
+
+    found: dict[type, str] = {}
+    for stage in stages:
+        if issubclass(plugins.load(plugins.STAGES, stage.kind, Stage), ModelStage):
+            name = stage.options.get("family", "tiny")
+            family = plugins.load(plugins.FAMILIES, name, Family)
+            if family.Params is not None:
+                found.setdefault(family.Params, name)
+    if len(found) > 1:
+        raise ConfigError(f"the model stages' families take different params: "
+                          f"{sorted(found.values())}")
+    return next(iter(found), None)

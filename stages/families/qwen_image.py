@@ -13,19 +13,17 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from . import Family, Tensors
+from . import params as schemas
 
 
 class QwenImageFamily(Family):
     name = "qwen-image"
-    # Qwen-Image's own defaults (its pipeline and model card): 1328x1328, 50 steps, CFG 4.0.
-    defaults = {"prompt": "", "negative_prompt": None, "seed": 0, "height": 1328,
-                "width": 1328, "infer_steps": 50, "true_cfg_scale": 4.0,
-                "max_sequence_length": 512}
+    Params = schemas.QwenImageParams  # Qwen-Image's own defaults: 1328x1328, 50 steps
+    defaults = schemas.defaults(Params)
 
     def load(self, stage: str) -> None:
+        import torch
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, \
             QwenImagePipeline, QwenImageTransformer2DModel
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -59,6 +57,8 @@ class QwenImageFamily(Family):
         return p["true_cfg_scale"] > 1 and p["negative_prompt"] is not None
 
     def encode(self, params: dict[str, Any]) -> Tensors:
+        import torch
+
         p = self.params(params)
         out = {}
         with torch.no_grad():
@@ -90,6 +90,8 @@ class QwenImageFamily(Family):
         return {"latents": latents}
 
     def decode(self, params: dict[str, Any], inputs: Tensors):
+        import torch
+
         p = self.params(params)
         pipe, vae = self.pipe, self.pipe.vae
         latents = pipe._unpack_latents(inputs["latents"].to(self.device), p["height"],
@@ -104,5 +106,5 @@ class TinyQwenImageFamily(QwenImageFamily):
     """Qwen-Image at toy size (`stagepool models init-tiny`): toy defaults to match."""
 
     name = "tiny-qwen-image"
-    defaults = {**QwenImageFamily.defaults, "height": 32, "width": 32, "infer_steps": 4,
-                "max_sequence_length": 64}
+    Params = schemas.TinyQwenImageParams
+    defaults = schemas.defaults(Params)

@@ -12,19 +12,17 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from . import Family, Tensors
+from . import params as schemas
 
 
 class WanFamily(Family):
     name = "wan2.1"
-    # Wan2.1-T2V's own defaults (its pipeline and model card): 480x832, 81 frames, 50 steps.
-    defaults = {"prompt": "", "negative_prompt": "", "seed": 0, "height": 480, "width": 832,
-                "num_frames": 81, "infer_steps": 50, "guidance_scale": 5.0,
-                "max_sequence_length": 512}
+    Params = schemas.WanParams  # Wan2.1-T2V's own defaults: 480x832, 81 frames, 50 steps
+    defaults = schemas.defaults(Params)
 
     def load(self, stage: str) -> None:
+        import torch
         from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -52,6 +50,8 @@ class WanFamily(Family):
             self.pipe.vae_scale_factor_spatial = 2 ** len(downsample)
 
     def encode(self, params: dict[str, Any]) -> Tensors:
+        import torch
+
         p = self.params(params)
         with torch.no_grad():
             embeds, negative = self.pipe.encode_prompt(
@@ -79,6 +79,8 @@ class WanFamily(Family):
         return {"latents": latents}
 
     def decode(self, params: dict[str, Any], inputs: Tensors):
+        import torch
+
         vae = self.pipe.vae
         latents = inputs["latents"].to(self.device, dtype=vae.dtype)
         latents = self.denormalize(vae, latents)
@@ -93,8 +95,8 @@ class TinyFamily(WanFamily):
     """Wan2.1 at toy size (`stagepool models init-tiny`): toy defaults to match."""
 
     name = "tiny"
-    defaults = {**WanFamily.defaults, "height": 32, "width": 32, "num_frames": 1,
-                "infer_steps": 4, "max_sequence_length": 32}
+    Params = schemas.TinyWanParams
+    defaults = schemas.defaults(Params)
 
 def _scheduler(path: str):
     import diffusers
@@ -104,6 +106,6 @@ def _scheduler(path: str):
     return cls.from_pretrained(path, subfolder="scheduler")
 
 
-def _maybe(inputs: Tensors, name: str, device) -> torch.Tensor | None:
+def _maybe(inputs: Tensors, name: str, device):
     tensor = inputs.get(name)
     return None if tensor is None else tensor.to(device)

@@ -1,0 +1,94 @@
+"""Each family's job params as a typed schema: its model's real defaults and bounds.
+
+The broker checks every submit against its pipeline's schema (from ZMQ, HTTP or the ingress
+stream alike), so a job with params its model cannot take is refused at the door with the
+field named, and no worker, no GPU, ever sees it. Torch-free: the broker imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from ...common.errors import InvalidParams
+
+MAX_SIDE = 2048  # pixels; a deployment may subclass a schema for larger outputs
+MAX_PROMPT_CHARS = 4000
+
+Side = Annotated[int, msgspec.Meta(ge=16, le=MAX_SIDE, multiple_of=16)]
+Steps = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+Ratio = Annotated[str, msgspec.Meta(pattern=r"^([1-9][0-9]{0,3}:[1-9][0-9]{0,3})?$")]
+SequenceLength = Annotated[int, msgspec.Meta(ge=1, le=512)]
+
+
+class Params(msgspec.Struct, forbid_unknown_fields=True):
+    """What every family's job takes besides its model's own knobs."""
+
+    prompt: Prompt = ""
+    seed: Seed = 0
+    aspect_ratio: Ratio = ""  # "W:H": sizes the output at the default area (no height/width)
+    task: Literal["", "image", "video"] = ""  # what a LightX2V client asked for
+    fps: Annotated[int, msgspec.Meta(ge=1, le=240)] = 16
+    save_npy: bool = False  # also write the frames as .npy
+
+
+class WanParams(Params):
+    """Wan2.1 text-to-video (its pipeline's defaults: 480x832, 81 frames, 50 steps)."""
+
+    negative_prompt: Prompt = ""
+    height: Side = 480
+    width: Side = 832
+    num_frames: Annotated[int, msgspec.Meta(ge=1, le=257)] = 81  # 4k + 1
+    infer_steps: Steps = 50
+    guidance_scale: Annotated[float, msgspec.Meta(ge=0.0, le=30.0)] = 5.0
+    max_sequence_length: SequenceLength = 512
+
+    def __post_init__(self):
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 4k+1 (1, 5, ... 81), got {self.num_frames}")
+
+
+class TinyWanParams(WanParams):
+    """The tiny Wan model: toy defaults."""
+
+    height: Side = 32
+    width: Side = 32
+    num_frames: Annotated[int, msgspec.Meta(ge=1, le=257)] = 1
+    infer_steps: Steps = 4
+    max_sequence_length: SequenceLength = 32
+
+
+class QwenImageParams(Params):
+    """Qwen-Image text-to-image (its defaults: 1328x1328, 50 steps, true_cfg_scale 4.0)."""
+
+    negative_prompt: Prompt | None = None
+    height: Side = 1328
+    width: Side = 1328
+    num_frames: Literal[1] = 1  # one image (LightX2V's image route says so)
+    infer_steps: Steps = 50
+    true_cfg_scale: Annotated[float, msgspec.Meta(ge=0.0, le=30.0)] = 4.0
+    max_sequence_length: SequenceLength = 512
+
+
+class TinyQwenImageParams(QwenImageParams):
+    """The tiny Qwen-Image model: toy defaults."""
+
+    height: Side = 32
+    width: Side = 32
+    infer_steps: Steps = 4
+    max_sequence_length: Annotated[int, msgspec.Meta(ge=1, le=512)] = 64
+
+
+def check(schema: type[Params], params: dict[str, Any]) -> None:
+    """Raise InvalidParams (naming the field) unless `params` fit `schema`."""
+    try:
+        msgspec.convert(params, schema)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise InvalidParams(f"invalid params: {exc}") from None
+
+
+def defaults(schema: type[Params]) -> dict[str, Any]:
+    return msgspec.structs.asdict(schema())
