@@ -4,6 +4,8 @@
      place on one host, one batched Mooncake read otherwise, verified by checksum;
   2. `hold` our outputs in our pool under `<job id>/<stage>`, waiting (and sweeping) while
      the pool is full: the descriptors go in the hand-on;
+     `room` says how many more outputs of the largest size seen fit, so that the worker
+     claims only work it can hold (admission by capacity): queued jobs wait in the ring;
   3. once our stage has committed, `release_upstream` tells the producer to free our inputs;
      our own holds are freed by our consumer's notice, or `release` when our commit failed;
   4. `chores` (on the heartbeat) records transfer counters and sweeps holds whose notice was
@@ -69,6 +71,14 @@ class DataPlane:
                     raise
                 self.sweep(store, 0.0)
                 time.sleep(_FULL_POOL_POLL_S)
+
+    def room(self) -> int | None:
+        """How many more outputs fit in the pool, at the largest size one has taken so far;
+        None before the first (nothing to go by) or when this stage holds nothing."""
+        largest = self.exchange.largest_put_bytes
+        if not self.next_stage or not largest:
+            return None
+        return self.exchange.pool.largest_free() // largest
 
     def release(self, job_id: str) -> None:
         self.exchange.release(self.hold_key(job_id))

@@ -3,7 +3,8 @@
 Lifecycle of a batch of dispatches in a worker (one commit path for every stage):
   1. the session registers with the broker: lease cells in the stage's ring, the ring to hand
      on to, the job store (session.py);
-  2. claim up to `max_batch` dispatches and lease each in one of our cells (claims.py);
+  2. claim up to `max_batch` dispatches, no more than our pool can hold the outputs of (a
+     full pool leaves the work queued in the ring), and lease each in a cell (claims.py);
   3. `start` them in Redis, one round trip: Redis answers each one's params; a stale attempt
      or an ended job is dropped here, before any work (commits.py);
   4. for each: pull its inputs from the previous stage's worker (dataplane.py) and run the
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXIT_HUNG = 70  # the exit status of a worker whose stage would not stop (EX_SOFTWARE)
+_FULL_POOL_WAIT_S = 0.05  # between looks at a full pool for room
 
 
 class Worker:
@@ -91,8 +93,12 @@ class Worker:
             while not self._draining.is_set():
                 if session.reattach.is_set():
                     session.attach(self._draining)
+                cells = self._admitted(session.cells)
+                if not cells:  # our pool is full of held outputs: leave the work queued
+                    time.sleep(_FULL_POOL_WAIT_S)
+                    continue
                 try:
-                    batch = claims.claim_batch(session.consume, session.cells,
+                    batch = claims.claim_batch(session.consume, cells,
                                                session.registered.lease_ms,
                                                settings.claim_wait_s, settings.spin_us / 1e6)
                 except (TransportError, RemoteError):
@@ -106,6 +112,17 @@ class Worker:
             session.close()
             if self.data is not None:
                 self.data.close(session.store)
+
+    def _admitted(self, cells: list[int]) -> list[int]:
+        """The cells we may fill now: as many as our pool can hold outputs for (sweeping
+        holds no one needs first), so a full pool makes jobs wait, never fail."""
+        if self.data is None:
+            return cells
+        room = self.data.room()
+        if room is not None and room < len(cells):
+            self.data.sweep(self.session.store, 0.0)
+            room = self.data.room()
+        return cells if room is None else cells[:room]
 
     def _chores(self) -> None:
         """On the heartbeat thread: the data plane's upkeep, and the hung-run watchdog."""

@@ -1,7 +1,8 @@
 """Plugins defined outside stagepool, as a user's package would: named by `module:Class`.
 
-`Gradient` is a model family with no weights: encode turns the prompt's bytes into a vector,
-denoise blends it toward a seeded target over `infer_steps`, decode paints a gradient frame.
+`Gradient` is a model family with no weights: encode turns the prompt's bytes into a vector
+(plus `embed_kb` of padding, to fill pools), denoise blends it toward a seeded target over
+`infer_steps` (`step_ms` each), decode paints a gradient frame.
 `Shout` is a stage kind: the prompt, upper-cased, as the result. `Steps` runs, in the stage
 named by `params.slow_stage`, `params.steps` steps of `params.step_ms` each, reporting each
 (a denoise loop without a model), and one step elsewhere; `Hang` never reaches a step there
@@ -28,8 +29,12 @@ class Gradient(Family):
         self.stage = stage
 
     def encode(self, params: dict[str, Any]) -> Tensors:
-        raw = self.params(params)["prompt"].encode()[:16].ljust(16, b" ")
-        return {"embedding": torch.tensor(list(raw), dtype=torch.float32) / 255}
+        p = self.params(params)
+        raw = p["prompt"].encode()[:16].ljust(16, b" ")
+        out = {"embedding": torch.tensor(list(raw), dtype=torch.float32) / 255}
+        if p.get("embed_kb"):
+            out["padding"] = torch.zeros(int(p["embed_kb"]) * 256)
+        return out
 
     def denoise(self, params: dict[str, Any], inputs: Tensors,
                 progress: Callable[[int, int], None]) -> Tensors:
@@ -38,6 +43,7 @@ class Gradient(Family):
         target = torch.rand(16, generator=self.generator(p))
         steps = int(p["infer_steps"])
         for i in range(steps):
+            time.sleep(float(p.get("step_ms", 0)) / 1000)
             x = x + (target - x) / (steps - i)
             progress(i + 1, steps)
         return {"latents": x}

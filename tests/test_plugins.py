@@ -59,13 +59,14 @@ namespace = "{namespace}"
 heartbeat_ms = 200
 [transfer]
 backend = "local"
+{transfer}
 [gateway]
 port = 0
 """
 
 
 def _run_cluster(tmp_path, redis_server, namespace, stages: str, params: list[dict],
-                 env: dict | None = None):
+                 env: dict | None = None, transfer: str = ""):
     import json
     import os
     import subprocess
@@ -73,7 +74,7 @@ def _run_cluster(tmp_path, redis_server, namespace, stages: str, params: list[di
     import time
 
     path = tmp_path / "pipeline.toml"
-    path.write_text(PIPELINE.format(stages=stages, namespace=namespace))
+    path.write_text(PIPELINE.format(stages=stages, namespace=namespace, transfer=transfer))
     state = tmp_path / "state"
     log = open(tmp_path / "up.log", "wb")
     up = subprocess.Popen([sys.executable, "-m", "stagepool.broker.cli", "up", "--config",
@@ -116,6 +117,23 @@ def test_a_plugin_family_and_kind_from_a_test_module_run_through_a_real_cluster(
     [job] = _run_cluster(tmp_path / "shout", redis_server, namespace + "b", stages,
                          [{"prompt": "quiet"}])
     assert job.result == {"shout": "QUIET"}
+
+
+@pytest.mark.cluster
+def test_a_full_pool_makes_jobs_wait_in_the_ring_not_fail(tmp_path, redis_server, namespace):
+    """Encode's 1 MiB pool holds three 300 KiB outputs while denoise takes 0.3 s a job; 12
+    jobs queue behind it. Without admission by capacity, encode would run ahead, wait 0.2 s
+    for room (put_wait_s), and fail them."""
+    family = '{ family = "tests.plugins:Gradient", results_dir = "%s" }' % (tmp_path / "out")
+    stages = "".join(f'[[pipeline.stages]]\nname = "{kind}"\nkind = "{kind}"\n'
+                     f"options = {family}\n" for kind in ("encode", "denoise", "decode"))
+    jobs = _run_cluster(tmp_path, redis_server, namespace, stages,
+                        [{"prompt": f"p{i}", "embed_kb": 300, "infer_steps": 2, "step_ms": 150}
+                         for i in range(12)],
+                        transfer="pool_mb = 1\nput_wait_s = 0.2")
+    assert all(job.stages["encode"]["retries"] == 0 for job in jobs)
+    log = (tmp_path / "state" / "logs" / "encode-0.log").read_text()
+    assert "cannot hold outputs" not in log
 
 
 @pytest.mark.cluster

@@ -31,7 +31,7 @@ from ..errors import TransferError
 from ..wire import Release, TensorDesc
 from .base import Endpoint, Failure, FailedPull, FailureKind, Pull, host_identity
 from .local import LocalBackend
-from .pool import Pool, PoolFull, dtype_name
+from .pool import ALIGN_BYTES, Pool, PoolFull, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class Exchange:
     def __init__(self, config: TransferConfig):
         self.config = config
         self.pool = Pool(config.pool_mb << 20)
+        self.largest_put_bytes = 0  # the most one `put` has taken (aligned): admission's unit
         self.local = LocalBackend() if config.backend in ("auto", "local") else None
         self.mooncake = None
         if config.backend in ("auto", "mooncake"):
@@ -101,6 +102,8 @@ class Exchange:
             raise
         with self._lock:
             self._held[key] = (time.monotonic(), blocks)
+        aligned = sum(-(-n // ALIGN_BYTES) * ALIGN_BYTES for _, n in blocks)
+        self.largest_put_bytes = max(self.largest_put_bytes, aligned)
         self.count("put", "pool", sum(n for _, n in blocks), time.perf_counter() - started)
         return descs
 

@@ -72,6 +72,11 @@ class Pool:
         raise PoolFull(f"no free block of {nbytes} bytes in a {self.nbytes}-byte pool "
                        f"({self.used_bytes} bytes in use)")
 
+    def largest_free(self) -> int:
+        """The largest block `alloc` could hand out now."""
+        with self._lock:
+            return max((free for _, free in self._free), default=0)
+
     def free(self, offset: int, nbytes: int) -> None:
         size = max(ALIGN_BYTES, -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES)
         with self._lock:
