@@ -72,6 +72,15 @@ class DataPlane:
                 self.sweep(store, 0.0)
                 time.sleep(_FULL_POOL_POLL_S)
 
+    def admit(self, cells: list[int], store: JobStore) -> list[int]:
+        """The lease cells we may fill now: as many as the pool can hold outputs for
+        (sweeping holds no one needs first), so a full pool makes jobs wait, never fail."""
+        room = self.room()
+        if room is not None and room < len(cells):
+            self.sweep(store, 0.0)
+            room = self.room()
+        return cells if room is None else cells[:room]
+
     def room(self) -> int | None:
         """How many more outputs fit in the pool, at the largest size one has taken so far;
         None before the first (nothing to go by) or when this stage holds nothing."""

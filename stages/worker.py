@@ -93,7 +93,8 @@ class Worker:
             while not self._draining.is_set():
                 if session.reattach.is_set():
                     session.attach(self._draining)
-                cells = self._admitted(session.cells)
+                cells = (session.cells if self.data is None
+                         else self.data.admit(session.cells, session.store))
                 if not cells:  # our pool is full of held outputs: leave the work queued
                     time.sleep(_FULL_POOL_WAIT_S)
                     continue
@@ -112,17 +113,6 @@ class Worker:
             session.close()
             if self.data is not None:
                 self.data.close(session.store)
-
-    def _admitted(self, cells: list[int]) -> list[int]:
-        """The cells we may fill now: as many as our pool can hold outputs for (sweeping
-        holds no one needs first), so a full pool makes jobs wait, never fail."""
-        if self.data is None:
-            return cells
-        room = self.data.room()
-        if room is not None and room < len(cells):
-            self.data.sweep(self.session.store, 0.0)
-            room = self.data.room()
-        return cells if room is None else cells[:room]
 
     def _chores(self) -> None:
         """On the heartbeat thread: the data plane's upkeep, and the hung-run watchdog."""
