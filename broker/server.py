@@ -171,10 +171,10 @@ class Broker:
             raise ProtocolError(f"unknown pipeline {pipeline!r}; this broker runs {name!r}")
         job_id = wire.check_job_id(job_id) if job_id else uuid.uuid4().hex
         first = self._stage_names[0]
-        dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, wire.check_priority(priority)))
         params_json = wire.check_params(params)
         if self.params_schema is not None:
             schemas.check(self.params_schema, params)
+        dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, wire.check_priority(priority)))
         return tx.Submit(job_id, name, params_json, first, dispatch, priority)
 
     # -- control socket ----------------------------------------------------------------------

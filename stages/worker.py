@@ -174,8 +174,7 @@ class Worker:
                 else:
                     self._retry(dispatch, why)
                 return None
-        limit_s = self.stage_config.time_limit_s
-        self._run_deadline = time.monotonic() + limit_s
+        self._run_deadline = time.monotonic() + self.stage_config.time_limit_s
         job = base.JobContext(job_id=dispatch.job_id, attempt=dispatch.attempt,
                               params=msgspec.json.decode(params_json),
                               inputs=pull.tensors if pull else {},
@@ -183,21 +182,19 @@ class Worker:
                                                                self._run_deadline))
         try:
             output = self.stage.run(job)
-        except StageStopped as stop:
-            log.info("job %s: %s stopped (attempt %d): %s", dispatch.job_id,
-                     self.stage_config.name, dispatch.attempt, stop)
-            if pull is not None:
-                pull.close()
-            if stop.retry:
-                self._retry(dispatch, str(stop))
-            return None
         except Exception as exc:
-            log.warning("job %s failed in %s (attempt %d)", dispatch.job_id,
-                        self.stage_config.name, dispatch.attempt, exc_info=True)
             if pull is not None:
                 pull.close()
-            self._retry(dispatch, f"{type(exc).__name__}: {exc}",
-                        permanent=isinstance(exc, base.PERMANENT_ERRORS))
+            if isinstance(exc, StageStopped):
+                log.info("job %s: %s stopped (attempt %d): %s", dispatch.job_id,
+                         self.stage_config.name, dispatch.attempt, exc)
+                if exc.retry:
+                    self._retry(dispatch, str(exc))
+            else:
+                log.warning("job %s failed in %s (attempt %d)", dispatch.job_id,
+                            self.stage_config.name, dispatch.attempt, exc_info=True)
+                self._retry(dispatch, f"{type(exc).__name__}: {exc}",
+                            permanent=isinstance(exc, base.PERMANENT_ERRORS))
             return None
         finally:
             self._run_deadline = 0.0

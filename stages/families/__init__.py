@@ -29,8 +29,13 @@ Tensors = dict[str, Any]  # name -> torch.Tensor
 class Family(abc.ABC):
     name: str
     Params: type[schemas.Params] | None = None  # the jobs' schema; None: params unchecked
-    defaults: dict[str, Any]  # job params a request may leave out (the schema's defaults)
+    defaults: dict[str, Any]  # job params a request may leave out: the schema's, when it has one
     needs_model_dir = True  # model_path must be a Diffusers directory (model_index.json)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.Params is not None:
+            cls.defaults = schemas.defaults(cls.Params)
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "float32"):
         if self.needs_model_dir and not (Path(model_path) / "model_index.json").exists():

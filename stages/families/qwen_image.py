@@ -20,7 +20,6 @@ from . import params as schemas
 class QwenImageFamily(Family):
     name = "qwen-image"
     Params = schemas.QwenImageParams  # Qwen-Image's own defaults: 1328x1328, 50 steps
-    defaults = schemas.defaults(Params)
 
     def load(self, stage: str) -> None:
         import torch
@@ -107,4 +106,3 @@ class TinyQwenImageFamily(QwenImageFamily):
 
     name = "tiny-qwen-image"
     Params = schemas.TinyQwenImageParams
-    defaults = schemas.defaults(Params)

@@ -19,7 +19,6 @@ from . import params as schemas
 class WanFamily(Family):
     name = "wan2.1"
     Params = schemas.WanParams  # Wan2.1-T2V's own defaults: 480x832, 81 frames, 50 steps
-    defaults = schemas.defaults(Params)
 
     def load(self, stage: str) -> None:
         import torch
@@ -96,7 +95,6 @@ class TinyFamily(WanFamily):
 
     name = "tiny"
     Params = schemas.TinyWanParams
-    defaults = schemas.defaults(Params)
 
 def _scheduler(path: str):
     import diffusers
