@@ -31,7 +31,7 @@ import msgspec
 
 from ..common import config as config_mod
 from ..common.client import BrokerClient
-from ..common.errors import RemoteError, StagepoolError
+from ..common.errors import ConfigError, RemoteError, StagepoolError
 from ..common.wire import TERMINAL_STATES
 
 log = logging.getLogger("stagepool")
@@ -125,10 +125,24 @@ def _ensure_tiny_models(config) -> None:
 
 
 def cmd_models(args) -> int:
-    from ..stages.families.tiny import init_tiny
+    if args.action == "init-tiny":
+        from ..stages.families.tiny import init_tiny
 
-    for name, path in init_tiny(args.dir, force=args.force).items():
-        print(f"{name}: {path}")
+        for name, path in init_tiny(args.dir, force=args.force).items():
+            print(f"{name}: {path}")
+        return 0
+    from ..stages.families import shapes
+
+    if args.family is None or args.size is None:
+        raise ConfigError("init-random needs --family and --size "
+                          f"(known: {', '.join(f'{f} {s}' for f, s in shapes.SHAPES)})")
+    try:
+        if args.dry_run:
+            print(json.dumps(shapes.describe(args.family, args.size), indent=2))
+        else:
+            print(shapes.init_random(args.dir, args.family, args.size, force=args.force))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return 0
 
 
@@ -331,9 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("queues", cmd_queues, "queue depth per stage")
     p.add_argument("--json", action="store_true")
     p = add("models", cmd_models, "model directories")
-    p.add_argument("action", choices=["init-tiny"])
+    p.add_argument("action", choices=["init-tiny", "init-random"],
+                   help="init-tiny: the toy models; init-random: random weights at a real "
+                        "model's shapes (--family, --size)")
     p.add_argument("dir")
     p.add_argument("--force", action="store_true", help="rebuild existing directories")
+    p.add_argument("--family", default=None, help="init-random: the model family (wan2.1)")
+    p.add_argument("--size", default=None, help="init-random: the model size (1.3B, 14B)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="init-random: print each component's parameters and bytes only")
     return parser
 
 

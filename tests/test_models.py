@@ -57,7 +57,7 @@ def test_the_three_stage_split_equals_the_monolithic_pipeline(case, tiny_models)
         steps = []
         latents = _hand_over(b, a, "job/denoise",
                              denoise.denoise(params, embeds, lambda i, n: steps.append((i, n))))
-        split = np.asarray(decode.decode(params, latents))
+        split = decode.decode(params, latents).cpu().numpy()
     finally:
         a.close()
         b.close()
@@ -65,6 +65,21 @@ def test_the_three_stage_split_equals_the_monolithic_pipeline(case, tiny_models)
     assert steps == [(i, 4) for i in range(1, 5)]
     assert split.shape == whole.shape
     assert float(np.abs(split - whole).max()) == 0.0
+
+
+def test_pixels_made_from_a_tensor_are_the_bytes_made_from_its_array(tmp_path):
+    """The decode stage makes pixels where its frames are (on the GPU); the monolithic path
+    makes them from the float array on the host: the same bytes."""
+    from stagepool.stages.model import write_frames
+
+    torch.manual_seed(0)
+    frames = torch.rand(1, 48, 64, 3)
+    frames[0, 0, :4, 0] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0])  # ties, edge
+    frames = frames.to(DEVICE)
+    from_tensor = write_frames(frames, tmp_path / "t", save_npy=True)
+    from_array = write_frames(frames.cpu().numpy(), tmp_path / "a")
+    assert Path(from_tensor["image"]).read_bytes() == Path(from_array["image"]).read_bytes()
+    assert np.array_equal(np.load(from_tensor["frames"]), frames.cpu().numpy())
 
 
 def _starts(store: JobStore, stage: str) -> collections.Counter:

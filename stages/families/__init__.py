@@ -6,7 +6,9 @@ code, so the split output equals the monolithic pipeline's for the same seed:
 
   encode(params)                    -> tensors (prompt embeddings, masks)
   denoise(params, tensors, progress) -> tensors (latents); progress(step, steps) per step
-  decode(params, tensors)           -> frames: float32 array (frames, height, width, 3) in [0, 1]
+  decode(params, tensors)           -> frames: a float tensor (frames, height, width, 3) in [0, 1],
+                                       left on the device (the decode stage makes its pixels
+                                       there and copies a quarter of the bytes back)
 
 A family is named by `family = ...` in a model stage's options: a built-in one ("tiny",
 "wan2.1", "qwen-image", "tiny-qwen-image"), an entry point in the `stagepool.families` group,

@@ -98,7 +98,7 @@ class QwenImageFamily(Family):
         latents = self.denormalize(vae, latents)
         with torch.no_grad():
             image = vae.decode(latents, return_dict=False)[0][:, :, 0]
-        return pipe.image_processor.postprocess(image, output_type="np")
+        return pipe.image_processor.postprocess(image, output_type="pt").permute(0, 2, 3, 1)
 
 
 class TinyQwenImageFamily(QwenImageFamily):

@@ -85,7 +85,8 @@ class WanFamily(Family):
         latents = self.denormalize(vae, latents)
         with torch.no_grad():
             video = vae.decode(latents, return_dict=False)[0]
-        return self.pipe.video_processor.postprocess_video(video, output_type="np")[0]
+        frames = self.pipe.video_processor.postprocess_video(video, output_type="pt")[0]
+        return frames.permute(0, 2, 3, 1)
 
 
 
