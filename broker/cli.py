@@ -283,6 +283,32 @@ def cmd_cancel(args) -> int:
     return 0 if result.cancelled else 1
 
 
+def cmd_workers(args) -> int:
+    with BrokerClient(_broker_endpoint(args)) as client:
+        listing = client.workers()
+    if args.json:
+        print(msgspec.json.encode(listing.workers).decode())
+        return 0
+    now_ms = time.time() * 1000
+    rows = [("WORKER", "STAGE", "HOST", "PID", "DEVICE", "BUSY", "JOB (STEP)", "DONE",
+             "BEAT", "GPU MEMORY", "UTIL")]
+    for w in listing.workers:
+        job = (w.jobs[0] + (f" ({w.step})" if w.step else "")
+               + (f" +{len(w.jobs) - 1}" if len(w.jobs) > 1 else "")) if w.jobs else "-"
+        gpu = w.gpu
+        rows.append((
+            w.worker_id, w.stage, w.host, str(w.pid),
+            w.device + (f" (GPU {gpu.index})" if gpu else ""), "yes" if w.busy else "no", job,
+            str(w.jobs_done), f"{max(0.0, now_ms - w.heartbeat_ms) / 1000:.1f}s ago",
+            f"{gpu.memory_used_mib / 1024:.1f}/{gpu.memory_total_mib / 1024:.1f} GiB "
+            f"(own {gpu.process_reserved_mib / 1024:.1f})" if gpu else "-",
+            f"{gpu.utilization_pct:.0f}%" if gpu else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
 def cmd_queues(args) -> int:
     with BrokerClient(_broker_endpoint(args)) as client:
         queues = client.queues()
@@ -343,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cancel", cmd_cancel, "cancel a job")
     p.add_argument("job_id")
     p = add("queues", cmd_queues, "queue depth per stage")
+    p.add_argument("--json", action="store_true")
+    p = add("workers", cmd_workers, "every live worker: stage, device, job and step, GPU")
     p.add_argument("--json", action="store_true")
     p = add("models", cmd_models, "model directories")
     p.add_argument("action", choices=["init-tiny", "init-random"],

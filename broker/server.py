@@ -33,7 +33,8 @@ from ..common.config import Config
 from ..common.errors import Code, ProtocolError, StagepoolError
 from ..common.jobstore import JobStore, job_status
 from ..common.wire import (
-    Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, Heartbeat, HeartbeatAck,
+    Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, GetWorkers, Heartbeat,
+    HeartbeatAck,
     Hello, QueueInfo, Queues, Register, Registered, Submit, Submitted, Unregister,
     Rewind, RewindResult, VerbsAccept, VerbsConnect, Welcome, Ack,
 )
@@ -42,22 +43,13 @@ from ..stages.families import pipeline_schema
 from .dispatcher import Dispatcher
 from .ingress import Ingress
 from .reaper import Reaper
+from .registry import Registry
 from .ringhost import RingHost
 
 log = logging.getLogger(__name__)
 
 _POLL_MS = 100
 _MAX_GREETED = 100_000  # identities remembered as having said Hello
-
-
-class _WorkerEntry:
-    __slots__ = ("stage", "cell", "last_seen", "busy")
-
-    def __init__(self, stage: str, cell: int, now: float):
-        self.stage = stage
-        self.cell = cell
-        self.last_seen = now
-        self.busy = False
 
 
 class Broker:
@@ -70,7 +62,7 @@ class Broker:
         self.dispatcher = Dispatcher(self.ringhost.rings)
         self.reaper = Reaper(config, self.ringhost.rings, self.store, self.dispatcher)
         self.ingress = Ingress(self.store, self.submit, consumer="broker")
-        self.workers: dict[str, _WorkerEntry] = {}
+        self.registry = Registry(config, self.ringhost, self.store, self.reaper.cell_is_free)
         self._greeted: dict[bytes, float] = {}
         self._codec = Codec(wire.Request)
         self._stop = threading.Event()
@@ -104,7 +96,7 @@ class Broker:
                         except zmq.Again:
                             break
                     self._on_batch(batch)
-                self._expire_workers(time.monotonic())
+                self.registry.expire(time.monotonic())
         finally:
             self.close()
 
@@ -274,15 +266,14 @@ class Broker:
                 return self._queues()
             case Register():
                 return self._register(request)
-            case Heartbeat(worker_id=worker_id, busy=busy):
-                entry = self.workers.get(worker_id)
-                if entry is None:
+            case Heartbeat():
+                if not self.registry.heartbeat(request):
                     return Error(code=Code.UNKNOWN_WORKER, message="register again")
-                entry.last_seen = time.monotonic()
-                entry.busy = busy
                 return HeartbeatAck(broker_id=self.broker_id)
+            case GetWorkers():
+                return self.registry.listing()
             case Unregister(worker_id=worker_id):
-                self._drop_worker(worker_id)
+                self.registry.drop(worker_id)
                 return Ack()
             case Rewind():
                 return self._rewind(request)
@@ -343,7 +334,7 @@ class Broker:
         queues = []
         for stage, ring in self.ringhost.rings.items():
             in_flight = sum(ring.read_lease(c) is not None for c in range(ring.layout.cells))
-            workers = sum(1 for w in self.workers.values() if w.stage == stage)
+            workers = self.registry.count(stage)
             queues.append(QueueInfo(stage=stage, depth=ring.depth(),
                                     backlog=self.dispatcher.backlog(stage), in_flight=in_flight,
                                     workers=workers, capacity=ring.layout.capacity))
@@ -354,14 +345,7 @@ class Broker:
     def _register(self, request: Register) -> Registered:
         stage = self.config.stage(request.stage)
         next_stage = self.config.next_stage(stage.name)
-        self._drop_worker(request.worker_id)
-        if not 1 <= request.cells <= self.ringhost.layout.cells:
-            raise ProtocolError(f"cells must be 1..{self.ringhost.layout.cells}")
-        cells = self.ringhost.allocate_cells(stage.name, request.worker_id, request.cells,
-                                             self.reaper.cell_is_free)
-        self.workers[request.worker_id] = _WorkerEntry(stage.name, cells[0], time.monotonic())
-        log.info("worker %s (%s, pid %d on %s) registered for %s, cells %s", request.worker_id,
-                 request.transport, request.pid, request.host, stage.name, cells)
+        cells = self.registry.register(request)
         return Registered(
             broker_id=self.broker_id, cell=cells[0], cells=cells,
             consume=self.ringhost.attach_info(stage.name),
@@ -371,17 +355,3 @@ class Broker:
             max_attempts=stage.max_attempts, redis_url=self.config.redis.url,
             namespace=self.config.redis.namespace,
         )
-
-    def _drop_worker(self, worker_id: str) -> None:
-        entry = self.workers.pop(worker_id, None)
-        if entry is not None:
-            self.ringhost.free_cell(entry.stage, worker_id)
-
-    def _expire_workers(self, now: float) -> None:
-        timeout_s = self.config.broker.worker_timeout_ms / 1000
-        for worker_id, entry in list(self.workers.items()):
-            if now - entry.last_seen > timeout_s:
-                log.warning("worker %s (%s) silent for %.1f s: dropped", worker_id, entry.stage,
-                            now - entry.last_seen)
-                self._drop_worker(worker_id)
-

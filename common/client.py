@@ -97,6 +97,9 @@ class BrokerClient:
     def queues(self) -> wire.Queues:
         return self.call(wire.GetQueues())
 
+    def workers(self) -> wire.WorkerList:
+        return self.call(wire.GetWorkers())
+
     def close(self) -> None:
         self._sock.close(linger=0)
 

@@ -149,6 +149,14 @@ class JobStore:
                 for i in range(0, len(replies), 2)]
 
     @_translate
+    def fields(self, pairs: list[tuple[str, str]]) -> list[str | None]:
+        """One field of each of several job records, in one round trip: [(job_id, field)]."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, field in pairs:
+            pipe.hget(self.keys.job(job_id), field)
+        return [v.decode() if v is not None else None for v in pipe.execute()]
+
+    @_translate
     def totals(self) -> dict[str, int]:
         """Jobs not yet ended, jobs ever recorded, stored results, dead letters."""
         pipe = self.redis.pipeline(transaction=False)

@@ -127,6 +127,7 @@ class Register(Message, tag="register"):
     pid: int
     transport: TransportName = "shm"
     cells: int = 1  # lease cells wanted: the most dispatches the worker holds at once
+    device: str = ""  # what the stage runs on: "cpu", "cuda" (see the heartbeat's `gpu`)
     rid: int = 0
 
 
@@ -147,9 +148,22 @@ class Registered(Message, tag="registered"):
     rid: int = 0
 
 
+class GpuStats(msgspec.Struct, omit_defaults=True):
+    """A worker's GPU as NVML sees it (the whole card), and this worker's own share."""
+
+    index: int  # NVML's index of the card
+    name: str = ""
+    memory_used_mib: float = 0.0  # by every process on the card
+    memory_total_mib: float = 0.0
+    utilization_pct: float = 0.0  # of the last sample period, NVML's
+    process_reserved_mib: float = 0.0  # held by this worker's torch allocator
+
+
 class Heartbeat(Message, tag="heartbeat"):
     worker_id: str
     busy: bool = False
+    jobs_done: int = 0  # attempts this worker committed since it started
+    gpu: GpuStats | None = None
     rid: int = 0
 
 
@@ -196,6 +210,31 @@ class Queues(Message, tag="queue_list"):
     rid: int = 0
 
 
+class GetWorkers(Message, tag="workers"):
+    rid: int = 0
+
+
+class WorkerInfo(msgspec.Struct, omit_defaults=True):
+    worker_id: str
+    stage: Stage
+    host: str = ""
+    pid: int = 0
+    transport: str = ""
+    device: str = ""
+    busy: bool = False
+    jobs: list[str] = []  # the jobs it holds leases for now
+    step: str = ""  # the first job's step in this stage ("12/50"), when the stage reports one
+    jobs_done: int = 0
+    registered_ms: int = 0  # wall clock, ms since the epoch
+    heartbeat_ms: int = 0  # the last heartbeat, likewise
+    gpu: GpuStats | None = None
+
+
+class WorkerList(Message, tag="worker_list"):
+    workers: list[WorkerInfo]
+    rid: int = 0
+
+
 class Rewind(Message, tag="rewind"):
     """Worker to broker: this attempt's inputs are gone with their producer; run the previous
     stage again. The broker records it in Redis and publishes the previous stage's dispatch."""
@@ -225,10 +264,10 @@ class Error(Message, tag="error"):
     rid: int = 0
 
 
-Request = (Hello | Submit | GetStatus | Cancel | GetQueues | Register | Heartbeat | Unregister
-           | VerbsConnect | Rewind)
-Reply = (Welcome | Submitted | JobStatus | CancelResult | Queues | Registered | HeartbeatAck
-         | VerbsAccept | RewindResult | Ack | Error)
+Request = (Hello | Submit | GetStatus | Cancel | GetQueues | GetWorkers | Register | Heartbeat
+           | Unregister | VerbsConnect | Rewind)
+Reply = (Welcome | Submitted | JobStatus | CancelResult | Queues | WorkerList | Registered
+         | HeartbeatAck | VerbsAccept | RewindResult | Ack | Error)
 
 
 def schema_hash() -> str:

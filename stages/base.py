@@ -48,6 +48,7 @@ class StageOutput:
 
 class Stage(abc.ABC):
     uses_tensors = False  # True: the worker opens a transfer pool before registering
+    device = "cpu"  # the torch device it runs on, once loaded ("cuda", "cuda:1"): reported
 
     def __init__(self, config: StageConfig):
         self.config = config

@@ -49,6 +49,7 @@ class ModelStage(Stage):
         self.family = families.create(opts.get("family", "tiny"), opts.get("model_path") or "",
                                       device, opts.get("dtype", "float32"))
         self.family.load(self.role)
+        self.device = str(self.family.device)
 
     def run(self, job: JobContext) -> StageOutput:
         """The stage's part of the job, then one log line: its time and, on a GPU, the peak

@@ -3,7 +3,8 @@
   1. `attach` registers (retrying until the broker answers) and opens what the answer names:
      the ring to consume with our lease cells, the ring to hand on to, and the job store;
   2. the heartbeat thread beats the lease cells in `leased` (every min(heartbeat, lease/3)),
-     pings the broker every heartbeat_ms, and runs the caller's periodic chores;
+     pings the broker every heartbeat_ms with the worker's figures (busy, jobs done, its GPU's
+     memory and utilisation), and runs the caller's periodic chores;
   3. a restarted broker (a new broker id, or "unknown worker") sets `reattach`: the worker
      calls `attach` again between batches, and a fresh broker rebuilds every job from Redis;
   4. `close` unregisters (the broker would forget us after worker_timeout_ms anyway) and
@@ -27,6 +28,7 @@ from ..common.config import Config
 from ..common.errors import RemoteError, StagepoolError
 from ..common.jobstore import JobStore
 from ..common.ring import Ring, open_memory
+from .gpu import GpuProbe
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class Session:
         self.store: JobStore | None = None
         self.reattach = threading.Event()
         self.leased: tuple[int, ...] = ()  # our cells holding a lease: the heartbeat beats them
+        self.device = "cpu"  # what the stage runs on, told at registration
+        self.gpu: GpuProbe | None = None  # its card's figures go with each heartbeat
+        self.jobs_done = 0  # attempts committed, told with each heartbeat
         self._stopped = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -63,7 +68,7 @@ class Session:
                         worker_id=self.worker_id, stage=self.stage, host=socket.gethostname(),
                         pid=os.getpid(),
                         transport="shm" if self.transport == "auto" else self.transport,
-                        cells=self.config.stage(self.stage).max_batch))
+                        cells=self.config.stage(self.stage).max_batch, device=self.device))
                     self.consume = Ring.attach(self._open(registered.consume, client))
                     if registered.produce:
                         self.produce = Ring.attach(self._open(registered.produce, client))
@@ -146,8 +151,9 @@ class Session:
                 next_ping = now + registered.heartbeat_ms / 1000
                 try:
                     client = client or self._client()
-                    ack = client.call(wire.Heartbeat(worker_id=self.worker_id,
-                                                     busy=busy.is_set()))
+                    ack = client.call(wire.Heartbeat(
+                        worker_id=self.worker_id, busy=busy.is_set(), jobs_done=self.jobs_done,
+                        gpu=self.gpu.sample() if self.gpu is not None else None))
                     if ack.broker_id != registered.broker_id:
                         self.reattach.set()
                 except RemoteError:

@@ -42,6 +42,7 @@ from ..common.ring import Ring
 from ..common.wire import Dispatch, encode_dispatch
 from . import base, claims
 from .commits import Commits, Ran, handed_on
+from .gpu import GpuProbe
 from .session import Session
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ class Worker:
     def run(self) -> None:
         self.stage.load()
         session, settings = self.session, self.config.worker
+        session.device = self.stage.device
+        session.gpu = GpuProbe.open(self.stage.device)
         if self.stage.uses_tensors:
             # Before registering: a worker is only offered jobs once its pool can hold them.
             # Imported here: the data plane needs torch, which a noop deployment may lack.
@@ -225,6 +228,7 @@ class Worker:
                 if done.held:
                     self.data.release(done.dispatch.job_id)
                 continue
+            self.session.jobs_done += 1
             hand_on = handed_on(done, outcome)
             if hand_on is not None:
                 self._publish(self.session.produce, encode_dispatch(hand_on))

@@ -128,7 +128,39 @@ class Metrics:
             recovered.add_metric([], queues.recovered)
             families.append(recovered)
         families.extend(self._transfer_families())
+        families.extend(self._worker_families())
         return families
+
+    def _worker_families(self) -> list:
+        """Per worker (from the broker's registry): busy, jobs done, and its GPU's figures."""
+        listing = self.observer.broker_workers()
+        labels = ["stage", "worker"]
+        gpu_labels = labels + ["gpu"]
+
+        def gauge(name, doc, names):
+            return GaugeMetricFamily(name, doc, labels=names)
+
+        busy = gauge("stagepool_worker_busy", "1 while the worker runs a job", labels)
+        done = CounterMetricFamily("stagepool_worker_jobs_done",
+                                   "Attempts the worker committed since it started", labels=labels)
+        used = gauge("stagepool_gpu_memory_used_bytes",
+                     "Memory in use on the worker's GPU, by every process (NVML)", gpu_labels)
+        total = gauge("stagepool_gpu_memory_total_bytes", "The worker's GPU's memory (NVML)",
+                      gpu_labels)
+        util = gauge("stagepool_gpu_utilization_ratio",
+                     "The worker's GPU's utilisation over NVML's last sample period", gpu_labels)
+        reserved = gauge("stagepool_worker_gpu_reserved_bytes",
+                         "GPU memory the worker's torch allocator holds", gpu_labels)
+        for w in listing.workers if listing else ():
+            busy.add_metric([w.stage, w.worker_id], 1 if w.busy else 0)
+            done.add_metric([w.stage, w.worker_id], w.jobs_done)
+            if w.gpu is not None:
+                key = [w.stage, w.worker_id, str(w.gpu.index)]
+                used.add_metric(key, w.gpu.memory_used_mib * 2**20)
+                total.add_metric(key, w.gpu.memory_total_mib * 2**20)
+                util.add_metric(key, w.gpu.utilization_pct / 100)
+                reserved.add_metric(key, w.gpu.process_reserved_mib * 2**20)
+        return [busy, done, used, total, util, reserved]
 
     def _transfer_families(self) -> list:
         labels = ["stage", "phase", "backend"]

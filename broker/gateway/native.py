@@ -6,6 +6,8 @@
     DELETE /v1/jobs/{id}             cancel
     GET    /v1/jobs/{id}/result      the result file (?file=image|video|frames) or its JSON
     GET    /v1/queues                per stage: depth, oldest age, ring, in flight, workers
+    GET    /v1/workers               every worker: stage, host, pid, device, busy, its jobs
+                                     and step, jobs done, last heartbeat, GPU memory and use
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from starlette.responses import FileResponse, Response
 
 from ...common.errors import Code
 from .http import HTTPError, Op, Param, in_thread, json_response, query_int, read_json
-from .schema import Cancelled, ErrorBody, Job, JobList, Queues, Submitted, SubmitRequest
+from .schema import (
+    Cancelled, ErrorBody, Job, JobList, Queues, Submitted, SubmitRequest, Workers,
+)
 
 JOB_ID_PARAM = Param("job_id", "path", {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$"},
                      required=True)
@@ -82,6 +86,13 @@ async def queues(request: Request) -> Response:
     return json_response(await in_thread(_state(request).observer.queues))
 
 
+async def workers(request: Request) -> Response:
+    listing = await in_thread(_state(request).observer.broker_workers)
+    if listing is None:
+        raise HTTPError(503, Code.UNAVAILABLE, "the broker is unreachable")
+    return json_response(Workers(workers=listing.workers))
+
+
 async def metrics(request: Request) -> Response:
     text = await in_thread(_state(request).metrics.render)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -122,6 +133,8 @@ OPS = [
                                    "which result file: image, video or frames"))),
     Op("GET", "/v1/queues", queues, "Queue depth and workers per stage", "queues",
        responses={200: Queues, 503: ErrorBody}),
+    Op("GET", "/v1/workers", workers, "Every live worker, its jobs and its GPU", "queues",
+       responses={200: Workers, 503: ErrorBody}),
     Op("GET", "/metrics", metrics, "Prometheus metrics", "operations",
        responses={200: ("text/plain",), 503: ErrorBody}),
     Op("GET", "/healthz", healthz, "Liveness", "operations", responses={200: ("application/json",)},

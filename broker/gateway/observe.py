@@ -85,6 +85,13 @@ class Observer:
             log.debug("broker unreachable for queues: %s", exc)
             return None
 
+    def broker_workers(self) -> wire.WorkerList | None:
+        try:
+            return self.call(wire.GetWorkers())
+        except StagepoolError as exc:
+            log.debug("broker unreachable for workers: %s", exc)
+            return None
+
     # -- jobs --------------------------------------------------------------------------
 
     def submit(self, params: dict, job_id: str | None, priority: int) -> schema.Submitted:

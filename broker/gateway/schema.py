@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ...common.wire import WorkerInfo
+
 Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
@@ -85,6 +87,12 @@ class Queues(Strict):
     recovered: int | None  # dispatches the broker's reaper recovered since it started
     totals: dict[str, int]  # active, jobs, results, dead
     now_ms: int
+
+
+class Workers(Strict):
+    """Every live worker as the broker knows it (stagepool.common.wire.WorkerInfo)."""
+
+    workers: list[WorkerInfo]
 
 
 class ErrorBody(Strict):
