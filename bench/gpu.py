@@ -205,6 +205,7 @@ class Cluster:
         from stagepool.common.client import BrokerClient
 
         self.client = BrokerClient(json.loads(info.read_text())["broker"], timeout_s=30)
+        self.snapshot = None
         _until(lambda: sum(q.workers for q in self.client.queues().queues) >= self.workers,
                600, "the workers did not register", self.process)
 
@@ -218,6 +219,11 @@ class Cluster:
         ended: dict[str, float] = {}
         records: dict[str, object] = {}
         while len(ended) < len(submitted):
+            if self.snapshot is None and time.perf_counter() - min(submitted.values()) > 5:
+                # What `stagepool workers` shows mid-run (the heartbeat's NVML figures).
+                import msgspec
+
+                self.snapshot = msgspec.to_builtins(self.client.workers().workers)
             for job_id in submitted.keys() - ended.keys():
                 status = self.client.status(job_id)
                 if status.state in ("succeeded", "failed", "cancelled", "expired"):
@@ -333,6 +339,7 @@ def two_gpus(args) -> dict:
         workers = cluster.worker_logs()
     finally:
         cluster.stop()
+    print(json.dumps({"workers_mid_run": cluster.snapshot}, indent=1), file=sys.stderr)
     mono_peak = max(mono.peak_mib for mono in monos)
     denoise_peak = max((w["peak_reserved_mib"] for name, w in workers.items()
                         if name.startswith("denoise")), default=0.0)
@@ -342,7 +349,8 @@ def two_gpus(args) -> dict:
                        "peak_reserved_mib": [mono.peak_mib for mono in monos],
                        "per_job": [j for mono in monos for j in mono.jobs]},
         "stagepool": {"wall_s": split_s, "jobs_per_min": 60 * args.jobs / split_s,
-                      "workers": workers, "per_job": split},
+                      "workers": workers, "per_job": split,
+                      "workers_mid_run": cluster.snapshot},
         "throughput_ratio": mono_s / split_s,
         "denoise_peak_over_monolithic": denoise_peak / mono_peak if mono_peak else None,
     }

@@ -283,6 +283,14 @@ def cmd_cancel(args) -> int:
     return 0 if result.cancelled else 1
 
 
+def cmd_pipeline(args) -> int:
+    from .pipeline import describe, render
+
+    description = describe(config_mod.load(args.config))
+    print(json.dumps(description, indent=2) if args.json else render(description))
+    return 0
+
+
 def cmd_workers(args) -> int:
     with BrokerClient(_broker_endpoint(args)) as client:
         listing = client.workers()
@@ -370,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p = add("queues", cmd_queues, "queue depth per stage")
     p.add_argument("--json", action="store_true")
+    p = add("pipeline", cmd_pipeline, "the stages and the jobs' params schema, with defaults")
+    p.add_argument("--json", action="store_true", help="JSON, params as a JSON Schema")
     p = add("workers", cmd_workers, "every live worker: stage, device, job and step, GPU")
     p.add_argument("--json", action="store_true")
     p = add("models", cmd_models, "model directories")

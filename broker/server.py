@@ -76,6 +76,7 @@ class Broker:
         self._stage_names = [s.name for s in config.pipeline.stages]
         # The jobs' params schema (their family's): every submit is checked against it.
         self.params_schema = pipeline_schema(config.pipeline.stages)
+        self._longest_limit_s = max(s.time_limit_s for s in config.pipeline.stages)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class Broker:
         params_json = wire.check_params(params)
         if self.params_schema is not None:
             schemas.check(self.params_schema, params)
+        schemas.check_time_limit(params, self._longest_limit_s)
         dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, wire.check_priority(priority)))
         return tx.Submit(job_id, name, params_json, first, dispatch, priority)
 

@@ -42,6 +42,7 @@ from ..common.ring import Ring
 from ..common.wire import Dispatch, encode_dispatch
 from . import base, claims
 from .commits import Commits, Ran, handed_on
+from .families.params import job_time_limit_s
 from .gpu import GpuProbe
 from .session import Session
 
@@ -177,12 +178,13 @@ class Worker:
                 else:
                     self._retry(dispatch, why)
                 return None
-        self._run_deadline = time.monotonic() + self.stage_config.time_limit_s
-        job = base.JobContext(job_id=dispatch.job_id, attempt=dispatch.attempt,
-                              params=msgspec.json.decode(params_json),
+        params = msgspec.json.decode(params_json)
+        limit_s = job_time_limit_s(params, self.stage_config.time_limit_s)
+        self._run_deadline = time.monotonic() + limit_s
+        job = base.JobContext(job_id=dispatch.job_id, attempt=dispatch.attempt, params=params,
                               inputs=pull.tensors if pull else {},
                               progress=self._progress_reporter(dispatch, cell,
-                                                               self._run_deadline))
+                                                               self._run_deadline, limit_s))
         try:
             output = self.stage.run(job)
         except Exception as exc:
@@ -253,13 +255,13 @@ class Worker:
                     return
                 log.warning("hand-on waiting: %s", exc)
 
-    def _progress_reporter(self, dispatch: Dispatch, cell: int, deadline: float):
+    def _progress_reporter(self, dispatch: Dispatch, cell: int, deadline: float,
+                           limit_s: float):
         """`job.progress`: raise StageStopped where the run must stop, else record the step.
 
         Each step reads our lease cell's stop word (where the broker asks us to stop: a local
         load on shm); a step is written to Redis at most every progress_interval_ms (and the
         last), and Redis's answer stops a superseded or ended attempt too."""
-        limit_s = self.stage_config.time_limit_s
         interval_s = self.config.worker.progress_interval_ms / 1000
         ring = self.session.consume
         next_write = 0.0

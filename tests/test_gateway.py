@@ -146,6 +146,15 @@ def test_queues_report_depth_and_workers_per_stage(http):
 # -- bad input -------------------------------------------------------------------------
 
 
+def test_pipeline_and_workers_are_served(cluster, http):
+    from stagepool.broker.pipeline import describe
+    from stagepool.common import config as config_mod
+
+    assert http.get("/v1/pipeline").json() == describe(config_mod.load(cluster.config_path))
+    workers = http.get("/v1/workers").json()["workers"]
+    assert sorted(w["stage"] for w in workers) == ["decode", "denoise", "encode"]
+
+
 def test_bad_requests_get_4xx_with_a_clear_message_and_the_gateway_lives(cluster, http):
     def check(response, status, words):
         assert response.status_code == status, response.text

@@ -61,3 +61,22 @@ def test_a_pipeline_has_its_model_stages_family_schema():
         schemas.WanParams
     with pytest.raises(ConfigError, match="different params"):
         pipeline_schema([_stage("e", "encode", "wan2.1"), _stage("d", "decode", "qwen-image")])
+
+
+def test_pipeline_prints_the_stages_and_a_json_schema_with_the_models_defaults():
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "stagepool.broker.cli", "pipeline", "--config",
+                           "configs/wan2.1.toml", "--json"], capture_output=True, text=True,
+                          timeout=60, check=True)
+    described = json.loads(done.stdout)
+    assert [s["name"] for s in described["stages"]] == ["encode", "denoise", "decode"]
+    assert {s["family"] for s in described["stages"]} == {"wan2.1"}
+    params = described["params"]
+    props = params["$defs"][params["$ref"].rsplit("/", 1)[-1]]["properties"]
+    assert {k: props[k]["default"] for k in ("height", "width", "num_frames", "infer_steps")} \
+        == {"height": 480, "width": 832, "num_frames": 81, "infer_steps": 50}
+    assert props["height"]["multipleOf"] == 16 and props["height"]["maximum"] == 2048
+    assert described["max_time_limit_s"] == 3600

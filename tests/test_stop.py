@@ -8,6 +8,7 @@ import time
 import pytest
 
 from stagepool.common.client import BrokerClient
+from stagepool.common.errors import Code, RemoteError
 from stagepool.common.jobstore import JobStore
 
 from .conftest import wait_ended
@@ -90,6 +91,26 @@ def test_a_run_past_its_time_limit_stops_and_is_retried_until_the_job_fails(
         status = client.status("slow")
     assert "time limit of 0.3 s passed" in status.error
     assert status.stages["denoise"]["retries"] == 2
+
+
+def test_a_job_may_tighten_the_time_limit_but_not_exceed_the_deployments(
+        cluster_factory, redis_server, namespace):
+    cluster = cluster_factory(workers=1, max_attempts=1, lease_ms=5000,
+                              stage_extra=STEPS + "time_limit_s = 60\n")
+    store = JobStore(redis_server.url, namespace)
+    slow = {"slow_stage": "denoise", "steps": 1000, "step_ms": 20}
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 1)
+        started = time.monotonic()
+        client.submit({**slow, "time_limit_s": 0.3}, job_id="tight")
+        assert wait_ended(store, ["tight"], 30) == ["failed"]
+        assert time.monotonic() - started < 10  # 0.3 s, not the stage's 60 s or 20 s of steps
+        assert "time limit of 0.3 s passed" in client.status("tight").error
+        for bad in (120, 0, -1, "5", True):
+            with pytest.raises(RemoteError, match="time_limit_s") as refused:
+                client.submit({**slow, "time_limit_s": bad}, job_id="refused")
+            assert refused.value.code == Code.INVALID_PARAMS
+    assert store.get("refused") is None
 
 
 def test_a_run_that_reaches_no_step_makes_its_worker_exit_and_the_job_is_recovered(

@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from ...common.config import Config
 from . import lightx2v, native
+from ..pipeline import describe as describe_pipeline
 from .http import BearerAuth, Op, error_response, wrap
 from .metrics import Metrics
 from .observe import Observer
@@ -56,6 +57,7 @@ def create_app(config: Config, observer: Observer, metrics: Metrics) -> Starlett
     app.state.observer = observer
     app.state.metrics = metrics
     app.state.max_body_bytes = config.gateway.max_body_kb << 10
+    app.state.pipeline = describe_pipeline(config)
     if config.gateway.token:
         app.add_middleware(BearerAuth, token=config.gateway.token, public=is_public)
     return app

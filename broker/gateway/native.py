@@ -6,6 +6,7 @@
     DELETE /v1/jobs/{id}             cancel
     GET    /v1/jobs/{id}/result      the result file (?file=image|video|frames) or its JSON
     GET    /v1/queues                per stage: depth, oldest age, ring, in flight, workers
+    GET    /v1/pipeline              the stages and the params schema (JSON Schema), defaults
     GET    /v1/workers               every worker: stage, host, pid, device, busy, its jobs
                                      and step, jobs done, last heartbeat, GPU memory and use
 """
@@ -86,6 +87,10 @@ async def queues(request: Request) -> Response:
     return json_response(await in_thread(_state(request).observer.queues))
 
 
+async def pipeline(request: Request) -> Response:
+    return json_response(_state(request).pipeline)
+
+
 async def workers(request: Request) -> Response:
     listing = await in_thread(_state(request).observer.broker_workers)
     if listing is None:
@@ -133,6 +138,8 @@ OPS = [
                                    "which result file: image, video or frames"))),
     Op("GET", "/v1/queues", queues, "Queue depth and workers per stage", "queues",
        responses={200: Queues, 503: ErrorBody}),
+    Op("GET", "/v1/pipeline", pipeline, "The stages and the jobs' params schema", "queues",
+       responses={200: ("application/json",)}),
     Op("GET", "/v1/workers", workers, "Every live worker, its jobs and its GPU", "queues",
        responses={200: Workers, 503: ErrorBody}),
     Op("GET", "/metrics", metrics, "Prometheus metrics", "operations",

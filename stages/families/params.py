@@ -33,6 +33,9 @@ class Params(msgspec.Struct, forbid_unknown_fields=True):
     task: Literal["", "image", "video"] = ""  # what a LightX2V client asked for
     fps: Annotated[int, msgspec.Meta(ge=1, le=240)] = 16
     save_npy: bool = False  # also write the frames as .npy
+    # Each stage's run of this job stops after this long: it may only tighten a stage's own
+    # `time_limit_s` (the broker refuses more than the longest stage allows).
+    time_limit_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 class WanParams(Params):
@@ -88,6 +91,28 @@ def check(schema: type[Params], params: dict[str, Any]) -> None:
         msgspec.convert(params, schema)
     except (msgspec.ValidationError, ValueError) as exc:
         raise InvalidParams(f"invalid params: {exc}") from None
+
+
+def check_time_limit(params: dict[str, Any], longest_s: float) -> None:
+    """A job's `time_limit_s` (checked in every pipeline, with a params schema or not): a
+    number > 0 that some stage allows; each stage runs the job for at most the smaller of
+    its own limit and this one."""
+    limit = params.get("time_limit_s")
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+        raise InvalidParams(f"invalid params: time_limit_s must be a number > 0, got {limit!r}")
+    if limit > longest_s:
+        raise InvalidParams(f"invalid params: time_limit_s = {limit:g} is above this "
+                            f"deployment's longest stage limit ({longest_s:g} s)")
+
+
+def job_time_limit_s(params: dict[str, Any], stage_limit_s: float) -> float:
+    """The limit of one stage's run of a job: the stage's, tightened by the job's."""
+    limit = params.get("time_limit_s")
+    if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0:
+        return min(stage_limit_s, float(limit))
+    return stage_limit_s
 
 
 def defaults(schema: type[Params]) -> dict[str, Any]:
