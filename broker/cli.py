@@ -247,7 +247,9 @@ def cmd_submit(args) -> int:
         key, _, value = item.partition("=")
         params[key] = value
     with BrokerClient(_broker_endpoint(args)) as client:
-        submitted = client.submit(params, job_id=args.job_id, priority=args.priority)
+        deadline_ms = int((time.time() + args.deadline_s) * 1000) if args.deadline_s else 0
+        submitted = client.submit(params, job_id=args.job_id, priority=args.priority,
+                                  deadline_ms=deadline_ms)
     if args.json:
         print(msgspec.json.encode(submitted).decode())
     else:
@@ -367,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None, help="params as a JSON object")
     p.add_argument("--job-id", default=None)
     p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--deadline-s", type=float, default=None, metavar="S",
+                   help="expire the job if a stage cannot start within S seconds from now")
     p.add_argument("--json", action="store_true")
     p = add("status", cmd_status, "show a job")
     p.add_argument("job_id")

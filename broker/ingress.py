@@ -19,6 +19,7 @@ import msgspec
 
 from ..common.errors import ProtocolError, StagepoolError
 from ..common import transitions as tx
+from ..common import wire
 from ..common.jobstore import JobStore
 from ..common.wire import JOB_ID
 
@@ -33,6 +34,7 @@ class IngressJob(msgspec.Struct, forbid_unknown_fields=True):
     job_id: str | None = None
     pipeline: str = ""
     priority: int = 0
+    deadline_ms: int = 0
 
 
 _decoder = msgspec.json.Decoder(IngressJob)
@@ -85,7 +87,9 @@ class Ingress:
                 job = _decoder.decode(raw)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise ProtocolError(f"bad job JSON: {exc}") from None
-            self.submit(job.job_id, job.params, job.pipeline, job.priority)
+            self.submit(wire.Submit(params=job.params, job_id=job.job_id,
+                                    pipeline=job.pipeline, priority=job.priority,
+                                    deadline_ms=job.deadline_ms))
         except ProtocolError as exc:
             self._reject(entry_id, raw, str(exc))
 

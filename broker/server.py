@@ -129,22 +129,22 @@ class Broker:
 
     # -- the submit path (control socket and ingress) -----------------------------------------
 
-    def submit(self, job_id: str | None, params: dict, pipeline: str, priority: int) -> Submitted:
-        answer = self.submit_batch([(job_id, params, pipeline, priority)])[0]
+    def submit(self, request: Submit) -> Submitted:
+        answer = self.submit_batch([request])[0]
         if isinstance(answer, StagepoolError):
             raise answer
         return answer
 
-    def submit_batch(self, requests: list[tuple]) -> list[Submitted | StagepoolError]:
-        """(job_id, params, pipeline, priority) each: written to Redis in one round trip, then
+    def submit_batch(self, requests: list[Submit]) -> list[Submitted | StagepoolError]:
+        """Submits written to Redis in one round trip, then
         the created ones published. A request that is refused gets its error in its place;
         the others go on. A job is published only once durable, so a submit is acknowledged
         only once durable, and a worker never starts a job Redis does not know."""
         answers: list[Submitted | StagepoolError | None] = []
         submits: list[tx.Submit] = []
-        for job_id, params, pipeline, priority in requests:
+        for request in requests:
             try:
-                submits.append(self._prepare(job_id, params, pipeline, priority))
+                submits.append(self._prepare(request))
                 answers.append(None)
             except StagepoolError as exc:
                 answers.append(exc)
@@ -157,19 +157,21 @@ class Broker:
                 answers[index] = Submitted(job_id=submit.job_id, created=outcome.ok)
         return answers
 
-    def _prepare(self, job_id: str | None, params: dict, pipeline: str,
-                 priority: int) -> tx.Submit:
-        name = self.config.pipeline.name
-        if pipeline and pipeline != name:
-            raise ProtocolError(f"unknown pipeline {pipeline!r}; this broker runs {name!r}")
-        job_id = wire.check_job_id(job_id) if job_id else uuid.uuid4().hex
+    def _prepare(self, request: Submit) -> tx.Submit:
+        name, params = self.config.pipeline.name, request.params
+        if request.pipeline and request.pipeline != name:
+            raise ProtocolError(f"unknown pipeline {request.pipeline!r}; this broker runs "
+                                f"{name!r}")
+        job_id = wire.check_job_id(request.job_id) if request.job_id else uuid.uuid4().hex
         first = self._stage_names[0]
         params_json = wire.check_params(params)
         if self.params_schema is not None:
             schemas.check(self.params_schema, params)
         schemas.check_time_limit(params, self._longest_limit_s)
-        dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, wire.check_priority(priority)))
-        return tx.Submit(job_id, name, params_json, first, dispatch, priority)
+        priority = wire.check_priority(request.priority)
+        deadline_ms = wire.check_deadline(request.deadline_ms, time.time() * 1000)
+        dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, priority, deadline_ms))
+        return tx.Submit(job_id, name, params_json, first, dispatch, priority, deadline_ms)
 
     # -- control socket ----------------------------------------------------------------------
 
@@ -191,7 +193,7 @@ class Broker:
     def _flush_submits(self, submits: list[tuple[bytes, Submit, bool]]) -> None:
         if not submits:
             return
-        requests = [(r.job_id, r.params, r.pipeline, r.priority) for _, r, _ in submits]
+        requests = [r for _, r, _ in submits]
         try:
             answers = self.submit_batch(requests)
         except StagepoolError as exc:  # Redis is gone: every submit of the burst hears so
@@ -252,8 +254,8 @@ class Broker:
         if identity not in self._greeted:
             return Error(code=Code.HANDSHAKE, message="send hello first")
         match request:
-            case Submit(job_id=job_id, params=params, pipeline=pipeline, priority=priority):
-                return self.submit(job_id, params, pipeline, priority)
+            case Submit():
+                return self.submit(request)
             case GetStatus(job_id=job_id):
                 return self._status(job_id)
             case Cancel(job_id=job_id):

@@ -19,7 +19,7 @@ from .gateway.observe import Observer
 from .gateway.schema import Job, Queues
 
 _RECENT = 12
-_STATE_STYLE = {"succeeded": "green", "failed": "red", "dead": "red", "cancelled": "yellow",
+_STATE_STYLE = {"succeeded": "green", "failed": "red", "dead": "red", "expired": "red", "cancelled": "yellow",
                 "queued": "cyan"}
 
 

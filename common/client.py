@@ -61,8 +61,9 @@ class BrokerClient:
         return self._rid
 
     def submit(self, params: dict[str, Any] | None = None, job_id: str | None = None,
-               priority: int = 0) -> wire.Submitted:
-        return self.call(wire.Submit(params=params or {}, job_id=job_id, priority=priority))
+               priority: int = 0, deadline_ms: int = 0) -> wire.Submitted:
+        return self.call(wire.Submit(params=params or {}, job_id=job_id, priority=priority,
+                                     deadline_ms=deadline_ms))
 
     def submit_many(self, jobs: list[dict[str, Any]], window: int = 256) -> list:
         """Submit many jobs, pipelined: up to `window` requests in flight, so the broker can

@@ -49,6 +49,7 @@ class Submit(Transition):
     first_stage: str
     dispatch: bytes  # the first stage's Dispatch, kept for republishing
     priority: int = 0
+    deadline_ms: int = 0  # epoch ms; 0: none
 
 
 class Start(Transition):

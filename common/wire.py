@@ -28,7 +28,7 @@ MAX_FRAME_BYTES = 1 << 20  # a control frame above this is refused with `too_lar
 MAX_PARAMS_BYTES = 64 << 10  # a job's params, as JSON
 JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # The states a job never leaves (jobs.lua keeps the same set).
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "dead"})
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "dead", "expired"})
 
 Stage = str
 TransportName = Literal["shm", "tcp", "verbs"]
@@ -65,6 +65,9 @@ class Submit(Message, tag="submit"):
     job_id: str | None = None
     pipeline: str = ""
     priority: int = 0
+    # Wall clock, ms since the epoch (0: none): a job none of whose stages can start by then
+    # ends "expired" at that stage's start instead of running there.
+    deadline_ms: int = 0
     rid: int = 0
 
 
@@ -366,6 +369,14 @@ def check_priority(priority: int) -> int:
     if not -(1 << 63) <= priority < (1 << 63):
         raise ProtocolError(f"priority must fit a signed 64-bit integer, got {priority}")
     return priority
+
+
+def check_deadline(deadline_ms: int, now_ms: float) -> int:
+    """A submit's deadline: 0 (none) or a wall-clock ms still ahead of `now_ms`."""
+    if deadline_ms and not now_ms < deadline_ms < (1 << 63):
+        raise ProtocolError(f"deadline_ms {deadline_ms} is not ahead of now ({int(now_ms)} ms "
+                            "since the epoch): nothing could run by then")
+    return deadline_ms
 
 
 def check_params(params: dict[str, Any]) -> bytes:

@@ -113,6 +113,28 @@ def test_a_job_may_tighten_the_time_limit_but_not_exceed_the_deployments(
     assert store.get("refused") is None
 
 
+def test_a_job_whose_deadline_passes_while_it_waits_expires_instead_of_running(
+        cluster_factory, redis_server, namespace):
+    cluster = cluster_factory(workers=1, stage_extra=STEPS, lease_ms=5000)
+    store = JobStore(redis_server.url, namespace)
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 1)
+        client.submit({"slow_stage": "denoise", "steps": 100, "step_ms": 20}, job_id="blocker")
+        _wait_for_step(store, "blocker", "denoise", 1, 30)
+        now_ms = int(time.time() * 1000)
+        client.submit({}, job_id="late", deadline_ms=now_ms + 300)
+        client.submit({}, job_id="patient", deadline_ms=now_ms + 120_000)
+        assert wait_ended(store, ["blocker", "late", "patient"], 60) == [
+            "succeeded", "expired", "succeeded"]
+        with pytest.raises(RemoteError, match="deadline_ms") as refused:
+            client.submit({}, job_id="past", deadline_ms=now_ms - 1)
+        assert refused.value.code == Code.BAD_REQUEST
+    late = store.get("late")
+    assert "encode.done" in late and "denoise.started" not in late  # no GPU time past encode
+    assert late["error"].startswith("deadline passed") and "before denoise could start" in late["error"]
+    assert store.get("past") is None
+
+
 def test_a_run_that_reaches_no_step_makes_its_worker_exit_and_the_job_is_recovered(
         cluster_factory, redis_server, namespace):
     cluster = cluster_factory(workers=1, max_attempts=2, lease_ms=1000,

@@ -59,7 +59,7 @@ def task_status(job: Job, result_ready: bool) -> TaskStatus:
         status = "completed" if result_ready else "failed"
         if not result_ready:
             error = "the job succeeded but its result file is not where this gateway serves it"
-    elif state in ("failed", "dead"):
+    elif state in ("failed", "dead", "expired"):
         status = "failed"
     elif state == "cancelled":
         status = "cancelled"

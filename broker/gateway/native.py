@@ -37,7 +37,8 @@ def _state(request: Request):
 async def submit(request: Request) -> Response:
     app = _state(request)
     body = await read_json(request, SubmitRequest, app.max_body_bytes)
-    submitted = await in_thread(app.observer.submit, body.params, body.job_id, body.priority)
+    submitted = await in_thread(app.observer.submit, body.params, body.job_id, body.priority,
+                                body.deadline_ms)
     status = 202 if submitted.via == "ingress" else 201 if submitted.created else 200
     return json_response(submitted, status, {"Location": f"/v1/jobs/{submitted.job_id}"})
 

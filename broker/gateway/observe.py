@@ -94,14 +94,17 @@ class Observer:
 
     # -- jobs --------------------------------------------------------------------------
 
-    def submit(self, params: dict, job_id: str | None, priority: int) -> schema.Submitted:
+    def submit(self, params: dict, job_id: str | None, priority: int,
+               deadline_ms: int = 0) -> schema.Submitted:
         """Through the broker; while it is unreachable, into the durable ingress stream."""
         try:
-            reply = self.call(wire.Submit(params=params, job_id=job_id, priority=priority))
+            reply = self.call(wire.Submit(params=params, job_id=job_id, priority=priority,
+                                          deadline_ms=deadline_ms))
             return schema.Submitted(job_id=reply.job_id, created=reply.created, via="broker")
         except TransportError:
             job_id = wire.check_job_id(job_id) if job_id else uuid.uuid4().hex
-            body = {"job_id": job_id, "params": params, "priority": priority}
+            body = {"job_id": job_id, "params": params, "priority": priority,
+                    "deadline_ms": deadline_ms}
             wire.check_params(params)
             self.store.add_ingress(msgspec.json.encode(body))
             log.warning("broker unreachable: job %s queued through the ingress stream", job_id)

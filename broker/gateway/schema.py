@@ -32,6 +32,9 @@ class SubmitRequest(Strict):
     params: dict[str, Any] = {}
     job_id: JobId | None = None
     priority: Priority = 0
+    # Wall clock, ms since the epoch: a job whose next stage cannot start by then ends
+    # "expired" instead of running; 0: none.
+    deadline_ms: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
 
 
 class Submitted(Strict):

@@ -14,8 +14,9 @@
 -- ARGV[1] = events stream MAXLEN (approximate); then per transition: n (the count of items
 -- that follow), command, job id, and the command's arguments, in the order of its struct in
 -- common/transitions.py (the one definition every caller builds from):
---   submit   pipeline, params_json, first_stage, dispatch, priority
+--   submit   pipeline, params_json, first_stage, dispatch, priority, deadline_ms
 --   start    stage, attempt, worker, state, stage_index                -> ok, params_json
+--            (or expired: the job's deadline_ms passed before this stage could start)
 --   finish   stage, attempt, worker, next_stage, next_dispatch         -> ok, next attempt
 --   complete stage, attempt, worker, result_json
 --   retry    stage, attempt, worker, error, max_attempts, mode, next_stage
@@ -27,7 +28,7 @@
 --   cancel   (none)
 --   reject   error   (an ingress entry whose job id is valid but whose body is not)
 --
--- Record fields: id, pipeline, params, priority, state, state_index, stage, created_ms,
+-- Record fields: id, pipeline, params, priority, deadline_ms, state, state_index, stage, created_ms,
 -- updated_ms, error, result, commits, and per stage S:
 --   S.attempt      the attempt currently dispatched: a fencing token, only the holder of the
 --                  current attempt may start, finish or fail the stage
@@ -46,7 +47,7 @@
 -- KEYS[2] ({ns}:active), so it shares the hash tag and slot. Queue depth and the age of the
 -- oldest waiting job per stage are ZCARD and ZRANGE 0 0 of it, from any reader.
 --
--- A job's end (succeeded, failed, cancelled, dead) is also published on {ns}:ended as
+-- A job's end (succeeded, failed, cancelled, dead, expired) is also published on {ns}:ended as
 -- "<id> <state>", so a client can wait for its jobs without polling or reading every event.
 --
 -- Events carry `ms`: on `started`, the time the stage waited (enqueue to start); on `finished`
@@ -62,7 +63,8 @@ local job, id  -- the record and id of the transition being run
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local terminal = {succeeded = true, failed = true, cancelled = true, dead = true}
+local terminal = {succeeded = true, failed = true, cancelled = true, dead = true,
+  expired = true}
 local queued_prefix = string.sub(active, 1, -7) .. 'queued:'
 local ended_channel = string.sub(active, 1, -7) .. 'ended'
 
@@ -116,8 +118,10 @@ local commands = {}
 
 function commands.submit(a)
   local pipeline, params, first, dispatch, priority = a[1], a[2], a[3], a[4], a[5]
+  local deadline_ms = tonumber(a[6])
   local state = redis.call('HGET', job, 'state')
   if state then return {'exists', state} end
+  if deadline_ms > 0 then redis.call('HSET', job, 'deadline_ms', deadline_ms) end
   redis.call('HSET', job, 'id', id, 'pipeline', pipeline, 'params', params, 'priority', priority,
     'state', 'queued', 'state_index', -1, 'stage', first, 'created_ms', now_ms,
     'updated_ms', now_ms, 'commits', 0, first .. '.attempt', '1', first .. '.retries', 0,
@@ -135,7 +139,16 @@ function commands.start(a)
   if refused then return refused end
   -- A duplicate delivery of an attempt that already started (a republished hand-on).
   if started == attempt then return {'duplicate'} end
-  local f = redis.call('HMGET', job, stage .. '.enqueued_ms', 'state_index', 'params')
+  local f = redis.call('HMGET', job, stage .. '.enqueued_ms', 'state_index', 'params',
+    'deadline_ms')
+  local deadline_ms = tonumber(f[4])
+  if deadline_ms and now_ms > deadline_ms then
+    local err = 'deadline passed ' .. (now_ms - deadline_ms) .. ' ms before ' .. stage ..
+      ' could start'
+    redis.call('HSET', job, 'error', err)
+    finish_job('expired', stage, attempt, worker, err)
+    return {'expired'}
+  end
   local enqueued_ms = tonumber(f[1])
   local waited_ms = enqueued_ms and math.max(0, now_ms - enqueued_ms) or ''
   redis.call('HSET', job, stage .. '.started', attempt, stage .. '.worker', worker,
