@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from ..common.errors import ProtocolError, StagepoolError
+from ..common.errors import Busy, ProtocolError, StagepoolError
 from ..common import transitions as tx
 from ..common import wire
 from ..common.jobstore import JobStore
@@ -42,7 +42,7 @@ _decoder = msgspec.json.Decoder(IngressJob)
 
 class Ingress:
     def __init__(self, store: JobStore, submit, consumer: str = "broker"):
-        """`submit(job_id, params, pipeline, priority)` is the broker's submit path."""
+        """`submit(wire.Submit)` is the broker's submit path."""
         self.store = store
         self.submit = submit
         self.consumer = consumer
@@ -67,9 +67,18 @@ class Ingress:
                 if pending and not entries:
                     pending = False
                     continue
-                for entry_id, fields in entries:
-                    self.handle(entry_id, fields)
-                self.store.ack_ingress([entry_id for entry_id, _ in entries])
+                handled = []
+                try:
+                    for entry_id, fields in entries:
+                        self.handle(entry_id, fields)
+                        handled.append(entry_id)
+                except Busy as exc:
+                    # The rest stay pending in the stream (nothing is lost): read them again
+                    # once the first ring has drained.
+                    log.info("ingress: %s; waiting %.1f s", exc, exc.retry_after_s)
+                    pending = True
+                    self._stop.wait(exc.retry_after_s)
+                self.store.ack_ingress(handled)
             except StagepoolError:
                 log.warning("ingress: redis unavailable; retrying", exc_info=True)
                 self._stop.wait(1.0)

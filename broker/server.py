@@ -30,7 +30,7 @@ import zmq
 from ..common import transitions as tx
 from ..common import wire
 from ..common.config import Config
-from ..common.errors import Code, ProtocolError, StagepoolError
+from ..common.errors import Busy, Code, ProtocolError, StagepoolError
 from ..common.jobstore import JobStore, job_status
 from ..common.wire import (
     Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, GetWorkers, Heartbeat,
@@ -142,8 +142,15 @@ class Broker:
         only once durable, and a worker never starts a job Redis does not know."""
         answers: list[Submitted | StagepoolError | None] = []
         submits: list[tx.Submit] = []
+        first = self.ringhost.rings[self._stage_names[0]]
+        room = (first.layout.capacity - first.depth() + self.config.broker.max_backlog
+                - self.dispatcher.backlog(self._stage_names[0]))
         for request in requests:
             try:
+                if len(submits) >= room:
+                    raise Busy(f"busy: {self.config.broker.max_backlog} jobs already wait for "
+                               f"room in the {self._stage_names[0]} ring; submit again later",
+                               self.config.broker.busy_retry_after_s)
                 submits.append(self._prepare(request))
                 answers.append(None)
             except StagepoolError as exc:

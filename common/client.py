@@ -46,7 +46,7 @@ class BrokerClient:
             if reply.rid == request.rid:
                 break
         if isinstance(reply, wire.Error):
-            raise RemoteError(reply.code, reply.message)
+            raise RemoteError(reply.code, reply.message, reply.retry_after_s)
         return reply
 
     def _send(self, request) -> int:
@@ -85,7 +85,7 @@ class BrokerClient:
             if index is None:
                 continue
             deadline = time.monotonic() + self.timeout_s
-            answers[index] = (RemoteError(reply.code, reply.message)
+            answers[index] = (RemoteError(reply.code, reply.message, reply.retry_after_s)
                               if isinstance(reply, wire.Error) else reply)
         return answers
 

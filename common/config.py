@@ -77,6 +77,10 @@ class BrokerConfig(msgspec.Struct, forbid_unknown_fields=True):
     endpoint: str = "tcp://127.0.0.1:5555"  # control ROUTER; binds default to loopback
     reaper_interval_ms: int = 100
     worker_timeout_ms: int = 10_000  # a worker silent this long is dropped from the registry
+    # Dispatches held for a full ring, per stage. When the first stage's is full, submits are
+    # refused as busy (HTTP 429, Retry-After: busy_retry_after_s) and nothing is created.
+    max_backlog: int = 100_000
+    busy_retry_after_s: float = 1.0
 
 
 class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True):

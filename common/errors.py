@@ -21,6 +21,7 @@ class Code(enum.StrEnum):
     NO_CAPACITY = "no_capacity"
     UNAVAILABLE = "unavailable"
     INVALID_PARAMS = "invalid_params"
+    BUSY = "busy"
     INTERNAL = "internal"
 
 
@@ -92,10 +93,22 @@ class StageStopped(StagepoolError):
         self.retry = retry
 
 
+class Busy(StagepoolError):
+    """The deployment takes no more jobs for now (its first ring and the broker's overflow
+    are full): nothing was created; submit again after `retry_after_s`."""
+
+    code = Code.BUSY
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class RemoteError(StagepoolError):
     """An error reply from a peer, raised on the caller's side."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after_s: float = 0.0):
         super().__init__(f"{code}: {message}")
         self.code = code  # type: ignore[assignment]
         self.message = message
+        self.retry_after_s = retry_after_s

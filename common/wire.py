@@ -264,6 +264,7 @@ class Error(Message, tag="error"):
 
     code: str
     message: str
+    retry_after_s: float = 0.0  # with "busy": when to submit again
     rid: int = 0
 
 
@@ -392,4 +393,5 @@ def check_params(params: dict[str, Any]) -> bytes:
 
 def error_reply(exc: Exception, rid: int = 0) -> Error:
     code = getattr(exc, "code", Code.INTERNAL)
-    return Error(code=str(code), message=str(exc), rid=rid)
+    return Error(code=str(code), message=str(exc), rid=rid,
+                 retry_after_s=getattr(exc, "retry_after_s", 0.0))

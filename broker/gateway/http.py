@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -117,7 +118,8 @@ def query_int(request: Request, name: str, default: int | None, lo: int, hi: int
 
 
 _REMOTE_STATUS = {Code.NOT_FOUND: 404, Code.BAD_REQUEST: 400, Code.INVALID_PARAMS: 422,
-                  Code.TOO_LARGE: 413, Code.UNAVAILABLE: 503, Code.NO_CAPACITY: 503}
+                  Code.TOO_LARGE: 413, Code.UNAVAILABLE: 503, Code.NO_CAPACITY: 503,
+                  Code.BUSY: 429}
 
 
 def wrap(handler: Callable) -> Callable:
@@ -136,7 +138,10 @@ def wrap(handler: Callable) -> Callable:
         except RemoteError as exc:
             status = _REMOTE_STATUS.get(exc.code, 502)
             log.info("%s %s -> %d broker: %s", request.method, request.url.path, status, exc)
-            return error_response(status, exc.code, exc.message)
+            response = error_response(status, exc.code, exc.message)
+            if exc.retry_after_s:
+                response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+            return response
         except (TransportError, StoreUnavailable) as exc:
             log.warning("%s %s -> 503 %s", request.method, request.url.path, exc)
             return error_response(503, Code.UNAVAILABLE, str(exc))

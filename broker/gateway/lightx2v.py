@@ -169,7 +169,8 @@ async def queue_status(request: Request) -> Response:
 
 
 _ERRORS = {404: ErrorBody, 503: ErrorBody}
-_CREATE = {200: TaskResponse, 400: ErrorBody, 413: ErrorBody, 422: ErrorBody, 503: ErrorBody}
+_CREATE = {200: TaskResponse, 400: ErrorBody, 413: ErrorBody, 422: ErrorBody, 429: ErrorBody,
+           503: ErrorBody}
 
 OPS = [
     Op("POST", "/v1/tasks/image/", create_image, "Create an image task (LightX2V)", "lightx2v",

@@ -120,7 +120,8 @@ _ERRORS = {400: ErrorBody, 404: ErrorBody, 422: ErrorBody, 503: ErrorBody}
 
 OPS = [
     Op("POST", "/v1/jobs", submit, "Submit a job", "jobs", body=SubmitRequest,
-       responses={201: Submitted, 200: Submitted, 202: Submitted, 413: ErrorBody, **_ERRORS}),
+       responses={201: Submitted, 200: Submitted, 202: Submitted, 413: ErrorBody,
+                  429: ErrorBody, **_ERRORS}),
     Op("GET", "/v1/jobs", list_jobs, "List jobs, newest first", "jobs",
        responses={200: JobList, **_ERRORS},
        params=(Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
