@@ -176,7 +176,7 @@ class Broker:
             schemas.check(self.params_schema, params)
         schemas.check_time_limit(params, self._longest_limit_s)
         priority = wire.check_priority(request.priority)
-        deadline_ms = wire.check_deadline(request.deadline_ms, time.time() * 1000)
+        deadline_ms = wire.check_deadline(request.deadline_ms)
         dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, priority, deadline_ms))
         return tx.Submit(job_id, name, params_json, first, dispatch, priority, deadline_ms)
 

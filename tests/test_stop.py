@@ -124,15 +124,17 @@ def test_a_job_whose_deadline_passes_while_it_waits_expires_instead_of_running(
         now_ms = int(time.time() * 1000)
         client.submit({}, job_id="late", deadline_ms=now_ms + 300)
         client.submit({}, job_id="patient", deadline_ms=now_ms + 120_000)
-        assert wait_ended(store, ["blocker", "late", "patient"], 60) == [
-            "succeeded", "expired", "succeeded"]
+        client.submit({}, job_id="past", deadline_ms=now_ms - 1)
+        assert wait_ended(store, ["blocker", "late", "patient", "past"], 60) == [
+            "succeeded", "expired", "succeeded", "expired"]
         with pytest.raises(RemoteError, match="deadline_ms") as refused:
-            client.submit({}, job_id="past", deadline_ms=now_ms - 1)
+            client.submit({}, job_id="negative", deadline_ms=-1)
         assert refused.value.code == Code.BAD_REQUEST
     late = store.get("late")
     assert "encode.done" in late and "denoise.started" not in late  # no GPU time past encode
     assert late["error"].startswith("deadline passed") and "before denoise could start" in late["error"]
-    assert store.get("past") is None
+    assert "encode.started" not in store.get("past")
+    assert store.get("negative") is None
 
 
 def test_a_run_that_reaches_no_step_makes_its_worker_exit_and_the_job_is_recovered(
