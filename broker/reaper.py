@@ -71,7 +71,19 @@ class Reaper:
         for stage, ring in self.rings.items():
             self._scan_leases(stage, ring, now)
             self._scan_slots(stage, ring, now)
+        self._publish_due()
         self.dispatcher.drain()
+
+    def _publish_due(self) -> None:
+        """Publish the retries whose backoff is over (kept in Redis, so none is lost with us:
+        a restarted broker's rebuild publishes every unfinished job anyway)."""
+        values = self.store.apply(tx.Due("")).values
+        for i in range(0, len(values), 4):
+            job_id, stage, attempt, dispatch = values[i:i + 4]
+            if stage.decode() in self.rings:
+                self.dispatcher.republish(stage.decode(), dispatch, int(attempt))
+                log.info("job %s: delayed retry of %s (attempt %s) published", job_id.decode(),
+                         stage.decode(), attempt.decode())
 
     def cell_is_free(self, stage: str, cell: int) -> bool:
         """True when no lease in the cell still needs recovering (safe to give it away)."""

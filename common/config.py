@@ -45,6 +45,10 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     # to max_attempts); one that reaches no step within worker.stop_grace_s more makes its
     # worker exit, so that the reaper recovers the job and the supervisor starts a new one.
     time_limit_s: float = 3600.0
+    # A failed attempt (an error, not a lost worker) runs again after retry_backoff_s, doubled
+    # each time, at most retry_backoff_max_s: a CUDA OOM or a peer's hiccup gets time to pass.
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 60.0
     options: dict[str, Any] = {}
 
     def job_state(self) -> str:
@@ -190,9 +194,10 @@ def _check(config: Config) -> None:
         raise ConfigError(f"gateway.host = {gateway.host!r} is reachable from other hosts: "
                           "set gateway.token (or STAGEPOOL_GATEWAY_TOKEN)")
     for stage in config.pipeline.stages:
-        if stage.max_attempts < 1 or stage.lease_ms < 100 or stage.time_limit_s <= 0:
-            raise ConfigError(f"stage {stage.name}: max_attempts >= 1, lease_ms >= 100 and "
-                              "time_limit_s > 0")
+        if (stage.max_attempts < 1 or stage.lease_ms < 100 or stage.time_limit_s <= 0
+                or not 0 <= stage.retry_backoff_s <= stage.retry_backoff_max_s):
+            raise ConfigError(f"stage {stage.name}: max_attempts >= 1, lease_ms >= 100, "
+                              "time_limit_s > 0 and 0 <= retry_backoff_s <= retry_backoff_max_s")
         if any(not d or "," in d for d in stage.devices):
             raise ConfigError(f"stage {stage.name}: each of devices names one GPU, got "
                               f"{stage.devices}")

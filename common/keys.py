@@ -35,6 +35,7 @@ class Keys:
         self.dead = self.prefix + "dead"
         self.transfer = self.prefix + "transfer"
         self.ended = self.prefix + "ended"
+        self.delayed = self.prefix + "delayed"  # retries waiting out their backoff
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"

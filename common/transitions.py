@@ -8,7 +8,9 @@ here. `JobStore.apply` runs one; `JobStore.run` several in one round trip.
     Start     -> ok, params JSON | missing | terminal | duplicate | stale
     Finish    -> ok, next stage's attempt (a non-final stage's commit, once per stage)
     Complete  -> ok (the result commit: exactly once per job)
-    Retry     -> retry, attempt, dispatch | republish, stage, attempt, dispatch | failed | dead
+    Retry     -> retry, attempt, dispatch | delayed, attempt, ms | republish, stage, attempt,
+                 dispatch | failed | dead
+    Due       -> ok, then job id, stage, attempt, dispatch for each delayed retry now due
     Rewind    -> retry, prev attempt, prev dispatch | failed
     Progress  -> ok | stale | terminal, state | missing: anything but ok stops the stage
     Rebuild   -> retry, attempt, dispatch, stage | terminal | missing
@@ -92,6 +94,16 @@ class Retry(_Erring):
     max_attempts: int
     mode: Literal["error", "crash", "fatal"]
     next_stage: str = ""
+    # An `error` retry waits backoff_ms * 2^(retries - 1) (at most backoff_max_ms) in the
+    # delayed set before its dispatch is published again; 0: at once.
+    backoff_ms: int = 0
+    backoff_max_ms: int = 0
+
+
+class Due(Transition):
+    """The delayed retries whose backoff is over (the job id is "": the set is global)."""
+
+    command = "due"
 
 
 class Rewind(_Erring):

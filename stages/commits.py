@@ -77,12 +77,20 @@ class Commits:
         return list(zip(ran, self.session.store.run(transitions)))
 
     def retry(self, dispatch: Dispatch, error: str, permanent: bool = False) -> Dispatch | None:
-        """Record a failed attempt; the dispatch to publish again (attempt + 1), or None.
-        A permanent error fails the job at once."""
+        """Record a failed attempt; the dispatch to publish again (attempt + 1), or None: the
+        job failed (a permanent error fails it at once), or its retry waits out its backoff in
+        Redis, and the broker publishes it when due."""
         session = self.session
+        stage = self.stage
         outcome = session.store.apply(tx.Retry(
-            dispatch.job_id, self.stage.name, dispatch.attempt, session.worker_id, error,
-            session.registered.max_attempts, "fatal" if permanent else "error"))
+            dispatch.job_id, stage.name, dispatch.attempt, session.worker_id, error,
+            session.registered.max_attempts, "fatal" if permanent else "error",
+            backoff_ms=int(stage.retry_backoff_s * 1000),
+            backoff_max_ms=int(stage.retry_backoff_max_s * 1000)))
+        if outcome.status == "delayed":
+            log.info("job %s: attempt %s runs in %s ms (the broker publishes it then)",
+                     dispatch.job_id, outcome.values[0].decode(), outcome.values[1].decode())
+            return None
         if outcome.status != "retry":
             log.info("job %s after a failed attempt %d: %s", dispatch.job_id, dispatch.attempt,
                      outcome.status)

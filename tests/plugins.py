@@ -6,7 +6,7 @@
 `Shout` is a stage kind: the prompt, upper-cased, as the result. `Steps` runs, in the stage
 named by `params.slow_stage`, `params.steps` steps of `params.step_ms` each, reporting each
 (a denoise loop without a model), and one step elsewhere; `Hang` never reaches a step there
-(a hung kernel).
+(a hung kernel); `Flaky` fails its first attempts there.
 """
 
 from __future__ import annotations
@@ -76,3 +76,14 @@ class Hang(Stage):
         if job.params.get("slow_stage") == self.config.name:
             time.sleep(3600)
         return StageOutput(result={})
+
+
+class Flaky(Stage):
+    """Fails (a RuntimeError: transient) its first `params.fail_attempts` attempts in the stage
+    named by `params.flaky_stage`."""
+
+    def run(self, job: JobContext) -> StageOutput:
+        if (job.params.get("flaky_stage") == self.config.name
+                and job.attempt <= int(job.params.get("fail_attempts", 0))):
+            raise RuntimeError(f"transient failure of attempt {job.attempt}")
+        return StageOutput(result={"attempt": job.attempt})

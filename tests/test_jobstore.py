@@ -231,4 +231,4 @@ def test_each_transition_struct_is_the_argument_order_the_script_documents():
                if isinstance(cls, type) and issubclass(cls, tx.Transition)
                and hasattr(cls, "command")}
     assert structs == {command: documented[command] for command in structs}
-    assert len(structs) == 10
+    assert len(structs) == 11

@@ -137,6 +137,25 @@ def test_a_job_whose_deadline_passes_while_it_waits_expires_instead_of_running(
     assert store.get("negative") is None
 
 
+def test_a_transient_failure_is_retried_after_a_growing_backoff(
+        cluster_factory, redis_server, namespace):
+    cluster = cluster_factory(workers=1, lease_ms=5000, stage_extra=(
+        'kind = "tests.plugins:Flaky"\nretry_backoff_s = 0.4\nretry_backoff_max_s = 0.6\n'))
+    store = JobStore(redis_server.url, namespace)
+    with BrokerClient(cluster.broker) as client:
+        cluster.wait_ready(client, 1)
+        client.submit({"flaky_stage": "denoise", "fail_attempts": 2}, job_id="flaky")
+        assert wait_ended(store, ["flaky"], 30) == ["succeeded"]
+    events = [e for e in _events(store, "flaky") if e["stage"] == "denoise"]
+    retried = [int(e["ts_ms"]) for e in events if e["event"] == "retried"]
+    started = [int(e["ts_ms"]) for e in events if e["event"] == "started"]
+    assert len(retried) == 2 and len(started) == 3
+    waits = [started[1] - retried[0], started[2] - retried[1]]
+    assert 400 <= waits[0] < 1400 and 600 <= waits[1] < 1600, waits  # 0.4 s, then 0.6 (cap)
+    assert [e["ms"] for e in events if e["event"] == "retried"] == ["400", "600"]
+    assert store.redis.zcard(store.keys.delayed) == 0
+
+
 def test_a_run_that_reaches_no_step_makes_its_worker_exit_and_the_job_is_recovered(
         cluster_factory, redis_server, namespace):
     cluster = cluster_factory(workers=1, max_attempts=2, lease_ms=1000,

@@ -19,8 +19,11 @@
 --            (or expired: the job's deadline_ms passed before this stage could start)
 --   finish   stage, attempt, worker, next_stage, next_dispatch         -> ok, next attempt
 --   complete stage, attempt, worker, result_json
---   retry    stage, attempt, worker, error, max_attempts, mode, next_stage
---            (mode: "error", "crash" (an expired lease) or "fatal" (fail the job at once))
+--   retry    stage, attempt, worker, error, max_attempts, mode, next_stage, backoff_ms, backoff_max_ms
+--            (mode: "error", "crash" (an expired lease) or "fatal" (fail the job at once);
+--            an "error" retry with a backoff waits in {ns}:delayed -> delayed, attempt, ms)
+--   due      (none; the job id is "" and not used) -> the delayed retries now due, each
+--            "stage attempt dispatch" after its job id, removed from {ns}:delayed
 --   rewind   stage, attempt, worker, error, prev_stage, prev_state, prev_index, max_attempts
 --            (the stage's inputs are gone with their producer: run prev_stage again)
 --   progress stage, attempt, step, steps
@@ -67,6 +70,7 @@ local terminal = {succeeded = true, failed = true, cancelled = true, dead = true
   expired = true}
 local queued_prefix = string.sub(active, 1, -7) .. 'queued:'
 local ended_channel = string.sub(active, 1, -7) .. 'ended'
+local delayed = string.sub(active, 1, -7) .. 'delayed'
 
 local function event(name, stage, attempt, worker, detail, ms)
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'job', id, 'event', name,
@@ -220,6 +224,13 @@ function commands.retry(a)
   local next_attempt = tostring(tonumber(attempt) + 1)
   redis.call('HSET', job, stage .. '.attempt', next_attempt, stage .. '.enqueued_ms', now_ms)
   enqueue(stage)
+  local backoff_ms = tonumber(a[8]) or 0
+  if mode == 'error' and backoff_ms > 0 then
+    local wait_ms = math.min(tonumber(a[9]), backoff_ms * 2 ^ (retries - 1))
+    redis.call('ZADD', delayed, now_ms + wait_ms, id .. ' ' .. stage .. ' ' .. next_attempt)
+    event('retried', stage, next_attempt, worker, err, wait_ms)
+    return {'delayed', next_attempt, tostring(wait_ms)}
+  end
   event('retried', stage, next_attempt, worker, err)
   return {'retry', next_attempt, redis.call('HGET', job, stage .. '.dispatch')}
 end
@@ -260,6 +271,29 @@ function commands.progress(a)
   redis.call('HSET', job, stage .. '.step', step .. '/' .. steps, 'updated_ms', now_ms)
   event('progress', stage, attempt, '', step .. '/' .. steps)
   return {'ok'}
+end
+
+-- The delayed retries now due: removed from the set, and each one still current returned as
+-- its job id, stage, attempt and dispatch (a cancelled job's or a superseded attempt's is
+-- dropped). The job key of this transition is not used.
+function commands.due(a)
+  local out = {'ok'}
+  local job_prefix = string.sub(active, 1, -7) .. 'job:'
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now_ms, 'LIMIT', 0, 256)) do
+    redis.call('ZREM', delayed, member)
+    local jid, stage, attempt = string.match(member, '^(%S+) (.+) (%d+)$')
+    if jid then
+      local f = redis.call('HMGET', job_prefix .. jid, 'state', stage .. '.attempt',
+        stage .. '.dispatch')
+      if f[1] and not terminal[f[1]] and f[2] == attempt and f[3] then
+        out[#out + 1] = jid
+        out[#out + 1] = stage
+        out[#out + 1] = attempt
+        out[#out + 1] = f[3]
+      end
+    end
+  end
+  return out
 end
 
 function commands.rebuild(a)
