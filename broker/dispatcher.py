@@ -1,5 +1,7 @@
 """Publishing into stage rings from the broker, with an overflow queue for backpressure.
 
+A dispatch goes into its stage's lane for its priority (common/ring/lanes.py).
+
 The broker publishes a job's first dispatch on submit, and re-publishes dispatches that the
 reaper recovers. When a ring is full the record waits here, in order, and `drain` (run by the
 reaper thread every tick) moves it in as slots free. The job is already durable in Redis, so a
@@ -14,36 +16,50 @@ import threading
 
 import msgspec
 
-from ..common.ring import Ring
+from ..common.ring import Ring, lanes
 from ..common.wire import decode_dispatch, encode_dispatch
 
 log = logging.getLogger(__name__)
 
 
 class Dispatcher:
-    def __init__(self, rings: dict[str, Ring]):
-        self.rings = rings
-        self._pending: dict[str, collections.deque[bytes]] = {s: collections.deque() for s in rings}
+    def __init__(self, lanes_by_stage: dict[str, list[Ring]]):
+        self.lanes = lanes_by_stage
+        self._pending: dict[tuple[str, int], collections.deque[bytes]] = {
+            (stage, lane): collections.deque()
+            for stage, rings in lanes_by_stage.items() for lane in range(len(rings))}
         self._lock = threading.Lock()
 
-    def publish(self, stage: str, payload: bytes) -> None:
-        """Publish now if the ring has room and nothing waits before us; else queue it."""
+    def publish(self, stage: str, payload: bytes, priority: int | None = None) -> None:
+        """Publish into the lane of the dispatch's priority now if it has room and nothing
+        waits before us there; else queue it."""
+        if priority is None:
+            priority = decode_dispatch(payload).priority
+        lane = lanes.lane_of(priority)
         with self._lock:
-            pending = self._pending[stage]
-            if pending or not self.rings[stage].try_produce(payload):
+            pending = self._pending[(stage, lane)]
+            if pending or not self._produce(stage, lane, payload):
                 pending.append(payload)
 
     def republish(self, stage: str, stored_dispatch: bytes, attempt: int) -> None:
         """Publish a dispatch kept in Redis, stamped with its new attempt."""
         dispatch = decode_dispatch(stored_dispatch)
-        self.publish(stage, encode_dispatch(msgspec.structs.replace(dispatch, attempt=attempt)))
+        self.publish(stage, encode_dispatch(msgspec.structs.replace(dispatch, attempt=attempt)),
+                     dispatch.priority)
 
     def drain(self) -> None:
         with self._lock:
-            for stage, pending in self._pending.items():
-                ring = self.rings[stage]
-                while pending and ring.try_produce(pending[0]):
+            for (stage, lane), pending in self._pending.items():
+                while pending and self._produce(stage, lane, pending[0]):
                     pending.popleft()
 
     def backlog(self, stage: str) -> int:
-        return len(self._pending[stage])
+        return sum(len(q) for (s, _), q in self._pending.items() if s == stage)
+
+    def _produce(self, stage: str, lane: int, payload: bytes) -> bool:
+        rings = self.lanes[stage]
+        if not rings[lane].try_produce(payload):
+            return False
+        if lane != lanes.MAIN:
+            rings[lanes.MAIN].notify()  # its consumers sleep on the main lane
+        return True

@@ -24,7 +24,7 @@ from ..common.config import Config
 from ..common.errors import ProtocolError, StagepoolError
 from ..common import transitions as tx
 from ..common.jobstore import JobStore
-from ..common.ring import Ring
+from ..common.ring import Ring, lanes
 from ..common.wire import decode_dispatch
 from .dispatcher import Dispatcher
 
@@ -32,17 +32,18 @@ log = logging.getLogger(__name__)
 
 
 class Reaper:
-    def __init__(self, config: Config, rings: dict[str, Ring], store: JobStore,
+    def __init__(self, config: Config, lanes_by_stage: dict[str, list[Ring]], store: JobStore,
                  dispatcher: Dispatcher):
         self.config = config
-        self.rings = rings
+        self.lanes = lanes_by_stage
+        self.rings = {stage: rings[lanes.MAIN] for stage, rings in lanes_by_stage.items()}
         self.store = store
         self.dispatcher = dispatcher
         self._beats: dict[tuple[str, int], tuple[int, int, float]] = {}  # -> gen, beat, seen_at
         self._recovered: set[tuple[str, int, int]] = set()  # (stage, cell, gen)
         self._claimed_since: dict[tuple[str, int], float] = {}
         self._unpublished_since: dict[tuple[str, int], float] = {}
-        self._scan_from: dict[str, int] = {stage: 0 for stage in rings}
+        self._scan_from: dict[str, int] = {}  # by ring name
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -68,9 +69,10 @@ class Reaper:
                 log.exception("reaper tick crashed; retrying next tick")
 
     def tick(self, now: float) -> None:
-        for stage, ring in self.rings.items():
-            self._scan_leases(stage, ring, now)
-            self._scan_slots(stage, ring, now)
+        for stage, rings in self.lanes.items():
+            self._scan_leases(stage, rings[lanes.MAIN], now)
+            for lane, ring in enumerate(rings):
+                self._scan_slots(stage, lanes.ring_name(stage, lane), ring, now)
         self._publish_due()
         self.dispatcher.drain()
 
@@ -114,14 +116,16 @@ class Reaper:
             ring.request_stop(cell, lease.gen)
             self.recover(stage, lease.job_id, lease.attempt, "lease expired")
 
-    def _scan_slots(self, stage: str, ring: Ring, now: float) -> None:
+    def _scan_slots(self, stage: str, name: str, ring: Ring, now: float) -> None:
+        """One lane's ring (`name`) of `stage`: claimed slots never released, and slots
+        taken but never published."""
         claim_grace_s = self.config.ring.claim_grace_ms / 1000
         publish_grace_s = self.config.ring.publish_grace_ms / 1000
-        claimed, unpublished, dequeue = ring.stuck(self._scan_from[stage])
-        self._scan_from[stage] = claimed[0] if claimed else dequeue
+        claimed, unpublished, dequeue = ring.stuck(self._scan_from.get(name, 0))
+        self._scan_from[name] = claimed[0] if claimed else dequeue
         live = set()
         for position in claimed:
-            key = (stage, position)
+            key = (name, position)
             live.add(key)
             first = self._claimed_since.setdefault(key, now)
             if now - first < claim_grace_s:
@@ -132,20 +136,20 @@ class Reaper:
             try:
                 dispatch = decode_dispatch(payload)
             except ProtocolError:
-                log.error("reclaimed an undecodable record at %s/%d; dropped", stage, position)
+                log.error("reclaimed an undecodable record at %s/%d; dropped", name, position)
                 continue
             log.warning("slot %s/%d claimed but never released: job %s attempt %d",
-                        stage, position, dispatch.job_id, dispatch.attempt)
+                        name, position, dispatch.job_id, dispatch.attempt)
             self.recover(stage, dispatch.job_id, dispatch.attempt, "claimed, never leased")
-        for key in [k for k in self._claimed_since if k[0] == stage and k not in live]:
+        for key in [k for k in self._claimed_since if k[0] == name and k not in live]:
             del self._claimed_since[key]
         if unpublished is None:
             self._unpublished_since = {k: v for k, v in self._unpublished_since.items()
-                                       if k[0] != stage}
+                                       if k[0] != name}
             return
-        first = self._unpublished_since.setdefault((stage, unpublished), now)
+        first = self._unpublished_since.setdefault((name, unpublished), now)
         if now - first >= publish_grace_s and ring.skip(unpublished):
-            log.warning("skipped slot %s/%d: taken but never published", stage, unpublished)
+            log.warning("skipped slot %s/%d: taken but never published", name, unpublished)
 
     def recover(self, stage: str, job_id: str, attempt: int, reason: str) -> None:
         stage_config = self.config.stage(stage)

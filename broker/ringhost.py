@@ -1,6 +1,7 @@
-"""The rings the broker owns: one per stage, in shared memory, reachable three ways.
+"""The rings the broker owns: three per stage (its priority lanes, common/ring/lanes.py), in
+shared memory, reachable three ways.
 
-Each ring lives in one shm segment. Same-host workers map it (`shm`); remote workers reach the
+Each ring lives in one shm segment; the main lane's also holds the stage's lease cells. Same-host workers map it (`shm`); remote workers reach the
 same bytes through the `TcpRingServer` thread or an RDMA registration (`VerbsHost`), so all
 three kinds of client are atomic with respect to each other on one ring.
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..common.config import Config
 from ..common.errors import RingError
-from ..common.ring import Layout, Ring
+from ..common.ring import Layout, Ring, lanes
 from ..common.ring.shm import ShmMemory
 from ..common.ring.tcp import TcpRingServer
 from ..common.wire import RingAttach
@@ -34,15 +35,23 @@ class RingHost:
         self.host = socket.gethostname()
         layout = Layout(config.ring.capacity, config.ring.slot_bytes, config.ring.cells)
         self.layout = layout
-        self.memories: dict[str, ShmMemory] = {}
-        self.rings: dict[str, Ring] = {}
+        self.memories: dict[str, ShmMemory] = {}  # by ring name (lanes.ring_name)
+        self.rings: dict[str, Ring] = {}  # each stage's main lane: leases, normal priority
+        self.lanes: dict[str, list[Ring]] = {}  # each stage's rings by lane
+        lane_layout = Layout(config.ring.capacity, config.ring.slot_bytes, 1)  # no cells
         ns = config.redis.namespace
         remove_orphan_segments(ns)
         for stage in config.pipeline.stages:
-            name = f"stagepool-{ns}-{os.getpid()}-{broker_id}-{stage.name}"
-            memory = ShmMemory(name, layout.nbytes, create=True)
-            self.memories[stage.name] = memory
-            self.rings[stage.name] = Ring.format(memory, layout)
+            rings = []
+            for lane in range(len(lanes.LANES)):
+                ring_name = lanes.ring_name(stage.name, lane)
+                name = f"stagepool-{ns}-{os.getpid()}-{broker_id}-{ring_name}"
+                shape = layout if lane == lanes.MAIN else lane_layout
+                memory = ShmMemory(name, shape.nbytes, create=True)
+                self.memories[ring_name] = memory
+                rings.append(Ring.format(memory, shape))
+            self.lanes[stage.name] = rings
+            self.rings[stage.name] = rings[lanes.MAIN]
         self.tcp: TcpRingServer | None = None
         if config.ring.tcp_bind:
             regions = {stage: memory._region for stage, memory in self.memories.items()}
@@ -58,10 +67,11 @@ class RingHost:
         self._cells: dict[str, dict[int, str]] = {s: {} for s in self.rings}
         self._lock = threading.Lock()
 
-    def attach_info(self, stage: str) -> RingAttach:
-        memory = self.memories[stage]
+    def attach_info(self, stage: str, lane: int = lanes.MAIN) -> RingAttach:
+        name = lanes.ring_name(stage, lane)
+        memory = self.memories[name]
         return RingAttach(
-            stage=stage,
+            stage=name,
             shm_name=memory.name,
             tcp_endpoint=self.tcp.endpoint if self.tcp else "",
             host=self.host,

@@ -32,6 +32,7 @@ from ..common import wire
 from ..common.config import Config
 from ..common.errors import Busy, Code, ProtocolError, StagepoolError
 from ..common.jobstore import JobStore, job_status
+from ..common.ring import lanes
 from ..common.wire import (
     Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, GetWorkers, Heartbeat,
     HeartbeatAck,
@@ -59,8 +60,8 @@ class Broker:
         self.schema = wire.schema_hash()
         self.store = JobStore.from_config(config)
         self.ringhost = RingHost(config, self.broker_id)
-        self.dispatcher = Dispatcher(self.ringhost.rings)
-        self.reaper = Reaper(config, self.ringhost.rings, self.store, self.dispatcher)
+        self.dispatcher = Dispatcher(self.ringhost.lanes)
+        self.reaper = Reaper(config, self.ringhost.lanes, self.store, self.dispatcher)
         self.ingress = Ingress(self.store, self.submit, consumer="broker")
         self.registry = Registry(config, self.ringhost, self.store, self.reaper.cell_is_free)
         self._greeted: dict[bytes, float] = {}
@@ -142,9 +143,9 @@ class Broker:
         only once durable, and a worker never starts a job Redis does not know."""
         answers: list[Submitted | StagepoolError | None] = []
         submits: list[tx.Submit] = []
-        first = self.ringhost.rings[self._stage_names[0]]
-        room = (first.layout.capacity - first.depth() + self.config.broker.max_backlog
-                - self.dispatcher.backlog(self._stage_names[0]))
+        first = self.ringhost.lanes[self._stage_names[0]]
+        room = (sum(r.layout.capacity - r.depth() for r in first)
+                + self.config.broker.max_backlog - self.dispatcher.backlog(self._stage_names[0]))
         for request in requests:
             try:
                 if len(submits) >= room:
@@ -160,7 +161,8 @@ class Broker:
             if answer is None:
                 submit, outcome = next(outcomes)
                 if outcome.ok:
-                    self.dispatcher.publish(submit.first_stage, submit.dispatch)
+                    self.dispatcher.publish(submit.first_stage, submit.dispatch,
+                                            submit.priority)
                 answers[index] = Submitted(job_id=submit.job_id, created=outcome.ok)
         return answers
 
@@ -346,7 +348,8 @@ class Broker:
         for stage, ring in self.ringhost.rings.items():
             in_flight = sum(ring.read_lease(c) is not None for c in range(ring.layout.cells))
             workers = self.registry.count(stage)
-            queues.append(QueueInfo(stage=stage, depth=ring.depth(),
+            rings = self.ringhost.lanes[stage]
+            queues.append(QueueInfo(stage=stage, depth=sum(r.depth() for r in rings),
                                     backlog=self.dispatcher.backlog(stage), in_flight=in_flight,
                                     workers=workers, capacity=ring.layout.capacity))
         return Queues(queues=queues, recovered=self.reaper.recovered_total)
@@ -361,6 +364,10 @@ class Broker:
             broker_id=self.broker_id, cell=cells[0], cells=cells,
             consume=self.ringhost.attach_info(stage.name),
             produce=self.ringhost.attach_info(next_stage.name) if next_stage else None,
+            consume_lanes=[self.ringhost.attach_info(stage.name, lane)
+                           for lane in range(len(lanes.LANES))],
+            produce_lanes=[self.ringhost.attach_info(next_stage.name, lane)
+                           for lane in range(len(lanes.LANES))] if next_stage else [],
             next_stage=next_stage.name if next_stage else "",
             lease_ms=stage.lease_ms, heartbeat_ms=self.config.worker.heartbeat_ms,
             max_attempts=stage.max_attempts, redis_url=self.config.redis.url,

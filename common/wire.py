@@ -148,6 +148,10 @@ class Registered(Message, tag="registered"):
     redis_url: str = ""
     namespace: str = ""
     cells: list[int] = []  # our lease cells, as many as Register asked for
+    # Every priority lane's ring of each (common/ring/lanes.py); `consume` and `produce` are
+    # their main lanes, which hold the lease cells.
+    consume_lanes: list[RingAttach] = []
+    produce_lanes: list[RingAttach] = []
     rid: int = 0
 
 

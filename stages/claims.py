@@ -1,8 +1,11 @@
-"""The claim/lease step of a worker: take a batch of dispatches off its stage's ring.
+"""The claim/lease step of a worker: take a batch of dispatches off its stage's rings.
 
-  1. claim one slot, waiting (spin briefly, then sleep on the ring), then up to one more per
-     spare lease cell among those already waiting: a batch never waits for work to arrive;
-  2. lease each into one of our cells (job, attempt, ticket), then release its slot; a slot
+  1. claim one slot from the highest priority lane with work (common/ring/lanes.py: now and
+     then a lower lane goes first, so none starves), waiting (spin briefly, then sleep on
+     the main lane), then up to one more per spare lease cell among those already waiting: a
+     batch never waits for work to arrive;
+  2. lease each into one of our cells in the main lane (job, attempt, ticket), then release
+     its slot; a slot
      the broker reclaimed first (we were too slow) has been published again: drop it;
   3. an undecodable record is dropped with a log line (it has no job to fail).
 A worker killed between 1 and 2 leaves a claimed slot, between 2 and `unlease` a lease: the
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from ..common.errors import StagepoolError
-from ..common.ring import Ring
+from ..common.ring import Ring, lanes
 from ..common.wire import Dispatch, decode_dispatch
 
 log = logging.getLogger(__name__)
@@ -22,30 +25,45 @@ log = logging.getLogger(__name__)
 Leased = tuple[int, Dispatch]  # (our lease cell, the dispatch it holds)
 
 
-def claim_batch(ring: Ring, cells: list[int], lease_ms: int, wait_s: float,
-                spin_s: float) -> list[Leased]:
-    """Up to len(cells) leased dispatches; [] when the ring stayed empty for `wait_s`."""
-    claim = ring.claim(wait_s, spin_s)
-    if claim is None:
+def claim_batch(rings: list[Ring], cells: list[int], lease_ms: int, wait_s: float,
+                spin_s: float, turn: int = 0) -> list[Leased]:
+    """Up to len(cells) leased dispatches from the stage's lanes (`rings`, by lane; the
+    `turn`-th claim of this worker); [] when they stayed empty for `wait_s`."""
+    main = rings[lanes.MAIN]
+    order = [rings[lane] for lane in lanes.claim_order(turn)]
+    found = main.claim_any(order, wait_s, spin_s)
+    if found is None:
         return []
-    claims = [claim]
-    while len(claims) < len(cells) and (more := ring.try_claim()) is not None:
+    claims = [found]
+    while len(claims) < len(cells):
+        more = next(((ring, c) for ring in order if (c := ring.try_claim()) is not None), None)
+        if more is None:
+            break
         claims.append(more)
     batch: list[Leased] = []
-    for cell, claim in zip(cells, claims):
+    for cell, (ring, claim) in zip(cells, claims):
         try:
             dispatch = decode_dispatch(claim.payload)
         except StagepoolError as exc:
             log.error("dropped an undecodable ring record at %d: %s", claim.ticket, exc)
             ring.release(claim)
             continue
-        ring.lease(cell, claim.ticket, dispatch.attempt, dispatch.job_id, lease_ms)
+        main.lease(cell, claim.ticket, dispatch.attempt, dispatch.job_id, lease_ms)
         if not ring.release(claim):
             log.info("slot %d was reclaimed by the broker; dropping", claim.ticket)
-            ring.unlease(cell)
+            main.unlease(cell)
             continue
         batch.append((cell, dispatch))
     return batch
+
+
+def publish(rings: list[Ring], dispatch: Dispatch, payload: bytes, timeout_s: float) -> None:
+    """Into the lane of the dispatch's priority (RingFull after `timeout_s`), waking the
+    consumers asleep on the main lane when it is another."""
+    lane = lanes.lane_of(dispatch.priority)
+    rings[lane].produce(payload, timeout_s)
+    if lane != lanes.MAIN:
+        rings[lanes.MAIN].notify()
 
 
 def unlease(ring: Ring, batch: list[Leased]) -> None:

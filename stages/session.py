@@ -27,7 +27,7 @@ from ..common.client import BrokerClient
 from ..common.config import Config
 from ..common.errors import RemoteError, StagepoolError
 from ..common.jobstore import JobStore
-from ..common.ring import Ring, open_memory
+from ..common.ring import Ring, lanes, open_memory
 from .gpu import GpuProbe
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,10 @@ class Session:
         self.transport = transport
         self.worker_id = worker_id
         self.registered: wire.Registered | None = None
-        self.consume: Ring | None = None
+        self.consume: Ring | None = None  # the main lanes (leases, normal priority)
         self.produce: Ring | None = None
+        self.consume_lanes: list[Ring] = []  # every lane, by lane (lanes.py)
+        self.produce_lanes: list[Ring] = []
         self.store: JobStore | None = None
         self.reattach = threading.Event()
         self.leased: tuple[int, ...] = ()  # our cells holding a lease: the heartbeat beats them
@@ -70,8 +72,12 @@ class Session:
                         transport="shm" if self.transport == "auto" else self.transport,
                         cells=self.config.stage(self.stage).max_batch, device=self.device))
                     self.consume = Ring.attach(self._open(registered.consume, client))
+                    self.consume_lanes = self._lanes(registered.consume_lanes, self.consume,
+                                                     client)
                     if registered.produce:
                         self.produce = Ring.attach(self._open(registered.produce, client))
+                        self.produce_lanes = self._lanes(registered.produce_lanes,
+                                                         self.produce, client)
                 break
             except (StagepoolError, OSError) as exc:
                 self._close_rings()
@@ -129,11 +135,16 @@ class Session:
 
         return open_memory(attach, self.transport, verbs_connect=verbs_connect)
 
+    def _lanes(self, attaches: list[wire.RingAttach], main: Ring, client) -> list[Ring]:
+        return [main if lane == lanes.MAIN else Ring.attach(self._open(attach, client))
+                for lane, attach in enumerate(attaches)]
+
     def _close_rings(self) -> None:
-        for ring in (self.consume, self.produce):
+        for ring in {*self.consume_lanes, *self.produce_lanes, self.consume, self.produce}:
             if ring is not None:
                 ring.mem.close()
         self.consume = self.produce = None
+        self.consume_lanes, self.produce_lanes = [], []
 
     def _beat_loop(self, busy: threading.Event, chores: Callable[[], None]) -> None:
         client = None

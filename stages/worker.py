@@ -69,6 +69,7 @@ class Worker:
         self._draining = threading.Event()
         self._busy = threading.Event()
         self._run_deadline = 0.0  # monotonic: the time limit of the run in progress (0: none)
+        self._turn = 0  # batches claimed: which priority lane goes first (lanes.claim_order)
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.drain())
@@ -103,15 +104,17 @@ class Worker:
                     time.sleep(_FULL_POOL_WAIT_S)
                     continue
                 try:
-                    batch = claims.claim_batch(session.consume, cells,
+                    batch = claims.claim_batch(session.consume_lanes, cells,
                                                session.registered.lease_ms,
-                                               settings.claim_wait_s, settings.spin_us / 1e6)
+                                               settings.claim_wait_s, settings.spin_us / 1e6,
+                                               self._turn)
                 except (TransportError, RemoteError):
                     log.warning("ring unreachable; attaching again", exc_info=True)
                     session.reattach.set()
                     time.sleep(settings.register_retry_s)
                     continue
                 if batch:
+                    self._turn += 1
                     self._serve(batch)
         finally:
             session.close()
@@ -233,20 +236,22 @@ class Worker:
             self.session.jobs_done += 1
             hand_on = handed_on(done, outcome)
             if hand_on is not None:
-                self._publish(self.session.produce, encode_dispatch(hand_on))
+                self._publish(self.session.produce_lanes, hand_on)
             if done.pull is not None:  # our stage is committed: the producer may let go
                 self.data.release_upstream(done.dispatch)
 
     def _retry(self, dispatch: Dispatch, error: str, permanent: bool = False) -> None:
         again = self.commits.retry(dispatch, error, permanent)
         if again is not None:
-            self._publish(self.session.consume, encode_dispatch(again))
+            self._publish(self.session.consume_lanes, again)
 
-    def _publish(self, ring: Ring, payload: bytes) -> None:
-        # The lease stays alive while we wait for room: nothing is lost if we die here.
+    def _publish(self, rings: list[Ring], dispatch: Dispatch) -> None:
+        """Into the dispatch's priority lane. The lease stays alive while we wait for room:
+        nothing is lost if we die here."""
+        payload = encode_dispatch(dispatch)
         while True:
             try:
-                ring.produce(payload, self.config.worker.publish_wait_s)
+                claims.publish(rings, dispatch, payload, self.config.worker.publish_wait_s)
                 return
             except StagepoolError as exc:
                 if self.session.reattach.is_set():

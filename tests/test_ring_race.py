@@ -78,7 +78,9 @@ def test_workers_killed_mid_job_lose_nothing_the_reaper_requeues(
         "ring": {"claim_grace_ms": 300, "publish_grace_ms": 300},
         "broker": {"reaper_interval_ms": 20}}, Config)
     ring = make_ring(capacity=32, cells=8)
-    rings = {"work": ring.owner}
+    # The stage's priority lanes: every dispatch here has priority 0, the main lane's.
+    rings = {"work": [make_ring(capacity=32, cells=1).owner, ring.owner,
+                      make_ring(capacity=32, cells=1).owner]}
     store = JobStore(redis_server.url, namespace)
     dispatcher = Dispatcher(rings)
     reaper = Reaper(config, rings, store, dispatcher)

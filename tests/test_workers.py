@@ -37,12 +37,16 @@ def test_workers_lists_every_worker_with_its_job_step_and_jobs_done(
         assert wait_ended(store, ["quick"], 30) == ["succeeded"]
         client.submit({"slow_stage": "denoise", "steps": 3000, "step_ms": 10}, job_id="long")
         deadline = time.monotonic() + 30
-        while True:  # the long job is denoising and its step has been recorded
+        while True:  # the long job is denoising, its step recorded, and the heartbeats have
+            # told the jobs done: "quick" once per stage, "long" past encode
             workers = json.loads(_cli("workers", "--json", "--broker", cluster.broker).stdout)
             running = [w for w in workers if w.get("jobs") == ["long"]]
-            if running and running[0].get("step"):
+            done_by_stage = {s: sum(w.get("jobs_done", 0) for w in workers if w["stage"] == s)
+                             for s in ("encode", "denoise", "decode")}
+            if (running and running[0].get("step") and running[0].get("busy")
+                    and done_by_stage == {"encode": 2, "denoise": 1, "decode": 1}):
                 break
-            assert time.monotonic() < deadline, f"no worker shows the long job: {workers}"
+            assert time.monotonic() < deadline, f"workers never showed it all: {workers}"
             time.sleep(0.1)
         table = _cli("workers", "--broker", cluster.broker)
         http = httpx.get(f"{cluster.gateway}/v1/workers", timeout=10).json()["workers"]
@@ -53,13 +57,9 @@ def test_workers_lists_every_worker_with_its_job_step_and_jobs_done(
         (stage, pids[f"{stage}-{i}"]) for stage in ("encode", "denoise", "decode")
         for i in range(2)}
     (runner,) = running
-    assert runner["stage"] == "denoise" and runner["busy"]
+    assert runner["stage"] == "denoise"
     done, total = (int(x) for x in runner["step"].split("/"))
     assert total == 3000 and 0 < done < 3000
-    # Each stage committed "quick" once, and "long" got past encode: jobs done add up.
-    done_by_stage = {s: sum(w.get("jobs_done", 0) for w in workers if w["stage"] == s)
-                     for s in ("encode", "denoise", "decode")}
-    assert done_by_stage == {"encode": 2, "denoise": 1, "decode": 1}
     assert all(w["device"] == "cpu" and "gpu" not in w and w["host"] for w in workers)
     assert all(time.time() * 1000 - w["heartbeat_ms"] < 5000 for w in workers)
     assert {w["worker_id"] for w in http} == {w["worker_id"] for w in workers}

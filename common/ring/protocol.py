@@ -209,16 +209,33 @@ class Ring:
 
     def claim(self, timeout_s: float, spin_s: float = 0.0) -> Claim | None:
         """Claim, waiting up to `timeout_s`: spin for `spin_s`, then sleep on the enqueue word."""
-        claimed = self.try_claim()
-        if claimed is not None:
-            return claimed
+        found = self.claim_any([self], timeout_s, spin_s)
+        return found[1] if found else None
+
+    def claim_any(self, rings: list[Ring], timeout_s: float,
+                  spin_s: float = 0.0) -> tuple[Ring, Claim] | None:
+        """Claim from the first of `rings` (priority lanes, this one among them) that has a
+        record, waiting up to `timeout_s` on this ring's enqueue word. A publish into another
+        of them wakes the wait through `notify`; one that lands in the instant before the
+        wait is seen within the wait's 0.1 s slice."""
+
+        def look():
+            for ring in rings:
+                claimed = ring.try_claim()
+                if claimed is not None:
+                    return ring, claimed
+            return None
+
+        found = look()
+        if found is not None:
+            return found
         now = time.monotonic()
         deadline = now + timeout_s
         spin_until = now + min(spin_s, timeout_s)
         while time.monotonic() < spin_until:
-            claimed = self.try_claim()
-            if claimed is not None:
-                return claimed
+            found = look()
+            if found is not None:
+                return found
         mem = self.mem
         while True:
             remaining_s = deadline - time.monotonic()
@@ -229,15 +246,19 @@ class Ring:
                 # Read the word before the last look: a publish after it changes the word, so
                 # the wait returns at once instead of missing the wake-up.
                 word = mem.load(OFF_ENQUEUE) & 0xFFFFFFFF
-                claimed = self.try_claim()
-                if claimed is not None:
-                    return claimed
+                found = look()
+                if found is not None:
+                    return found
                 mem.wait(OFF_ENQUEUE, word, min(remaining_s, 0.1), WAKE_CONSUMERS)
             finally:
                 mem.fetch_add(OFF_SLEEPERS, -1)
-            claimed = self.try_claim()
-            if claimed is not None:
-                return claimed
+            found = look()
+            if found is not None:
+                return found
+
+    def notify(self) -> None:
+        """Wake a consumer asleep on this ring: a record was published into one of its lanes."""
+        self._wake()
 
     # -- lease cells (written by their worker) --------------------------------------------
 
