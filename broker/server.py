@@ -137,22 +137,27 @@ class Broker:
         return answer
 
     def submit_batch(self, requests: list[Submit]) -> list[Submitted | StagepoolError]:
-        """Submits written to Redis in one round trip, then
-        the created ones published. A request that is refused gets its error in its place;
-        the others go on. A job is published only once durable, so a submit is acknowledged
+        """Submits written to Redis in one round trip, then the created ones published, each
+        into its priority's lane of the first stage. A request that is refused (bad, or busy:
+        no room in its lane nor in the overflow) gets its error in its place; the others go on. A job is published only once durable, so a submit is acknowledged
         only once durable, and a worker never starts a job Redis does not know."""
         answers: list[Submitted | StagepoolError | None] = []
         submits: list[tx.Submit] = []
-        first = self.ringhost.lanes[self._stage_names[0]]
-        room = (sum(r.layout.capacity - r.depth() for r in first)
-                + self.config.broker.max_backlog - self.dispatcher.backlog(self._stage_names[0]))
+        first, broker = self._stage_names[0], self.config.broker
+        lane_room = [r.layout.capacity - r.depth() for r in self.ringhost.lanes[first]]
+        backlog_room = broker.max_backlog - self.dispatcher.backlog(first)
         for request in requests:
             try:
-                if len(submits) >= room:
-                    raise Busy(f"busy: {self.config.broker.max_backlog} jobs already wait for "
-                               f"room in the {self._stage_names[0]} ring; submit again later",
-                               self.config.broker.busy_retry_after_s)
-                submits.append(self._prepare(request))
+                submit = self._prepare(request)
+                lane = lanes.lane_of(submit.priority)
+                if lane_room[lane] > 0:
+                    lane_room[lane] -= 1
+                elif backlog_room > 0:
+                    backlog_room -= 1
+                else:
+                    raise Busy(f"busy: {broker.max_backlog} jobs already wait for room in the "
+                               f"{first} ring; submit again later", broker.busy_retry_after_s)
+                submits.append(submit)
                 answers.append(None)
             except StagepoolError as exc:
                 answers.append(exc)
