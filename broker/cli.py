@@ -98,8 +98,14 @@ def cmd_top(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    if args.gpu is not None:  # before anything imports torch: it reads this once
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+    gpu = args.gpu
+    if args.device is not None:
+        kind, _, index = args.device.partition(":")
+        if kind != "cuda" or not index:
+            raise ConfigError(f"--device takes cuda:N (a GPU of this host), got {args.device!r}")
+        gpu = index
+    if gpu is not None:  # before anything imports torch: it reads this once
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     from ..stages.worker import Worker
 
     worker = Worker(config_mod.load(args.config), args.stage, broker_endpoint=args.broker,
@@ -358,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", default=None, choices=["auto", "shm", "tcp", "verbs"])
     p.add_argument("--gpu", default=None, metavar="ID",
                    help="run on this GPU only (an index or UUID: CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--device", default=None, metavar="cuda:N",
+                   help="the same as --gpu N: the worker sees that GPU as its only one")
     p = add("gateway", cmd_gateway, "run the HTTP gateway (API, /metrics, dashboard)")
     p.add_argument("--host", default=None, help="bind address (default: gateway.host)")
     p.add_argument("--port", type=int, default=None, help="port (default: gateway.port)")

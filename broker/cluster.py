@@ -64,6 +64,21 @@ def start_redis(state_dir: Path, persist: bool = True) -> tuple[subprocess.Popen
     return process, url
 
 
+def host_gpus() -> list[str]:
+    """This host's GPUs as CUDA_VISIBLE_DEVICES entries (their UUIDs, from `nvidia-smi -L`),
+    for a stage with `devices = ["all"]`; ConfigError when there are none."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        listing = ""
+    uuids = [line.rsplit("UUID: ", 1)[1].rstrip(")") for line in listing.splitlines()
+             if "UUID: " in line]
+    if not uuids:
+        raise ConfigError('devices = ["all"], but nvidia-smi lists no GPU on this host')
+    return uuids
+
+
 class Child:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path):
         self.name = name
@@ -116,12 +131,13 @@ class Cluster:
             self.children.append(Child("gateway", base + ["gateway", "--port", str(gateway_port)]
                                        + config_args, env, logs / "gateway.log"))
         for stage in self.config.pipeline.stages:
+            devices = host_gpus() if stage.devices == ["all"] else stage.devices
             for i in range(self.workers.get(stage.name, stage.workers)):
                 name = f"{stage.name}-{i}"
                 argv = base + ["worker", "--stage", stage.name] + config_args
                 placed = env
-                if stage.devices:  # one GPU per worker, round robin over the stage's GPUs
-                    placed = dict(env, CUDA_VISIBLE_DEVICES=stage.devices[i % len(stage.devices)])
+                if devices:  # one GPU per worker, round robin over the stage's GPUs
+                    placed = dict(env, CUDA_VISIBLE_DEVICES=devices[i % len(devices)])
                 self.children.append(Child(name, argv, placed, logs / f"{name}.log"))
         for child in self.children:
             child.start()

@@ -32,7 +32,8 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     workers: int = 1  # pool size that `stagepool up` starts
     # The GPUs of this host the pool runs on ("0", "1" or GPU UUIDs): `stagepool up` gives
     # worker i CUDA_VISIBLE_DEVICES = devices[i % len(devices)], so each sees one GPU as
-    # "cuda". Empty: the workers inherit CUDA_VISIBLE_DEVICES (every GPU; "cuda" is GPU 0).
+    # "cuda". ["all"]: every GPU of the host (nvidia-smi). Empty: the workers inherit
+    # CUDA_VISIBLE_DEVICES (every GPU; "cuda" is GPU 0).
     devices: list[str] = []
     max_attempts: int = 3
     lease_ms: int = 10_000  # a lease not refreshed for this long is expired

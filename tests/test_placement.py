@@ -29,6 +29,30 @@ def test_up_gives_each_worker_of_a_stage_one_of_its_devices(cluster_factory):
             "CUDA_VISIBLE_DEVICES")
 
 
+@pytest.mark.cluster
+def test_all_places_a_stage_round_robin_over_every_gpu_the_host_lists(cluster_factory,
+                                                                      tmp_path, monkeypatch):
+    smi = tmp_path / "bin" / "nvidia-smi"  # the driver's listing, as on a 2-GPU host
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\n"
+                   "echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa-0)'\n"
+                   "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbbb-1)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    cluster = cluster_factory(workers=3, stage_extra='devices = ["all"]\n')
+    pids = cluster.pids()
+    assert [_environ(pids[f"decode-{i}"]).get("CUDA_VISIBLE_DEVICES") for i in range(3)] == [
+        "GPU-aaaa-0", "GPU-bbbb-1", "GPU-aaaa-0"]
+
+
+def test_all_without_a_gpu_is_a_config_error(tmp_path, monkeypatch):
+    from stagepool.broker.cluster import host_gpus
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    with pytest.raises(ConfigError, match="lists no GPU"):
+        host_gpus()
+
+
 @pytest.mark.parametrize("stage, message", [
     ('devices = ["0,1"]', "each of devices names one GPU"),
     ('devices = ["0"]\noptions = { device = "cuda:1" }', "each worker sees one GPU as 'cuda'"),
