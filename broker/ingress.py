@@ -4,9 +4,11 @@
 
 A thread reads the stream through a consumer group, submits each entry like a ZMQ `Submit`,
 and acknowledges it after the job record exists: a broker killed in between re-reads its
-pending entries at start, and submission is idempotent on job id, so nothing is lost or doubled.
-An entry that does not decode is acknowledged and reported: as a `failed` job record when it
+pending entries at start, and submission is idempotent on job id (an entry without one takes
+`ingress-<entry id>`), so nothing is lost or doubled. An entry that does not decode, or that
+breaks its handler in any way, is acknowledged and reported: as a `failed` job record when it
 names a usable job id (so its sender can read the error), and always as a `rejected` event.
+Only Redis being away or the deployment being busy leaves an entry pending, to be read again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from ..common.errors import Busy, ProtocolError, StagepoolError
+from ..common.errors import Busy, ProtocolError, StagepoolError, StoreUnavailable, TransportError
 from ..common import transitions as tx
 from ..common import wire
 from ..common.jobstore import JobStore
@@ -70,7 +72,14 @@ class Ingress:
                 handled = []
                 try:
                     for entry_id, fields in entries:
-                        self.handle(entry_id, fields)
+                        try:
+                            self.handle(entry_id, fields)
+                        except (Busy, StoreUnavailable, TransportError):
+                            raise  # the entry is fine: read it again later
+                        except Exception as exc:  # a poison entry: never retried forever
+                            log.exception("ingress entry %r broke its handler", entry_id)
+                            self._reject(entry_id, fields.get(b"job"),
+                                         f"internal error on this entry: {type(exc).__name__}")
                         handled.append(entry_id)
                 except Busy as exc:
                     # The rest stay pending in the stream (nothing is lost): read them again
@@ -81,6 +90,7 @@ class Ingress:
                 self.store.ack_ingress(handled)
             except StagepoolError:
                 log.warning("ingress: redis unavailable; retrying", exc_info=True)
+                pending = True  # what this read left unacknowledged is read again first
                 self._stop.wait(1.0)
             except Exception:
                 log.exception("ingress loop error; continuing")
@@ -94,9 +104,13 @@ class Ingress:
                 raise ProtocolError("entry has no 'job' field")
             try:
                 job = _decoder.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise ProtocolError(f"bad job JSON: {exc}") from None
-            self.submit(wire.Submit(params=job.params, job_id=job.job_id,
+            except wire.DECODE_ERRORS as exc:
+                raise ProtocolError(f"bad job JSON: {type(exc).__name__}: "
+                                    f"{str(exc)[:200]}") from None
+            # Without an id, the entry's own: an entry read again (after a restart or an
+            # outage) is the same job, never a second one.
+            job_id = job.job_id or f"ingress-{entry_id.decode()}"
+            self.submit(wire.Submit(params=job.params, job_id=job_id,
                                     pipeline=job.pipeline, priority=job.priority,
                                     deadline_ms=job.deadline_ms))
         except ProtocolError as exc:
@@ -117,7 +131,7 @@ class Ingress:
 def _salvage_job_id(raw: bytes | None) -> str:
     try:
         value = msgspec.json.decode(raw or b"")
-    except msgspec.DecodeError:
+    except wire.DECODE_ERRORS:
         return ""
     job_id = value.get("job_id") if isinstance(value, dict) else None
     return job_id if isinstance(job_id, str) and JOB_ID.match(job_id) else ""

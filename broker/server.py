@@ -97,7 +97,11 @@ class Broker:
                             batch.append(self._sock.recv_multipart(zmq.NOBLOCK))
                         except zmq.Again:
                             break
-                    self._on_batch(batch)
+                    try:
+                        self._on_batch(batch)
+                    except Exception:  # a bug; each message was answered or logged already
+                        log.exception("control: a burst of %d messages broke the loop; "
+                                      "serving on", len(batch))
                 self.registry.expire(time.monotonic())
         finally:
             self.close()

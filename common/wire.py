@@ -321,6 +321,12 @@ class Dispatch(msgspec.Struct, array_like=True, omit_defaults=True):
     tensors: list[TensorDesc] = []
 
 
+# What decoding hostile bytes can raise besides msgspec's own errors: invalid UTF-8 in a
+# string (UnicodeDecodeError, a ValueError), nesting past the recursion limit, and integers
+# past what a field holds. Every decode path turns them into a ProtocolError for that input.
+DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError, OverflowError)
+
+
 class Codec:
     """One encoder and typed decoders for a socket; JSON or msgpack chosen per frame."""
 
@@ -342,8 +348,9 @@ class Codec:
             if is_json:
                 return self._json_decoder.decode(frame), True
             return self._msgpack_decoder.decode(frame), False
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ProtocolError(f"undecodable {'JSON' if is_json else 'msgpack'} frame: {exc}")
+        except DECODE_ERRORS as exc:
+            raise ProtocolError(f"undecodable {'JSON' if is_json else 'msgpack'} frame: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
     def encode(self, message: Any, as_json: bool = False) -> bytes:
         return self._json.encode(message) if as_json else self._msgpack.encode(message)
@@ -360,8 +367,9 @@ def encode_dispatch(dispatch: Dispatch) -> bytes:
 def decode_dispatch(payload: bytes) -> Dispatch:
     try:
         return _dispatch_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(f"undecodable dispatch record: {exc}") from None
+    except DECODE_ERRORS as exc:
+        raise ProtocolError(f"undecodable dispatch record: {type(exc).__name__}: "
+                            f"{str(exc)[:200]}") from None
 
 
 def check_job_id(job_id: str) -> str:

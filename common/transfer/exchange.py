@@ -28,7 +28,7 @@ import zmq
 
 from ..config import TransferConfig
 from ..errors import TransferError
-from ..wire import Release, TensorDesc
+from ..wire import DECODE_ERRORS, Release, TensorDesc
 from .base import Endpoint, Failure, FailedPull, FailureKind, Pull, host_identity
 from .local import LocalBackend
 from .pool import ALIGN_BYTES, Pool, PoolFull, dtype_name
@@ -129,7 +129,7 @@ class Exchange:
         """Start pulling; same host -> in place, otherwise Mooncake. Never raises."""
         try:
             peer = Endpoint.decode(endpoint)
-        except msgspec.DecodeError as exc:
+        except DECODE_ERRORS as exc:
             return FailedPull(Failure(FailureKind.BAD_DESCRIPTOR, f"bad endpoint: {exc}"))
         for backend in (self.local, self.mooncake):
             if backend is not None and backend.reaches(peer):
@@ -159,7 +159,7 @@ class Exchange:
         """Tell the producer it may free `key`. Best effort: a lost notice is swept later."""
         try:
             address = Endpoint.decode(endpoint).notify
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             return
         sock = self._peers.get(address)
         if sock is None:
@@ -188,7 +188,7 @@ class Exchange:
                 continue
             try:
                 notice = self._decoder.decode(frame)
-            except msgspec.DecodeError:
+            except DECODE_ERRORS:
                 log.warning("dropped an undecodable release notice (%d bytes)", len(frame))
                 continue
             self.release(notice.key)
