@@ -44,6 +44,8 @@ class Reaper:
         self._claimed_since: dict[tuple[str, int], float] = {}
         self._unpublished_since: dict[tuple[str, int], float] = {}
         self._scan_from: dict[str, int] = {}  # by ring name
+        # Recoveries found in the rings, not yet recorded in Redis: (stage, job, attempt, why).
+        self._owed: list[tuple[str, str, int, str]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -73,8 +75,23 @@ class Reaper:
             self._scan_leases(stage, rings[lanes.MAIN], now)
             for lane, ring in enumerate(rings):
                 self._scan_slots(stage, lanes.ring_name(stage, lane), ring, now)
+        self._settle()
         self._publish_due()
         self.dispatcher.drain()
+
+    def _settle(self) -> None:
+        """Record the recoveries found, oldest first. One stays owed until Redis has recorded
+        it: a tick that fails (Redis away) leaves the rest for the next one, and a broker that
+        dies owing them rebuilds every unfinished job at its start anyway."""
+        while self._owed:
+            try:
+                self.recover(*self._owed[0])
+            except StagepoolError:
+                raise  # Redis is away: this one and the rest wait for the next tick
+            except Exception:  # a bug: never let one recovery block the others
+                log.exception("recovery %s failed; a broker restart rebuilds its job",
+                              self._owed[0])
+            self._owed.pop(0)
 
     def _publish_due(self) -> None:
         """Publish the retries whose backoff is over (kept in Redis, so none is lost with us:
@@ -114,7 +131,7 @@ class Reaper:
                         lease.job_id, stage, lease.attempt, cell)
             # A holder that comes back (a frozen or partitioned worker) stops at its next step.
             ring.request_stop(cell, lease.gen)
-            self.recover(stage, lease.job_id, lease.attempt, "lease expired")
+            self._owed.append((stage, lease.job_id, lease.attempt, "lease expired"))
 
     def _scan_slots(self, stage: str, name: str, ring: Ring, now: float) -> None:
         """One lane's ring (`name`) of `stage`: claimed slots never released, and slots
@@ -140,7 +157,8 @@ class Reaper:
                 continue
             log.warning("slot %s/%d claimed but never released: job %s attempt %d",
                         name, position, dispatch.job_id, dispatch.attempt)
-            self.recover(stage, dispatch.job_id, dispatch.attempt, "claimed, never leased")
+            self._owed.append((stage, dispatch.job_id, dispatch.attempt,
+                               "claimed, never leased"))
         for key in [k for k in self._claimed_since if k[0] == name and k not in live]:
             del self._claimed_since[key]
         if unpublished is None:

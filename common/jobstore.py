@@ -120,14 +120,19 @@ class JobStore:
 
     @_translate
     def active_ids(self, batch: int = 1000):
-        """Iterate non-terminal job ids, oldest first."""
-        start = 0
+        """Iterate non-terminal job ids, oldest first, by a score cursor: jobs that end (and
+        leave the set) meanwhile never shift the walk past one that has not."""
+        low: float | str = "-inf"
+        seen_at_low: set[bytes] = set()  # members at score `low` already yielded
         while True:
-            chunk = self.redis.zrange(self.keys.active, start, start + batch - 1)
-            if not chunk:
+            chunk = self.redis.zrangebyscore(self.keys.active, low, "+inf", start=0,
+                                             num=batch + len(seen_at_low), withscores=True)
+            fresh = [(m, s) for m, s in chunk if not (s == low and m in seen_at_low)]
+            if not fresh:
                 return
-            yield from (job_id.decode() for job_id in chunk)
-            start += batch
+            yield from (m.decode() for m, _ in fresh)
+            low = fresh[-1][1]
+            seen_at_low = {m for m, s in chunk if s == low}
 
     # -- observability (the gateway, `stagepool top`) --------------------------------------
 

@@ -232,3 +232,25 @@ def test_each_transition_struct_is_the_argument_order_the_script_documents():
                and hasattr(cls, "command")}
     assert structs == {command: documented[command] for command in structs}
     assert len(structs) == 11
+
+
+def test_the_rebuild_walk_skips_no_job_while_others_end_under_it(store):
+    """`active_ids` walks by score, not offset: jobs leaving the set mid-walk (workers of a
+    dead broker still ending them) never shift it past one that stays."""
+    import random
+
+    rng = random.Random(3)
+    ids = [f"a{i}" for i in range(2500)]
+    store.redis.zadd(store.keys.active, {job_id: i // 7 for i, job_id in enumerate(ids)})  # ties
+    leaving = sorted(rng.sample(ids, 1200))
+    removed: set[str] = set()
+    seen: list[str] = []
+    for job_id in store.active_ids(batch=100):
+        seen.append(job_id)
+        if len(seen) % 50 == 0:  # a burst of other jobs ends, some before, some after us
+            gone = [j for j in leaving if j not in removed][:40]
+            if gone:
+                store.redis.zrem(store.keys.active, *gone)
+                removed.update(gone)
+    assert len(seen) == len(set(seen)), "a job was walked twice"
+    assert set(ids) - removed <= set(seen), "the walk skipped a job that stayed"

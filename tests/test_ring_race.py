@@ -118,3 +118,41 @@ def test_workers_killed_mid_job_lose_nothing_the_reaper_requeues(
     assert {r["commits"] for r in records} == {"1"}
     assert reaper.recovered_total >= 1
     assert any(int(r["work.attempt"]) > 1 for r in records), "nothing was requeued"
+
+
+def test_an_expired_lease_found_while_redis_is_away_is_recovered_once_it_is_back(
+        make_ring, tmp_path, redis_server, namespace):
+    """The reaper records a recovery only once Redis has: a tick that cannot reach Redis
+    leaves it owed, and the next tick that can records it."""
+    from stagepool.broker.cluster import free_port
+    from stagepool.common.errors import StoreUnavailable
+
+    config = msgspec.convert({
+        "pipeline": {"name": "race", "stages": [{"name": "work", "lease_ms": 100}]},
+        "redis": {"url": redis_server.url, "namespace": namespace}}, Config)
+    ring = make_ring(capacity=8, cells=2)
+    rings = {"work": [make_ring(capacity=8, cells=1).owner, ring.owner,
+                      make_ring(capacity=8, cells=1).owner]}
+    store = JobStore(redis_server.url, namespace)
+    away = JobStore(f"redis://127.0.0.1:{free_port()}/0", namespace)  # nothing listens there
+    dispatcher = Dispatcher(rings)
+    reaper = Reaper(config, rings, away, dispatcher)
+    dispatch = encode_dispatch(Dispatch("lost", 1, "work"))
+    assert store.apply(tx.Submit("lost", "race", b"{}", "work", dispatch)).ok
+    worker = ring.client()
+    worker.try_produce(dispatch)
+    claim = worker.try_claim()
+    worker.lease(0, claim.ticket, 1, "lost", 100)
+    worker.release(claim)
+    assert store.apply(tx.Start("lost", "work", 1, "w", "working", 0)).ok
+    with pytest.raises(StoreUnavailable):
+        reaper.tick(time.monotonic())  # sees the lease (and cannot reach Redis)
+    with pytest.raises(StoreUnavailable):
+        reaper.tick(time.monotonic() + 1)  # expired: owed, but Redis is away
+    assert store.get("lost")["work.attempt"] == "1"
+    reaper.store = store
+    reaper.tick(time.monotonic() + 2)
+    assert store.get("lost")["work.attempt"] == "2"
+    assert ring.owner.depth() == 1  # attempt 2 published again
+    away.close()
+    store.close()
