@@ -109,7 +109,7 @@ class Ingress:
                                     f"{str(exc)[:200]}") from None
             # Without an id, the entry's own: an entry read again (after a restart or an
             # outage) is the same job, never a second one.
-            job_id = job.job_id or f"ingress-{entry_id.decode()}"
+            job_id = job.job_id if job.job_id is not None else f"ingress-{entry_id.decode()}"
             self.submit(wire.Submit(params=job.params, job_id=job_id,
                                     pipeline=job.pipeline, priority=job.priority,
                                     deadline_ms=job.deadline_ms))

@@ -49,6 +49,8 @@ class Registry:
         """Lease cells for the worker (RingError when its ring has none left)."""
         stage = self.config.stage(request.stage)
         self.drop(request.worker_id)
+        if request.replaces:  # its cells free up as the reaper recovers their leases
+            self.drop(request.replaces)
         if not 1 <= request.cells <= self.ringhost.layout.cells:
             raise ProtocolError(f"cells must be 1..{self.ringhost.layout.cells}")
         cells = self.ringhost.allocate_cells(stage.name, request.worker_id, request.cells,

@@ -180,7 +180,8 @@ class Broker:
         if request.pipeline and request.pipeline != name:
             raise ProtocolError(f"unknown pipeline {request.pipeline!r}; this broker runs "
                                 f"{name!r}")
-        job_id = wire.check_job_id(request.job_id) if request.job_id else uuid.uuid4().hex
+        job_id = (wire.check_job_id(request.job_id) if request.job_id is not None
+                  else uuid.uuid4().hex)
         first = self._stage_names[0]
         params_json = wire.check_params(params)
         if self.params_schema is not None:
@@ -236,7 +237,7 @@ class Broker:
             request, as_json = self._codec.decode(frame)
         except StagepoolError as exc:
             log.warning("control: refused a request from %s: %s", identity.hex(), exc)
-            self._reply(identity, wire.error_reply(exc), frame[:1] == b"{")
+            self._reply(identity, wire.error_reply(exc), wire.looks_json(frame))
             return None
         return identity, request, as_json
 

@@ -14,7 +14,7 @@ from typing import Any
 import zmq
 
 from . import wire
-from .errors import RemoteError, TransportError
+from .errors import Code, RemoteError, TransportError
 
 
 class BrokerClient:
@@ -29,13 +29,25 @@ class BrokerClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(endpoint)
         self._rid = 0
-        self.welcome: wire.Welcome = self.call(wire.Hello(
-            version=wire.PROTOCOL_VERSION, schema=wire.schema_hash(),
-            client=name or f"{socket.gethostname()}:{os.getpid()}",
-        ))
+        self._name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.welcome: wire.Welcome = self._hello()
+
+    def _hello(self) -> wire.Welcome:
+        return self._call(wire.Hello(version=wire.PROTOCOL_VERSION, schema=wire.schema_hash(),
+                                     client=self._name))
 
     def call(self, request, timeout_s: float | None = None):
-        """Send one request; return its reply, or raise RemoteError / TransportError."""
+        """Send one request; return its reply, or raise RemoteError / TransportError. A
+        restarted broker has forgotten our handshake: we greet it again and ask once more."""
+        try:
+            return self._call(request, timeout_s)
+        except RemoteError as exc:
+            if exc.code != Code.HANDSHAKE or isinstance(request, wire.Hello):
+                raise
+        self.welcome = self._hello()
+        return self._call(request, timeout_s)
+
+    def _call(self, request, timeout_s: float | None = None):
         self._send(request)
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:

@@ -130,6 +130,7 @@ class Register(Message, tag="register"):
     pid: int
     transport: TransportName = "shm"
     cells: int = 1  # lease cells wanted: the most dispatches the worker holds at once
+    replaces: str = ""  # our previous identity, given up after a failed batch: drop it
     device: str = ""  # what the stage runs on: "cpu", "cuda" (see the heartbeat's `gpu`)
     rid: int = 0
 
@@ -327,6 +328,11 @@ class Dispatch(msgspec.Struct, array_like=True, omit_defaults=True):
 DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError, OverflowError)
 
 
+def looks_json(frame: bytes) -> bool:
+    """A JSON frame (answered in JSON) rather than msgpack: it opens with `{` or whitespace."""
+    return frame[:1] in (b"{", b" ", b"\n", b"\t", b"\r")
+
+
 class Codec:
     """One encoder and typed decoders for a socket; JSON or msgpack chosen per frame."""
 
@@ -343,7 +349,7 @@ class Codec:
         """
         if len(frame) > MAX_FRAME_BYTES:
             raise PayloadTooLarge(f"frame of {len(frame)} bytes > limit of {MAX_FRAME_BYTES}")
-        is_json = frame[:1] in (b"{", b" ", b"\n", b"\t")
+        is_json = looks_json(frame)
         try:
             if is_json:
                 return self._json_decoder.decode(frame), True

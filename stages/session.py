@@ -52,6 +52,7 @@ class Session:
         self.device = "cpu"  # what the stage runs on, told at registration
         self.gpu: GpuProbe | None = None  # its card's figures go with each heartbeat
         self.jobs_done = 0  # attempts committed, told with each heartbeat
+        self._replaces = ""  # the identity `renew` gave up, until the broker hears of it
         self._stopped = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -70,7 +71,8 @@ class Session:
                         worker_id=self.worker_id, stage=self.stage, host=socket.gethostname(),
                         pid=os.getpid(),
                         transport="shm" if self.transport == "auto" else self.transport,
-                        cells=self.config.stage(self.stage).max_batch, device=self.device))
+                        cells=self.config.stage(self.stage).max_batch, device=self.device,
+                        replaces=self._replaces))
                     self.consume = Ring.attach(self._open(registered.consume, client))
                     self.consume_lanes = self._lanes(registered.consume_lanes, self.consume,
                                                      client)
@@ -89,11 +91,13 @@ class Session:
         if self.store is None or self.store.url != registered.redis_url:
             self.store = JobStore(registered.redis_url, registered.namespace,
                                   events_maxlen=self.config.redis.events_maxlen)
+        self._replaces = ""
         self.reattach.clear()
 
     def renew(self) -> None:
         """Take a fresh identity (and so fresh cells) at the next attach, leaving our current
         leases to expire: after a failure mid-batch they are the jobs' only trace."""
+        self._replaces = self.worker_id  # told at the next attach, so its cells are freed
         self.worker_id = f"{self.worker_id.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:6]}"
         self.reattach.set()
 

@@ -85,10 +85,14 @@ def test_a_bad_job_id_is_refused_with_the_rule(raw, job_id):
     sock = raw
     _json_call(sock, {"type": "hello", "version": 1})
     reply = _json_call(sock, {"type": "submit", "params": {}, "job_id": job_id})
-    if job_id:
-        assert reply["code"] == "bad_request" and "job id must match" in reply["message"]
-    else:
-        assert reply["type"] == "submitted"  # empty means: the broker picks an id
+    assert reply["code"] == "bad_request" and "job id must match" in reply["message"]
+
+
+def test_json_that_opens_with_whitespace_is_answered_in_json_even_when_it_is_bad(raw):
+    raw.send(b'\n  {"type": "hello", "version": "one"}')
+    assert raw.poll(5000)
+    reply = json.loads(raw.recv())
+    assert reply["type"] == "error" and reply["code"] == "bad_request"
 
 
 def test_oversize_params_are_refused(raw):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from stagepool.common.client import BrokerClient
-from stagepool.common.errors import RemoteError
+from stagepool.common.errors import RemoteError, TransportError
 from stagepool.common.jobstore import JobStore
 
 from .conftest import wait_ended
@@ -76,12 +76,19 @@ def test_jobs_survive_a_broker_killed_and_restarted_mid_run(cluster_factory, red
     cluster = cluster_factory(workers=1, sleep_ms=5)
     store = JobStore(redis_server.url, namespace)
     job_ids = [f"b-{i}" for i in range(200)]
-    with BrokerClient(cluster.broker) as client:
+    with BrokerClient(cluster.broker, timeout_s=2) as client:
         cluster.wait_ready(client, 1)
         for job_id in job_ids:
             client.submit({}, job_id=job_id)
-    os.kill(cluster.pids()["broker"], signal.SIGKILL)  # `up` restarts it; it rebuilds
-    states = wait_ended(store, job_ids, timeout_s=180)
+        os.kill(cluster.pids()["broker"], signal.SIGKILL)  # `up` restarts it; it rebuilds
+        states = wait_ended(store, job_ids, timeout_s=180)
+        deadline = time.monotonic() + 30
+        while True:  # the same client greets the new broker by itself
+            try:
+                assert client.status("b-0").state == "succeeded"
+                break
+            except TransportError:
+                assert time.monotonic() < deadline, "the restarted broker never answered"
     assert collections.Counter(states) == {"succeeded": 200}
     assert max(_succeeded_events(store).values()) == 1
 

@@ -110,3 +110,26 @@ def test_no_probe_on_a_cpu_or_without_nvml(monkeypatch):
     assert GpuProbe.open("cpu") is None
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
     assert GpuProbe.open("cuda") is None
+
+
+@pytest.mark.cluster
+def test_a_worker_that_takes_a_new_identity_frees_the_cells_of_its_old_one(cluster_factory):
+    """After a failed batch a worker registers under a fresh id; naming the one it gave up
+    frees that one's cells at once instead of after the broker's worker timeout."""
+    from stagepool.common import wire
+    from stagepool.common.errors import RemoteError
+
+    cluster = cluster_factory(workers=1)
+    with BrokerClient(cluster.broker, timeout_s=10) as client:
+        cluster.wait_ready(client, 1)
+        spare = 64 - 1  # the ring's cells, less the stage's own worker's
+
+        def register(worker_id, replaces=""):
+            return client.call(wire.Register(worker_id=worker_id, stage="encode", host="h",
+                                             pid=1, cells=spare, replaces=replaces))
+
+        register("ghost-a")
+        with pytest.raises(RemoteError, match="free lease cells"):
+            register("ghost-b")  # a stranger: ghost-a still holds them
+        assert len(register("ghost-c", replaces="ghost-a").cells) == spare
+        client.call(wire.Unregister(worker_id="ghost-c"))
