@@ -30,6 +30,8 @@ from .dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
 
+_RUN_ID_CHECK_S = 1.0
+
 
 class Reaper:
     def __init__(self, config: Config, lanes_by_stage: dict[str, list[Ring]], store: JobStore,
@@ -46,6 +48,11 @@ class Reaper:
         self._scan_from: dict[str, int] = {}  # by ring name
         # Recoveries found in the rings, not yet recorded in Redis: (stage, job, attempt, why).
         self._owed: list[tuple[str, str, int, str]] = []
+        # Called (on this thread) when Redis comes back as a new server: it may have lost the
+        # writes of its last second, so jobs and rings may disagree; the broker rebuilds.
+        self.on_redis_restart = None
+        self._run_id = ""
+        self._next_run_id_check = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -71,10 +78,18 @@ class Reaper:
                 log.exception("reaper tick crashed; retrying next tick")
 
     def tick(self, now: float) -> None:
-        for stage, rings in self.lanes.items():
+        for stage, rings in self.lanes.items():  # the rings alone: no Redis
             self._scan_leases(stage, rings[lanes.MAIN], now)
             for lane, ring in enumerate(rings):
                 self._scan_slots(stage, lanes.ring_name(stage, lane), ring, now)
+        if now >= self._next_run_id_check:
+            self._next_run_id_check = now + _RUN_ID_CHECK_S
+            run_id = self.store.run_id()
+            if self._run_id and run_id != self._run_id and self.on_redis_restart is not None:
+                log.warning("redis restarted (run id %s -> %s): reconciling every unfinished "
+                            "job with the rings", self._run_id, run_id)
+                self.on_redis_restart()
+            self._run_id = run_id
         self._settle()
         self._publish_due()
         self.dispatcher.drain()

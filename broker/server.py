@@ -62,6 +62,7 @@ class Broker:
         self.ringhost = RingHost(config, self.broker_id)
         self.dispatcher = Dispatcher(self.ringhost.lanes)
         self.reaper = Reaper(config, self.ringhost.lanes, self.store, self.dispatcher)
+        self.reaper.on_redis_restart = self.rebuild
         self.ingress = Ingress(self.store, self.submit, consumer="broker")
         self.registry = Registry(config, self.ringhost, self.store, self.reaper.cell_is_free)
         self._greeted: dict[bytes, float] = {}
@@ -121,7 +122,9 @@ class Broker:
         signal.signal(signal.SIGINT, self.stop)
 
     def rebuild(self) -> int:
-        """Publish every non-terminal job's current stage again (fresh rings after a start)."""
+        """Publish every non-terminal job's current stage again, with a fresh attempt: at
+        start (fresh rings), and when Redis restarted (its records may be a second behind the
+        rings; the older attempts still in them are refused at their start)."""
         count = 0
         for job_id in list(self.store.active_ids()):
             outcome = self.store.apply(tx.Rebuild(job_id, self._stage_names))

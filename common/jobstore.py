@@ -137,6 +137,12 @@ class JobStore:
     # -- observability (the gateway, `stagepool top`) --------------------------------------
 
     @_translate
+    def run_id(self) -> str:
+        """The Redis server's run id: a new one means it restarted (and may have lost the
+        writes after its last fsync)."""
+        return self.redis.info("server")["run_id"]
+
+    @_translate
     def now_ms(self) -> int:
         """Redis's clock: the one every timestamp in the records comes from."""
         seconds, micros = self.redis.time()
