@@ -78,3 +78,26 @@ def test_every_acknowledged_job_succeeds_across_a_redis_kill_and_restart(tmp_pat
     finally:
         cluster.stop()
         server.kill()
+
+
+def test_a_broker_killed_under_a_deep_backlog_loses_no_job(cluster_factory, redis_server,
+                                                            namespace):
+    """Thousands of jobs waiting in the broker's overflow (the ring holds 256) when it dies:
+    the restarted broker's rebuild walks them all while the workers end others."""
+    import os
+    import signal
+
+    cluster = cluster_factory(workers=2)
+    store = JobStore(redis_server.url, namespace)
+    job_ids = [f"d-{i}" for i in range(6000)]
+    with BrokerClient(cluster.broker, timeout_s=60) as client:
+        cluster.wait_ready(client, 2)
+        answers = client.submit_many([{"job_id": j, "params": {}} for j in job_ids])
+        assert not [a for a in answers if isinstance(a, RemoteError)]
+        backlog = sum(q.backlog for q in client.queues().queues)
+        os.kill(cluster.pids()["broker"], signal.SIGKILL)
+    states = wait_ended(store, job_ids, 240)
+    print(f"\nbroker kill: backlog {backlog} at the kill, {len(job_ids)} acknowledged, "
+          f"{states.count('succeeded')} succeeded")
+    assert backlog >= 1000
+    assert states.count("succeeded") == len(job_ids)
