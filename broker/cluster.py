@@ -37,8 +37,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_redis(state_dir: Path, persist: bool = True) -> tuple[subprocess.Popen, str]:
-    """A private redis-server on a free loopback port; returns (process, url)."""
+def start_redis(state_dir: Path, persist: bool = True,
+                fsync: str = "everysec") -> tuple[subprocess.Popen, str]:
+    """A private redis-server on a free loopback port; returns (process, url). `fsync` is its
+    appendfsync: "everysec" may lose the last second's writes to a kill, "always" none."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ConfigError("redis-server not found: install it (Debian: redis-server) or pass --redis-url")
@@ -46,7 +48,7 @@ def start_redis(state_dir: Path, persist: bool = True) -> tuple[subprocess.Popen
     data = (state_dir / "redis").resolve()  # redis-server chdirs to --dir: paths must be absolute
     data.mkdir(parents=True, exist_ok=True)
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-            "--save", "", "--appendonly", "yes" if persist else "no",
+            "--save", "", "--appendonly", "yes" if persist else "no", "--appendfsync", fsync,
             "--logfile", str(data / "redis.log")]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
@@ -116,7 +118,8 @@ class Cluster:
         logs = self.state_dir / "logs"
         logs.mkdir(exist_ok=True)
         if self.redis_url is None:
-            self.redis_process, self.redis_url = start_redis(self.state_dir, self.persist)
+            self.redis_process, self.redis_url = start_redis(self.state_dir, self.persist,
+                                                             self.config.redis.appendfsync)
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         env = dict(os.environ, STAGEPOOL_REDIS_URL=self.redis_url,
                    STAGEPOOL_BROKER_ENDPOINT=endpoint)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -66,6 +66,9 @@ class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
     namespace: str = "stagepool"
     events_maxlen: int = 100_000  # approximate cap of the events stream
     socket_timeout_s: float = 5.0
+    # The Redis that `stagepool up` starts: "everysec" (a kill may lose the last second's
+    # writes, docs/reliability.md) or "always" (none, a fsync per write batch).
+    appendfsync: Literal["everysec", "always"] = "everysec"
 
 
 class RingConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -17,8 +17,6 @@ from stagepool.common.jobstore import JobStore
 
 from .conftest import Cluster, wait_ended
 
-pytestmark = pytest.mark.cluster
-
 OUTAGE_S = 5.0
 
 
@@ -53,6 +51,7 @@ class DurableRedis:
         self.process.wait(10)
 
 
+@pytest.mark.cluster
 def test_every_acknowledged_job_succeeds_across_a_redis_kill_and_restart(tmp_path, namespace):
     server = DurableRedis(tmp_path / "redis-data")
     cluster = Cluster(tmp_path, server.url, namespace, workers=2, sleep_ms=20)
@@ -80,6 +79,7 @@ def test_every_acknowledged_job_succeeds_across_a_redis_kill_and_restart(tmp_pat
         server.kill()
 
 
+@pytest.mark.cluster
 def test_a_broker_killed_under_a_deep_backlog_loses_no_job(cluster_factory, redis_server,
                                                             namespace):
     """Thousands of jobs waiting in the broker's overflow (the ring holds 256) when it dies:
@@ -101,3 +101,18 @@ def test_a_broker_killed_under_a_deep_backlog_loses_no_job(cluster_factory, redi
           f"{states.count('succeeded')} succeeded")
     assert backlog >= 1000
     assert states.count("succeeded") == len(job_ids)
+
+
+@pytest.mark.parametrize("fsync", ["everysec", "always"])
+def test_the_redis_that_up_starts_fsyncs_as_configured(tmp_path, fsync):
+    from stagepool.broker.cluster import start_redis
+
+    process, url = start_redis(tmp_path, True, fsync)
+    try:
+        client = redis.Redis.from_url(url)
+        assert client.config_get("appendfsync") == {"appendfsync": fsync}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        client.close()
+    finally:
+        process.kill()
+        process.wait(10)
