@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 _BATCH = 100
 _BLOCK_MS = 500
+_KEEP_BYTES = 4096  # of a rejected entry, kept on {ns}:ingress:rejected
+_REJECTED_KEPT = 10_000  # entries that stream keeps (approximately)
 
 
 class IngressJob(msgspec.Struct, forbid_unknown_fields=True):
@@ -125,6 +127,12 @@ class Ingress:
             self.store.keys.events,
             {"job": job_id or "", "event": "rejected", "entry": entry_id, "detail": reason[:500]},
             maxlen=self.store.events_maxlen, approximate=True,
+        )
+        # The entry itself (its first 4 KiB), for inspection, on a bounded stream.
+        self.store.redis.xadd(
+            self.store.keys.ingress_rejected,
+            {"entry": entry_id, "job": (raw or b"")[:_KEEP_BYTES], "error": reason[:500]},
+            maxlen=_REJECTED_KEPT, approximate=True,
         )
 
 

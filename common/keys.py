@@ -29,6 +29,7 @@ class Keys:
         self.prefix = "{" + namespace + "}:"
         self.events = self.prefix + "events"
         self.ingress = self.prefix + "ingress"
+        self.ingress_rejected = self.prefix + "ingress:rejected"  # bad entries, bounded
         self.active = self.prefix + "active"
         self.jobs = self.prefix + "jobs"
         self.results = self.prefix + "results"

@@ -17,7 +17,7 @@ from stagepool.common.jobstore import JobStore
 
 from .conftest import Cluster, wait_ended
 
-OUTAGE_S = 5.0
+OUTAGE_S = 15.0
 
 
 class DurableRedis:

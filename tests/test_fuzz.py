@@ -155,3 +155,4 @@ def test_fuzzed_frames_and_entries_never_stop_the_broker_and_valid_jobs_succeed(
     assert states.count("succeeded") == len(valid)
     assert cluster.pids()["broker"] == broker_pid, "the broker was restarted"
     assert rejected >= (ENTRIES - VALID_JOBS) * 0.9
+    assert store.redis.xlen(store.keys.ingress_rejected) == rejected  # kept for inspection
