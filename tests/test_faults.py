@@ -52,7 +52,8 @@ class DurableRedis:
 
 
 @pytest.mark.cluster
-def test_every_acknowledged_job_succeeds_across_a_redis_kill_and_restart(tmp_path, namespace):
+def test_every_acknowledged_job_succeeds_across_a_redis_kill_and_restart(tmp_path, namespace,
+                                                                        capsys):
     server = DurableRedis(tmp_path / "redis-data")
     cluster = Cluster(tmp_path, server.url, namespace, workers=2, sleep_ms=20)
     try:
@@ -68,8 +69,10 @@ def test_every_acknowledged_job_succeeds_across_a_redis_kill_and_restart(tmp_pat
         store = JobStore(server.url, namespace)
         states = wait_ended(store, acknowledged, 120)
         stuck = {j: s for j, s in zip(acknowledged, states) if s != "succeeded"}
-        print(f"\nredis kill: {len(acknowledged)} acknowledged, "
-              f"{states.count('succeeded')} succeeded, stuck: {dict(list(stuck.items())[:5])}")
+        with capsys.disabled():  # the figures, in the test output
+            print(f"\nredis kill ({OUTAGE_S:g} s): {len(acknowledged)} acknowledged, "
+                  f"{states.count('succeeded')} succeeded, stuck: "
+                  f"{dict(list(stuck.items())[:5])}")
         assert len(acknowledged) == 300 and not stuck
         commits = [int(store.get(j)["commits"]) for j in acknowledged]
         assert max(commits) == 1  # exactly-once commit held through it
@@ -81,7 +84,7 @@ def test_every_acknowledged_job_succeeds_across_a_redis_kill_and_restart(tmp_pat
 
 @pytest.mark.cluster
 def test_a_broker_killed_under_a_deep_backlog_loses_no_job(cluster_factory, redis_server,
-                                                            namespace):
+                                                            namespace, capsys):
     """Thousands of jobs waiting in the broker's overflow (the ring holds 256) when it dies:
     the restarted broker's rebuild walks them all while the workers end others."""
     import os
@@ -97,8 +100,9 @@ def test_a_broker_killed_under_a_deep_backlog_loses_no_job(cluster_factory, redi
         backlog = sum(q.backlog for q in client.queues().queues)
         os.kill(cluster.pids()["broker"], signal.SIGKILL)
     states = wait_ended(store, job_ids, 240)
-    print(f"\nbroker kill: backlog {backlog} at the kill, {len(job_ids)} acknowledged, "
-          f"{states.count('succeeded')} succeeded")
+    with capsys.disabled():  # the figures, in the test output
+        print(f"\nbroker kill: backlog {backlog} at the kill, {len(job_ids)} acknowledged, "
+              f"{states.count('succeeded')} succeeded")
     assert backlog >= 1000
     assert states.count("succeeded") == len(job_ids)
 

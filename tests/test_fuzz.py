@@ -94,7 +94,7 @@ def _entry(rng: random.Random) -> bytes:
 
 
 def test_fuzzed_frames_and_entries_never_stop_the_broker_and_valid_jobs_succeed(
-        cluster_factory, redis_server, namespace):
+        cluster_factory, redis_server, namespace, capsys):
     rng = random.Random(SEED)
     cluster = cluster_factory(workers=1)
     broker_pid = cluster.pids()["broker"]
@@ -147,10 +147,11 @@ def test_fuzzed_frames_and_entries_never_stop_the_broker_and_valid_jobs_succeed(
         stranger.close(0)
     rejected = sum(1 for _, f in store.redis.xrange(store.keys.events)
                    if f.get(b"event") == b"rejected")
-    print(f"\nfuzz: {sent} frames sent, {replies} answered; {ENTRIES} ingress entries, "
-          f"{rejected} rejected; {len(valid)} valid jobs, "
-          f"{states.count('succeeded')} succeeded; broker pid {broker_pid} -> "
-          f"{cluster.pids()['broker']}")
+    with capsys.disabled():  # the figures, in the test output
+        print(f"\nfuzz: {sent} frames sent, {replies} answered; {ENTRIES} ingress entries, "
+              f"{rejected} rejected; {len(valid)} valid jobs, "
+              f"{states.count('succeeded')} succeeded; broker pid {broker_pid} -> "
+              f"{cluster.pids()['broker']}")
     assert replies == sent
     assert states.count("succeeded") == len(valid)
     assert cluster.pids()["broker"] == broker_pid, "the broker was restarted"
