@@ -37,14 +37,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_redis(state_dir: Path, persist: bool = True,
-                fsync: str = "everysec") -> tuple[subprocess.Popen, str]:
-    """A private redis-server on a free loopback port; returns (process, url). `fsync` is its
-    appendfsync: "everysec" may lose the last second's writes to a kill, "always" none."""
+def start_redis(state_dir: Path, persist: bool = True, fsync: str = "everysec",
+                port: int = 0) -> tuple[subprocess.Popen, str]:
+    """A private redis-server on a loopback port (0: a free one); returns (process, url).
+    `fsync` is its appendfsync: "everysec" may lose the last second's writes to a kill,
+    "always" none. Started again on the same dir and port, it reloads its append-only file."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ConfigError("redis-server not found: install it (Debian: redis-server) or pass --redis-url")
-    port = free_port()
+    port = port or free_port()
     data = (state_dir / "redis").resolve()  # redis-server chdirs to --dir: paths must be absolute
     data.mkdir(parents=True, exist_ok=True)
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),

@@ -38,7 +38,7 @@ class Dispatcher:
         lane = lanes.lane_of(priority)
         with self._lock:
             pending = self._pending[(stage, lane)]
-            if pending or not self._produce(stage, lane, payload):
+            if pending or not lanes.produce(self.lanes[stage], lane, payload):
                 pending.append(payload)
 
     def republish(self, stage: str, stored_dispatch: bytes, attempt: int) -> None:
@@ -50,16 +50,8 @@ class Dispatcher:
     def drain(self) -> None:
         with self._lock:
             for (stage, lane), pending in self._pending.items():
-                while pending and self._produce(stage, lane, pending[0]):
+                while pending and lanes.produce(self.lanes[stage], lane, pending[0]):
                     pending.popleft()
 
     def backlog(self, stage: str) -> int:
         return sum(len(q) for (s, _), q in self._pending.items() if s == stage)
-
-    def _produce(self, stage: str, lane: int, payload: bytes) -> bool:
-        rings = self.lanes[stage]
-        if not rings[lane].try_produce(payload):
-            return False
-        if lane != lanes.MAIN:
-            rings[lanes.MAIN].notify()  # its consumers sleep on the main lane
-        return True

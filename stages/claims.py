@@ -57,14 +57,6 @@ def claim_batch(rings: list[Ring], cells: list[int], lease_ms: int, wait_s: floa
     return batch
 
 
-def publish(rings: list[Ring], dispatch: Dispatch, payload: bytes, timeout_s: float) -> None:
-    """Into the lane of the dispatch's priority (RingFull after `timeout_s`), waking the
-    consumers asleep on the main lane when it is another."""
-    lane = lanes.lane_of(dispatch.priority)
-    rings[lane].produce(payload, timeout_s)
-    if lane != lanes.MAIN:
-        rings[lanes.MAIN].notify()
-
 
 def unlease(ring: Ring, batch: list[Leased]) -> None:
     for cell, _ in batch:

@@ -38,7 +38,7 @@ import msgspec
 
 from ..common.config import Config
 from ..common.errors import RemoteError, StagepoolError, StageStopped, TransportError
-from ..common.ring import Ring
+from ..common.ring import Ring, lanes
 from ..common.wire import Dispatch, encode_dispatch
 from . import base, claims
 from .commits import Commits, Ran, handed_on
@@ -251,7 +251,8 @@ class Worker:
         payload = encode_dispatch(dispatch)
         while True:
             try:
-                claims.publish(rings, dispatch, payload, self.config.worker.publish_wait_s)
+                lanes.produce(rings, lanes.lane_of(dispatch.priority), payload,
+                              self.config.worker.publish_wait_s)
                 return
             except StagepoolError as exc:
                 if self.session.reattach.is_set():

@@ -3,14 +3,12 @@ jobs in every stage. Every job acknowledged before the kill succeeds."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 
 import pytest
 import redis
 
-from stagepool.broker.cluster import free_port
+from stagepool.broker.cluster import start_redis
 from stagepool.common.client import BrokerClient
 from stagepool.common.errors import RemoteError
 from stagepool.common.jobstore import JobStore
@@ -21,30 +19,16 @@ OUTAGE_S = 15.0
 
 
 class DurableRedis:
-    """redis-server with `appendfsync always`: an acknowledged write survives a SIGKILL."""
+    """redis-server with `appendfsync always` (an acknowledged write survives a SIGKILL),
+    started again on the same port and files."""
 
     def __init__(self, data_dir):
-        self.port = free_port()
         self.dir = data_dir
-        self.dir.mkdir()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.start()
+        self.process, self.url = start_redis(data_dir, True, "always")
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        client.close()
+        self.process, _ = start_redis(self.dir, True, "always", self.port)
 
     def kill(self) -> None:
         self.process.kill()
@@ -109,8 +93,6 @@ def test_a_broker_killed_under_a_deep_backlog_loses_no_job(cluster_factory, redi
 
 @pytest.mark.parametrize("fsync", ["everysec", "always"])
 def test_the_redis_that_up_starts_fsyncs_as_configured(tmp_path, fsync):
-    from stagepool.broker.cluster import start_redis
-
     process, url = start_redis(tmp_path, True, fsync)
     try:
         client = redis.Redis.from_url(url)

@@ -10,7 +10,7 @@ from stagepool.common.jobstore import JobStore
 from stagepool.common.ring import lanes
 
 from .conftest import wait_ended
-from .test_stop import STEPS, _wait_for_step
+from .test_stop import STEPS, _hold_denoise
 
 pytestmark = pytest.mark.cluster
 
@@ -24,8 +24,7 @@ def test_queued_jobs_start_in_priority_order(cluster_factory, redis_server, name
     store = JobStore(redis_server.url, namespace)
     with BrokerClient(cluster.broker) as client:
         cluster.wait_ready(client, 1)
-        client.submit({"slow_stage": "denoise", "steps": 60, "step_ms": 20}, job_id="blocker")
-        _wait_for_step(store, "blocker", "denoise", 1, 30)
+        _hold_denoise(client, store, "blocker", 60, 20)
         for job_id, priority in [("low", -3), ("normal", 0), ("high", 7)]:
             client.submit({}, job_id=job_id, priority=priority)
         assert set(wait_ended(store, ["blocker", "low", "normal", "high"], 60)) == {"succeeded"}
@@ -40,8 +39,7 @@ def test_a_stream_of_urgent_jobs_does_not_starve_a_low_one(cluster_factory, redi
     urgent = [f"urgent-{i}" for i in range(2 * lanes.LOW_FIRST_EVERY)]
     with BrokerClient(cluster.broker) as client:
         cluster.wait_ready(client, 1)
-        client.submit({"slow_stage": "denoise", "steps": 40, "step_ms": 20}, job_id="blocker")
-        _wait_for_step(store, "blocker", "denoise", 1, 30)
+        _hold_denoise(client, store, "blocker", 40, 20)
         client.submit({}, job_id="low", priority=-1)
         for job_id in urgent:
             client.submit({"slow_stage": "denoise", "steps": 2, "step_ms": 20}, job_id=job_id,

@@ -37,6 +37,13 @@ def _wait_for_step(store: JobStore, job_id: str, stage: str, step: int, timeout_
         assert time.monotonic() < deadline, f"{job_id} never reached step {step} of {stage}"
 
 
+def _hold_denoise(client, store: JobStore, job_id: str, steps: int, step_ms: int,
+                  step: int = 1) -> None:
+    """Submit a job that keeps the denoise worker busy, and wait until it reached `step`."""
+    client.submit({"slow_stage": "denoise", "steps": steps, "step_ms": step_ms}, job_id=job_id)
+    _wait_for_step(store, job_id, "denoise", step, 30)
+
+
 def test_a_cancelled_job_stops_its_running_denoise_at_the_next_step(
         cluster_factory, redis_server, namespace, tiny_models):
     """The diffusers loop itself is interrupted: the step counter stops, the GPU (here a
@@ -63,8 +70,7 @@ def test_a_superseded_attempt_stops_at_its_next_step(cluster_factory, redis_serv
     store = JobStore(redis_server.url, namespace)
     with BrokerClient(cluster.broker) as client:
         cluster.wait_ready(client, 1)
-        client.submit({"slow_stage": "denoise", "steps": 3000, "step_ms": 5}, job_id="old")
-        _wait_for_step(store, "old", "denoise", 2, 30)
+        _hold_denoise(client, store, "old", 3000, 5, step=2)
         # What a retry by the reaper does to the running attempt's fence.
         store.redis.hincrby(store.keys.job("old"), "denoise.attempt", 1)
         client.submit({}, job_id="behind")  # runs once the denoise worker is free again
@@ -119,8 +125,7 @@ def test_a_job_whose_deadline_passes_while_it_waits_expires_instead_of_running(
     store = JobStore(redis_server.url, namespace)
     with BrokerClient(cluster.broker) as client:
         cluster.wait_ready(client, 1)
-        client.submit({"slow_stage": "denoise", "steps": 100, "step_ms": 20}, job_id="blocker")
-        _wait_for_step(store, "blocker", "denoise", 1, 30)
+        _hold_denoise(client, store, "blocker", 100, 20)
         now_ms = int(time.time() * 1000)
         client.submit({}, job_id="late", deadline_ms=now_ms + 300)
         client.submit({}, job_id="patient", deadline_ms=now_ms + 120_000)

@@ -79,17 +79,17 @@ class Observer:
             client.close()
 
     def broker_queues(self) -> wire.Queues | None:
-        try:
-            return self.call(wire.GetQueues())
-        except StagepoolError as exc:
-            log.debug("broker unreachable for queues: %s", exc)
-            return None
+        return self._ask(wire.GetQueues())
 
     def broker_workers(self) -> wire.WorkerList | None:
+        return self._ask(wire.GetWorkers())
+
+    def _ask(self, request):
+        """The broker's answer, or None while it is unreachable (shown as unknown)."""
         try:
-            return self.call(wire.GetWorkers())
+            return self.call(request)
         except StagepoolError as exc:
-            log.debug("broker unreachable for workers: %s", exc)
+            log.debug("broker unreachable for %s: %s", type(request).__name__, exc)
             return None
 
     # -- jobs --------------------------------------------------------------------------

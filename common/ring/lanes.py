@@ -26,6 +26,18 @@ def ring_name(stage: str, lane: int) -> str:
     return f"{stage}.{LANES[lane]}" if LANES[lane] else stage
 
 
+def produce(rings: list, lane: int, payload: bytes, timeout_s: float = 0.0) -> bool:
+    """Publish into `rings[lane]` (waiting up to `timeout_s` for room: RingFull after it; 0:
+    False at once when full), then wake a consumer asleep on the main lane if it is another."""
+    if timeout_s:
+        rings[lane].produce(payload, timeout_s)
+    elif not rings[lane].try_produce(payload):
+        return False
+    if lane != MAIN:
+        rings[MAIN].notify()
+    return True
+
+
 def claim_order(turn: int) -> tuple[int, ...]:
     """The lanes in the order the `turn`-th claim looks at them."""
     if turn % LOW_FIRST_EVERY == LOW_FIRST_EVERY - 1:
