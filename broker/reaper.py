@@ -2,8 +2,8 @@
 
 Every tick, for each stage ring, on the broker's own memory:
   1. lease cells: a held lease whose beat has not changed for its lease_ms (by the broker's
-     monotonic clock) is expired -> `recover`, and its holder asked to stop (the cell's stop
-     word), should it come back;
+     monotonic clock) is expired: the cell is fenced (its holder can never change it again,
+     common/ring/cells.py), its holder asked to stop should it come back, and -> `recover`;
   2. slots claimed but not released for claim_grace_ms (a consumer died between claim and
      lease) -> `Ring.reclaim`, then `recover` from the slot's own record;
   3. a head slot taken but not published for publish_grace_ms (a producer died mid-write)
@@ -25,6 +25,7 @@ from ..common.errors import ProtocolError, StagepoolError
 from ..common import transitions as tx
 from ..common.jobstore import JobStore
 from ..common.ring import Ring, lanes
+from ..common.ring.cells import WRITING
 from ..common.wire import decode_dispatch
 from .dispatcher import Dispatcher
 
@@ -42,7 +43,7 @@ class Reaper:
         self.store = store
         self.dispatcher = dispatcher
         self._beats: dict[tuple[str, int], tuple[int, int, float]] = {}  # -> gen, beat, seen_at
-        self._recovered: set[tuple[str, int, int]] = set()  # (stage, cell, gen)
+        self._writing_since: dict[tuple[str, int], float] = {}
         self._claimed_since: dict[tuple[str, int], float] = {}
         self._unpublished_since: dict[tuple[str, int], float] = {}
         self._scan_from: dict[str, int] = {}  # by ring name
@@ -119,18 +120,13 @@ class Reaper:
                 log.info("job %s: delayed retry of %s (attempt %s) published", job_id.decode(),
                          stage.decode(), attempt.decode())
 
-    def cell_is_free(self, stage: str, cell: int) -> bool:
-        """True when no lease in the cell still needs recovering (safe to give it away)."""
-        lease = self.rings[stage].read_lease(cell)
-        with self._lock:
-            return lease is None or (stage, cell, lease.gen) in self._recovered
-
     def _scan_leases(self, stage: str, ring: Ring, now: float) -> None:
         for cell in range(ring.layout.cells):
             lease = ring.read_lease(cell)
             key = (stage, cell)
             if lease is None:
                 self._beats.pop(key, None)
+                self._scan_writing(stage, ring, cell, now)
                 continue
             gen, beat, seen_at = self._beats.get(key, (-1, -1, now))
             if (gen, beat) != (lease.gen, lease.beat):
@@ -138,15 +134,28 @@ class Reaper:
                 continue
             if now - seen_at < lease.lease_ms / 1000:
                 continue
-            with self._lock:
-                if (stage, cell, lease.gen) in self._recovered:
-                    continue
-                self._recovered.add((stage, cell, lease.gen))
+            # Fence first: the holder, should it come back (frozen, partitioned), can never
+            # change the cell again, and stops at its next step. A lease that changed since
+            # we judged it has a live holder: leave it.
+            if not ring.fence(cell, lease.gen):
+                continue
+            ring.request_stop(cell, lease.gen)
             log.warning("lease expired: job %s stage %s attempt %d (cell %d)",
                         lease.job_id, stage, lease.attempt, cell)
-            # A holder that comes back (a frozen or partitioned worker) stops at its next step.
-            ring.request_stop(cell, lease.gen)
             self._owed.append((stage, lease.job_id, lease.attempt, "lease expired"))
+
+    def _scan_writing(self, stage: str, ring: Ring, cell: int, now: float) -> None:
+        """A cell left mid-write (its worker died in the microseconds of a lease's body
+        write) is taken back once no live worker could still be writing it."""
+        key = (stage, cell)
+        if ring.cell_state(cell) != WRITING:
+            self._writing_since.pop(key, None)
+            return
+        since = self._writing_since.setdefault(key, now)
+        if now - since > self.config.broker.worker_timeout_ms / 1000:
+            ring.fence(cell, writing_too=True)
+            self._writing_since.pop(key, None)
+            log.warning("lease cell %s/%d was left mid-write: taken back", stage, cell)
 
     def _scan_slots(self, stage: str, name: str, ring: Ring, now: float) -> None:
         """One lane's ring (`name`) of `stage`: claimed slots never released, and slots

@@ -1,8 +1,8 @@
 """The broker's registry of live workers: who they are, what they run on, what they are doing.
 
 Lifecycle of an entry:
-  1. `register` gives a worker its lease cells in its stage's ring (keeping the ones it had, if
-     it registers again) and records what it said about itself (host, pid, device);
+  1. `register` gives a worker fresh lease cells in its stage's ring (fenced from whoever had
+     them before, broker/ringhost.py) and records what it said about itself (host, pid, device);
   2. each heartbeat refreshes it with the worker's busy flag, jobs done and GPU figures;
   3. `drop` (the worker unregistered) or `expire` (silent for broker.worker_timeout_ms)
      frees its cells; the reaper recovers any lease it still held.
@@ -38,11 +38,10 @@ class _Entry:
 
 
 class Registry:
-    def __init__(self, config: Config, ringhost: RingHost, store: JobStore, cell_is_free):
+    def __init__(self, config: Config, ringhost: RingHost, store: JobStore):
         self.config = config
         self.ringhost = ringhost
         self.store = store
-        self._cell_is_free = cell_is_free
         self._entries: dict[str, _Entry] = {}
 
     def register(self, request: wire.Register) -> list[int]:
@@ -53,8 +52,7 @@ class Registry:
             self.drop(request.replaces)
         if not 1 <= request.cells <= self.ringhost.layout.cells:
             raise ProtocolError(f"cells must be 1..{self.ringhost.layout.cells}")
-        cells = self.ringhost.allocate_cells(stage.name, request.worker_id, request.cells,
-                                             self._cell_is_free)
+        cells = self.ringhost.allocate_cells(stage.name, request.worker_id, request.cells)
         now_ms = int(time.time() * 1000)
         info = wire.WorkerInfo(
             worker_id=request.worker_id, stage=stage.name, host=request.host, pid=request.pid,

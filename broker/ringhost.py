@@ -79,16 +79,18 @@ class RingHost:
             nbytes=memory.nbytes,
         )
 
-    def allocate_cells(self, stage: str, worker_id: str, count: int, is_free) -> list[int]:
-        """`count` lease cells for `worker_id`, or RingError; `is_free(stage, cell)` vetoes
-        cells with live leases. A worker registering again keeps the cells it has."""
+    def allocate_cells(self, stage: str, worker_id: str, count: int) -> list[int]:
+        """`count` lease cells for `worker_id`, or RingError. A cell is given only once it
+        holds no lease left to recover, and fenced first: whoever had it before (a worker
+        frozen or partitioned past its timeout) can never change it again."""
+        ring = self.rings[stage]
         with self._lock:
             owners = self._cells[stage]
-            cells = [cell for cell, owner in owners.items() if owner == worker_id][:count]
+            cells = []
             for cell in range(self.layout.cells):
                 if len(cells) == count:
                     break
-                if cell not in owners and is_free(stage, cell):
+                if cell not in owners and ring.read_lease(cell) is None and ring.fence(cell):
                     cells.append(cell)
             if len(cells) < count:
                 raise RingError(f"no {count} free lease cells in the {stage} ring "

@@ -64,7 +64,7 @@ class Broker:
         self.reaper = Reaper(config, self.ringhost.lanes, self.store, self.dispatcher)
         self.reaper.on_redis_restart = self.rebuild
         self.ingress = Ingress(self.store, self.submit, consumer="broker")
-        self.registry = Registry(config, self.ringhost, self.store, self.reaper.cell_is_free)
+        self.registry = Registry(config, self.ringhost, self.store)
         self._greeted: dict[bytes, float] = {}
         self._codec = Codec(wire.Request)
         self._stop = threading.Event()

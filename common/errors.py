@@ -59,6 +59,11 @@ class RingError(StagepoolError):
     """A ring's memory is not what the protocol expects (bad magic, version, layout)."""
 
 
+class CellLost(RingError):
+    """The broker took a lease cell back (its lease expired, or the worker was dropped): the
+    attempt it held is superseded, and the worker must register again for fresh cells."""
+
+
 class RingFull(StagepoolError):
     """Backpressure: the ring had no free slot before the deadline."""
 

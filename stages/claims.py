@@ -9,14 +9,15 @@
      the broker reclaimed first (we were too slow) has been published again: drop it;
   3. an undecodable record is dropped with a log line (it has no job to fail).
 A worker killed between 1 and 2 leaves a claimed slot, between 2 and `unlease` a lease: the
-broker's reaper recovers either (broker/reaper.py).
+broker's reaper recovers either (broker/reaper.py). A cell the broker fenced (common/ring/
+cells.py) cannot be leased: its claim is left to the reaper too.
 """
 
 from __future__ import annotations
 
 import logging
 
-from ..common.errors import StagepoolError
+from ..common.errors import CellLost, StagepoolError
 from ..common.ring import Ring, lanes
 from ..common.wire import Dispatch, decode_dispatch
 
@@ -48,7 +49,13 @@ def claim_batch(rings: list[Ring], cells: list[int], lease_ms: int, wait_s: floa
             log.error("dropped an undecodable ring record at %d: %s", claim.ticket, exc)
             ring.release(claim)
             continue
-        main.lease(cell, claim.ticket, dispatch.attempt, dispatch.job_id, lease_ms)
+        try:
+            main.lease(cell, claim.ticket, dispatch.attempt, dispatch.job_id, lease_ms)
+        except CellLost as exc:
+            # Our cell was fenced (we were presumed dead): leave the slot claimed, the
+            # reaper gives it back to the pool; the worker registers again after the batch.
+            log.warning("job %s not leased: %s", dispatch.job_id, exc)
+            continue
         if not ring.release(claim):
             log.info("slot %d was reclaimed by the broker; dropping", claim.ticket)
             main.unlease(cell)
@@ -57,7 +64,6 @@ def claim_batch(rings: list[Ring], cells: list[int], lease_ms: int, wait_s: floa
     return batch
 
 
-
-def unlease(ring: Ring, batch: list[Leased]) -> None:
-    for cell, _ in batch:
-        ring.unlease(cell)
+def unlease(ring: Ring, batch: list[Leased]) -> bool:
+    """Drop the batch's leases; False when a cell turned out fenced (taken back)."""
+    return all([ring.unlease(cell) for cell, _ in batch])

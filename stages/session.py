@@ -158,7 +158,9 @@ class Session:
             if busy.is_set() and ring is not None:
                 try:
                     for cell in self.leased:
-                        ring.beat(cell)
+                        if not ring.beat(cell) and ring.lost(cell):
+                            log.warning("lease cell %d was taken back by the broker: the "
+                                        "attempt in it is superseded", cell)
                 except StagepoolError:
                     log.warning("lease refresh failed", exc_info=True)
             now = time.monotonic()

@@ -149,7 +149,11 @@ class Worker:
         finally:
             self._busy.clear()
             session.leased = ()
-        claims.unlease(session.consume, batch)
+        if not claims.unlease(session.consume, batch) or any(
+                session.consume.lost(cell) for cell in session.cells):
+            log.warning("worker %s: the broker took back a lease cell (presumed dead); "
+                        "registering again", session.worker_id)
+            session.renew()
 
     def _handle(self, batch: list[claims.Leased]) -> None:
         ran: list[Ran] = []

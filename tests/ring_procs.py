@@ -62,3 +62,18 @@ def work(spec, cell: int, redis_url: str, namespace: str, work_s: float,
         ring.unlease(cell)
     store.close()
     ring.mem.close()
+
+
+def hold_then_report(spec, cell: int, out_path: str) -> None:
+    """Lease `cell`, say so, wait to be frozen and thawed (the parent SIGSTOPs us past the
+    lease), then try to beat and unlease and write what happened."""
+    ring = attach(*spec)
+    ring.lease(cell, 0, 1, "frozen-job", 200)
+    with open(out_path + ".leased", "w") as f:
+        f.write("1")
+    while not os.path.exists(out_path + ".go"):
+        time.sleep(0.01)
+    beat, stop, unleased = ring.beat(cell), ring.stop_requested(cell), ring.unlease(cell)
+    with open(out_path, "w") as f:
+        f.write(f"{int(beat)} {int(stop)} {int(unleased)}")
+    ring.mem.close()

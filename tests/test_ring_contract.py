@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from stagepool.common.errors import PayloadTooLarge, RingError
+from stagepool.common.errors import CellLost, PayloadTooLarge, RingError
 from stagepool.common.ring import Layout, Ring
 from stagepool.common.ring.layout import (
     OFF_ENQUEUE, OFF_SLEEPERS, OFF_WATCHERS, WAKE_CONSUMERS, WAKE_WATCHERS,
@@ -112,6 +112,43 @@ def test_a_stop_request_reaches_the_lease_it_names_and_no_later_one(make_ring):
     worker.unlease(2)
     worker.lease(2, 1, 1, "job-b", 5000)  # the next lease in the same cell
     assert not worker.stop_requested(2)
+
+
+def test_a_fenced_cell_can_never_be_changed_by_its_old_holder(make_ring):
+    """The broker takes a cell back (its lease expired) and gives it to a new worker: the old
+    holder's beat, unlease and next lease all fail, and the new lease is untouched."""
+    ring = make_ring()
+    old, new = ring.client(), ring.client()
+    old.lease(2, 0, 1, "job-a", 5000)
+    gen = ring.owner.read_lease(2).gen
+    assert ring.owner.fence(2, gen)
+    assert ring.owner.read_lease(2) is None
+    new.lease(2, 1, 2, "job-a", 5000)  # the new holder reads the fenced word fresh
+    assert not old.beat(2) and old.stop_requested(2), "the old holder learns it lost"
+    assert not old.unlease(2)
+    with pytest.raises(CellLost):
+        old.lease(2, 2, 1, "job-b", 5000)
+    lease = ring.owner.read_lease(2)
+    assert (lease.job_id, lease.attempt) == ("job-a", 2)
+    assert new.beat(2) and not new.stop_requested(2)
+    assert ring.owner.read_lease(2).beat == lease.beat + 1
+    assert new.unlease(2) and ring.owner.read_lease(2) is None
+
+
+def test_a_fence_names_the_lease_it_judged_and_spares_a_cell_mid_write(make_ring):
+    ring = make_ring()
+    worker = ring.client()
+    worker.lease(1, 0, 1, "job-a", 5000)
+    stale = ring.owner.read_lease(1).gen
+    worker.unlease(1)
+    worker.lease(1, 1, 1, "job-b", 5000)
+    assert not ring.owner.fence(1, stale), "a newer lease in the cell is not fenced"
+    assert worker.beat(1)
+    from stagepool.common.ring.cells import WRITING
+    offset = ring.owner.layout.cell_offset(3)
+    ring.owner.mem.store(offset, ring.owner.mem.load(offset) + (WRITING << 32))
+    assert not ring.owner.fence(3), "a holder may be writing the body"
+    assert ring.owner.fence(3, writing_too=True)
 
 
 def test_claim_times_out_on_an_empty_ring(make_ring):

@@ -156,3 +156,48 @@ def test_an_expired_lease_found_while_redis_is_away_is_recovered_once_it_is_back
     assert ring.owner.depth() == 1  # attempt 2 published again
     away.close()
     store.close()
+
+
+def test_a_frozen_worker_resumed_after_its_cell_was_reused_cannot_touch_it(
+        make_ring, tmp_path, redis_server, namespace):
+    """A worker SIGSTOPped past its lease: the reaper fences the cell and recovers the job,
+    the registry gives the cell to a new worker, and the old one, resumed, fails every change
+    of the cell (it learns it was superseded) while the new lease stays whole."""
+
+    config = msgspec.convert({
+        "pipeline": {"name": "race", "stages": [{"name": "work", "lease_ms": 200}]},
+        "redis": {"url": redis_server.url, "namespace": namespace}}, Config)
+    ring = make_ring(capacity=8, cells=2)
+    rings = {"work": [make_ring(capacity=8, cells=1).owner, ring.owner,
+                      make_ring(capacity=8, cells=1).owner]}
+    store = JobStore(redis_server.url, namespace)
+    reaper = Reaper(config, rings, store, Dispatcher(rings))
+    out = str(tmp_path / "frozen")
+    proc = ctx.Process(target=ring_procs.hold_then_report, args=(ring.spec(), 0, out))
+    proc.start()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(out + ".leased"):
+        assert time.monotonic() < deadline and proc.is_alive()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        while ring.owner.read_lease(0) is not None:  # expired, fenced, recovered
+            assert time.monotonic() - started < 10, "the frozen lease was never expired"
+            reaper.tick(time.monotonic())
+            time.sleep(0.02)
+        assert ring.owner.fence(0), "the registry's fence before it gives the cell away"
+        new = ring.client()
+        new.lease(0, 5, 2, "new-job", 5000)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    open(out + ".go", "w").close()
+    proc.join(timeout=30)
+    assert proc.exitcode == 0
+    with open(out) as f:
+        beat, stop, unleased = f.read().split()
+    assert (beat, stop, unleased) == ("0", "1", "0"), "the old holder changed a cell it lost"
+    lease = ring.owner.read_lease(0)
+    assert (lease.job_id, lease.attempt, lease.ticket) == ("new-job", 2, 5)
+    assert new.beat(0) and new.unlease(0)
+    store.close()

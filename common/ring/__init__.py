@@ -11,7 +11,8 @@ import socket
 from ..errors import RingError
 from .base import RemoteMemory
 from .layout import Layout
-from .protocol import Claim, Lease, Ring
+from .cells import Lease
+from .protocol import Claim, Ring
 
 __all__ = ["Claim", "Layout", "Lease", "RemoteMemory", "Ring", "open_memory"]
 

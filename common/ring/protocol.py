@@ -24,15 +24,7 @@ slot whose consumer died between claim and lease (`reclaim`), and publishes a to
 slot whose producer died between its CAS and its publish (`skip`). Whoever loses the CAS learns
 it lost and backs off; nothing is overwritten behind anyone's back.
 
-Lease cell (128 bytes, one per worker; all but `stop` written only by the worker that owns it):
-    0 gen u64 (odd while a lease is held) | 8 beat u64 | 16 ticket u64 | 24 attempt u32 |
-    28 lease_ms u32 | 32 job_len u32 | 40 job_id[64] | 104 stop u64
-A lease is taken by writing the body and then gen = gen + 1 (odd), refreshed by bumping beat,
-dropped by gen = gen + 1 (even). The owner reads gen, body, gen (a seqlock), and judges expiry
-by its own monotonic clock from the last change of beat: no clocks are compared across hosts.
-`stop` is the owner's word to the holder: set to a lease's gen, it asks that lease's running
-stage to stop at its next step (its job was cancelled, or its attempt recovered); a later lease
-in the cell has another gen, so an old request never stops it.
+Lease cells (cells.py) follow the slots: one per worker slot, fenced by compare-and-swap.
 """
 
 from __future__ import annotations
@@ -44,16 +36,15 @@ from dataclasses import dataclass
 
 from ..errors import PayloadTooLarge, RingError, RingFull
 from .base import WAKE_ALL, RemoteMemory
+from .cells import LeaseCells
 from .layout import (
-    CELL_BYTES, HEADER_BYTES, JOB_ID_MAX_BYTES, OFF_DEQUEUE, OFF_ENQUEUE, OFF_SLEEPERS,
-    SLOT_HEADER_BYTES,
-    CELL_STOP, OWNER_LOCK, TOMBSTONE, WAKE_CONSUMERS, WAKE_WATCHERS, Layout,
+    CELL_BYTES, HEADER_BYTES, OFF_DEQUEUE, OFF_ENQUEUE, OFF_SLEEPERS, SLOT_HEADER_BYTES,
+    OWNER_LOCK, TOMBSTONE, WAKE_CONSUMERS, WAKE_WATCHERS, Layout,
 )
 
 _SLOT_HEADER = struct.Struct("<QII")
 _LEN_CRC = struct.Struct("<II")
 _WAITERS = struct.Struct("<QQ")  # sleepers, watchers
-_CELL_BODY = struct.Struct("<QIII4x64s")  # ticket, attempt, lease_ms, job_len, job_id
 _TORN_READ_RETRIES = 100
 
 
@@ -65,27 +56,14 @@ class Claim:
     payload: bytes
 
 
-@dataclass(frozen=True)
-class Lease:
-    """A held lease cell as the owner sees it."""
-
-    cell: int
-    gen: int
-    beat: int
-    ticket: int
-    attempt: int
-    lease_ms: int
-    job_id: str
-
-
-class Ring:
+class Ring(LeaseCells):
     """One bounded MPMC queue. Not thread-safe per instance; share the memory, not the Ring."""
 
     def __init__(self, mem: RemoteMemory, layout: Layout):
         self.mem = mem
         self.layout = layout
         self._mask = layout.capacity - 1
-        self._cell_gen: dict[int, int] = {}
+        self._init_cells()
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -260,62 +238,7 @@ class Ring:
         """Wake a consumer asleep on this ring: a record was published into one of its lanes."""
         self._wake()
 
-    # -- lease cells (written by their worker) --------------------------------------------
-
-    def lease(self, cell: int, ticket: int, attempt: int, job_id: str, lease_ms: int) -> None:
-        """Take a lease in our cell: body first, then gen to odd."""
-        job = job_id.encode()
-        if len(job) > JOB_ID_MAX_BYTES:
-            raise PayloadTooLarge(f"job id longer than {JOB_ID_MAX_BYTES} bytes")
-        offset = self.layout.cell_offset(cell)
-        gen = self._gen(cell)
-        if gen & 1:  # a lease we did not drop (a crash of ours before a restart): drop it
-            gen += 1
-        self.mem.write(offset + 16, _CELL_BODY.pack(ticket, attempt, lease_ms, len(job), job))
-        self.mem.store(offset, gen + 1)
-        self._cell_gen[cell] = gen + 1
-
-    def stop_requested(self, cell: int) -> bool:
-        """Whether the owner asked the holder of our current lease in `cell` to stop."""
-        return self.mem.load(self.layout.cell_offset(cell) + CELL_STOP) == self._gen(cell)
-
-    def request_stop(self, cell: int, gen: int) -> None:
-        """Owner side: ask the holder of lease `gen` in `cell` to stop at its next step."""
-        self.mem.store(self.layout.cell_offset(cell) + CELL_STOP, gen)
-
-    def beat(self, cell: int) -> None:
-        """Refresh our lease (the heartbeat)."""
-        self.mem.fetch_add(self.layout.cell_offset(cell) + 8, 1)
-
-    def unlease(self, cell: int) -> None:
-        """Drop our lease; a no-op when none is held."""
-        gen = self._gen(cell)
-        if gen & 1:
-            self.mem.store(self.layout.cell_offset(cell), gen + 1)
-            self._cell_gen[cell] = gen + 1
-
-    def _gen(self, cell: int) -> int:
-        if cell not in self._cell_gen:
-            self._cell_gen[cell] = self.mem.load(self.layout.cell_offset(cell))
-        return self._cell_gen[cell]
-
     # -- owner side: scans and repairs -----------------------------------------------------
-
-    def read_lease(self, cell: int) -> Lease | None:
-        """A consistent snapshot of a cell, or None when it holds no lease."""
-        offset = self.layout.cell_offset(cell)
-        mem = self.mem
-        while True:
-            gen = mem.load(offset)
-            if not gen & 1:
-                return None
-            raw = mem.read(offset + 8, 8 + _CELL_BODY.size)
-            if mem.load(offset) == gen:
-                break
-        beat = int.from_bytes(raw[:8], "little")
-        ticket, attempt, lease_ms, job_len, job = _CELL_BODY.unpack_from(raw, 8)
-        job_id = job[: min(job_len, JOB_ID_MAX_BYTES)].decode(errors="replace")
-        return Lease(cell, gen, beat, ticket, attempt, lease_ms, job_id)
 
     def counters(self) -> tuple[int, int]:
         """(enqueue, dequeue)."""
