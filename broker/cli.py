@@ -4,6 +4,7 @@
     stagepool demo [--config FILE]          a local cluster, one job through every stage
     stagepool broker --config FILE
     stagepool worker --stage S --config FILE [--transport auto|shm|tcp|verbs] [--gpu ID]
+                     [--redis-url URL]
     stagepool gateway --config FILE [--host H] [--port P]   HTTP API, /metrics, dashboard
     stagepool top [--interval S]            live queue depth, workers and jobs
     stagepool submit [--param K=V ...] [--params JSON] [--job-id ID] [--json]
@@ -108,8 +109,10 @@ def cmd_worker(args) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     from ..stages.worker import Worker
 
-    worker = Worker(config_mod.load(args.config), args.stage, broker_endpoint=args.broker,
-                    transport=args.transport)
+    config = config_mod.load(args.config)
+    if args.redis_url:
+        config.redis.url = args.redis_url
+    worker = Worker(config, args.stage, broker_endpoint=args.broker, transport=args.transport)
     worker.install_signal_handlers()
     worker.run()
     return 0
@@ -366,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on this GPU only (an index or UUID: CUDA_VISIBLE_DEVICES)")
     p.add_argument("--device", default=None, metavar="cuda:N",
                    help="the same as --gpu N: the worker sees that GPU as its only one")
+    p.add_argument("--redis-url", default=None,
+                   help="this worker's Redis (default: the one the broker offers)")
     p = add("gateway", cmd_gateway, "run the HTTP gateway (API, /metrics, dashboard)")
     p.add_argument("--host", default=None, help="bind address (default: gateway.host)")
     p.add_argument("--port", type=int, default=None, help="port (default: gateway.port)")

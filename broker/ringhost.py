@@ -73,11 +73,15 @@ class RingHost:
         return RingAttach(
             stage=name,
             shm_name=memory.name,
-            tcp_endpoint=self.tcp.endpoint if self.tcp else "",
+            tcp_endpoint=self.tcp_endpoint(),
             host=self.host,
             verbs={"device": self.config.ring.verbs_device} if self.verbs else {},
             nbytes=memory.nbytes,
         )
+
+    def tcp_endpoint(self) -> str:
+        """What workers are told to dial for the tcp ring ("" when it is off)."""
+        return (self.config.ring.tcp_advertise or self.tcp.endpoint) if self.tcp else ""
 
     def allocate_cells(self, stage: str, worker_id: str, count: int) -> list[int]:
         """`count` lease cells for `worker_id`, or RingError. A cell is given only once it

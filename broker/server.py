@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 
 from ..common import transitions as tx
+from ..common.addresses import endpoint_host, is_local
 from ..common import wire
 from ..common.config import Config
 from ..common.errors import Busy, Code, ProtocolError, StagepoolError
@@ -59,6 +60,7 @@ class Broker:
         self.broker_id = uuid.uuid4().hex[:12]
         self.schema = wire.schema_hash()
         self.store = JobStore.from_config(config)
+        self.redis_url = self.store.url
         self.ringhost = RingHost(config, self.broker_id)
         self.dispatcher = Dispatcher(self.ringhost.lanes)
         self.reaper = Reaper(config, self.ringhost.lanes, self.store, self.dispatcher)
@@ -373,6 +375,14 @@ class Broker:
         stage = self.config.stage(request.stage)
         next_stage = self.config.next_stage(stage.name)
         cells = self.registry.register(request)
+        if request.host != self.ringhost.host:
+            local = [what for what, address in (("redis", self.redis_url),
+                                                 ("tcp ring", self.ringhost.tcp_endpoint()))
+                     if address and is_local(endpoint_host(address))]
+            if local:
+                log.info("worker %s is on host %s: it reaches the %s offered on a loopback or "
+                         "wildcard address at the address it reached the broker at",
+                         request.worker_id, request.host, " and ".join(local))
         return Registered(
             broker_id=self.broker_id, cell=cells[0], cells=cells,
             consume=self.ringhost.attach_info(stage.name),
@@ -383,6 +393,6 @@ class Broker:
                            for lane in range(len(lanes.LANES))] if next_stage else [],
             next_stage=next_stage.name if next_stage else "",
             lease_ms=stage.lease_ms, heartbeat_ms=self.config.worker.heartbeat_ms,
-            max_attempts=stage.max_attempts, redis_url=self.config.redis.url,
+            max_attempts=stage.max_attempts, redis_url=self.redis_url,
             namespace=self.config.redis.namespace,
         )

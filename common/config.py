@@ -17,6 +17,7 @@ import msgspec
 from .errors import ConfigError
 
 ENV_PREFIX = "STAGEPOOL_"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RESULTS_DIR = ".stagepool/results"  # where decode writes (a stage's `results_dir`)
 
 
@@ -62,7 +63,11 @@ class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
-    url: str = "redis://127.0.0.1:6379/0"
+    # The broker's Redis (default redis://127.0.0.1:6379/0). A worker uses the URL the broker
+    # offers (on another host, with the broker's address for a loopback one) unless this is
+    # set for it (`stagepool worker --redis-url`, STAGEPOOL_REDIS_URL): ACL users
+    # (redis://user:password@host) and TLS (rediss://) work as redis-py takes them.
+    url: str = ""
     namespace: str = "stagepool"
     events_maxlen: int = 100_000  # approximate cap of the events stream
     socket_timeout_s: float = 5.0
@@ -75,7 +80,10 @@ class RingConfig(msgspec.Struct, forbid_unknown_fields=True):
     capacity: int = 1024  # slots per stage ring, a power of two
     slot_bytes: int = 1024
     cells: int = 64  # lease cells per ring = most workers per stage
-    tcp_bind: str = "tcp://127.0.0.1:0"  # "" disables the tcp ring server
+    tcp_bind: str = "tcp://127.0.0.1:0"  # "" disables the tcp ring server; may be a wildcard
+    # What workers are told to dial; "" = tcp_bind, whose loopback or wildcard host a worker
+    # on another host replaces with the broker's address (common/addresses.py).
+    tcp_advertise: str = ""
     verbs_device: str = ""  # e.g. "mlx5_0"; "" disables verbs
     claim_grace_ms: int = 2000  # a slot claimed but not released this long is reclaimed
     publish_grace_ms: int = 2000  # a head slot taken but not published this long is skipped
@@ -110,7 +118,9 @@ class TransferConfig(msgspec.Struct, forbid_unknown_fields=True):
     backend: str = "auto"  # "auto" (same host in place, else Mooncake) | "local" | "mooncake"
     protocol: str = "tcp"  # Mooncake transport: "tcp" | "rdma"
     device: str = ""  # Mooncake RDMA device filter, e.g. "mlx5_0"; "" = all
-    host: str = "127.0.0.1"  # the address peers reach this worker's engine and notices at
+    # The address peers reach this worker's engine and release notices at; "" = the local
+    # address of the route to the broker's host (common/addresses.py).
+    host: str = ""
     pool_mb: int = 256  # each worker's registered pool (memfd pages are only used as touched)
     timeout_s: float = 10.0  # MC_TRANSFER_TIMEOUT: how long a frozen peer can block a read
     retries: int = 2  # reads retried (after backoff_s) before the producer counts as gone

@@ -22,10 +22,13 @@ import time
 import uuid
 from typing import Callable
 
+import msgspec
+
 from ..common import wire
+from ..common.addresses import as_seen_from, endpoint_host, redact
 from ..common.client import BrokerClient
 from ..common.config import Config
-from ..common.errors import RemoteError, StagepoolError
+from ..common.errors import RemoteError, StagepoolError, StoreUnavailable
 from ..common.jobstore import JobStore
 from ..common.ring import Ring, lanes, open_memory
 from .gpu import GpuProbe
@@ -39,6 +42,7 @@ class Session:
         self.config = config
         self.stage = stage
         self.endpoint = endpoint
+        self.broker_host = endpoint_host(endpoint)  # what the broker's own addresses mean here
         self.transport = transport
         self.worker_id = worker_id
         self.registered: wire.Registered | None = None
@@ -73,6 +77,7 @@ class Session:
                         transport="shm" if self.transport == "auto" else self.transport,
                         cells=self.config.stage(self.stage).max_batch, device=self.device,
                         replaces=self._replaces))
+                    self._check_redis(registered)
                     self.consume = Ring.attach(self._open(registered.consume, client))
                     self.consume_lanes = self._lanes(registered.consume_lanes, self.consume,
                                                      client)
@@ -88,11 +93,29 @@ class Session:
                 log.warning("registering with %s: %s; retrying", self.endpoint, exc)
                 time.sleep(settings.register_retry_s)
         self.registered = registered
-        if self.store is None or self.store.url != registered.redis_url:
-            self.store = JobStore(registered.redis_url, registered.namespace,
+        url = self.config.redis.url or as_seen_from(registered.redis_url, self.broker_host)
+        if self.store is None or self.store.url != url:
+            if self.store is not None:
+                self.store.close()
+            self.store = JobStore(url, registered.namespace,
                                   events_maxlen=self.config.redis.events_maxlen)
         self._replaces = ""
         self.reattach.clear()
+
+    def _check_redis(self, registered: wire.Registered) -> None:
+        """Reach the job store before taking work: a clear error (retried) otherwise."""
+        offered = registered.redis_url
+        url = self.config.redis.url or as_seen_from(offered, self.broker_host)
+        probe = JobStore(url, registered.namespace, socket_timeout_s=2.0)
+        try:
+            probe.run_id()
+        except StagepoolError as exc:
+            hint = ("" if self.config.redis.url else
+                    f" (the broker offers {redact(offered)}; set this worker's own with "
+                    "--redis-url or STAGEPOOL_REDIS_URL)")
+            raise StoreUnavailable(f"cannot reach Redis at {redact(url)}{hint}: {exc}") from None
+        finally:
+            probe.close()
 
     def renew(self) -> None:
         """Take a fresh identity (and so fresh cells) at the next attach, leaving our current
@@ -134,6 +157,8 @@ class Session:
                             name=self.worker_id)
 
     def _open(self, attach: wire.RingAttach, client: BrokerClient):
+        attach = msgspec.structs.replace(
+            attach, tcp_endpoint=as_seen_from(attach.tcp_endpoint, self.broker_host))
         def verbs_connect(ring: str, qp: dict) -> dict:
             return client.call(wire.VerbsConnect(worker_id=self.worker_id, stage=ring, qp=qp)).qp
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from ..common.addresses import endpoint_host, route_to
 from ..common.config import Config
 from ..common.errors import RemoteError, StagepoolError, StageStopped, TransportError
 from ..common.ring import Ring, lanes
@@ -62,8 +63,13 @@ class Worker:
         self.stage_config = config.stage(stage)
         worker_id = worker_id or f"{stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stage = base.create(self.stage_config)
-        self.session = Session(config, stage, broker_endpoint or config.broker.endpoint,
-                               transport or config.worker.transport, worker_id)
+        endpoint = broker_endpoint or config.broker.endpoint
+        if not config.transfer.host:  # peers reach us on our route to the broker's host
+            transfer = msgspec.structs.replace(config.transfer,
+                                               host=route_to(endpoint_host(endpoint)))
+            config = self.config = msgspec.structs.replace(config, transfer=transfer)
+        self.session = Session(config, stage, endpoint, transport or config.worker.transport,
+                               worker_id)
         self.commits = Commits(config, self.session)
         self.data: DataPlane | None = None
         self._draining = threading.Event()
@@ -92,8 +98,8 @@ class Worker:
             self.data = DataPlane(self.config, self.stage_config.name)
         session.attach(self._draining)
         session.start_heartbeat(self._busy, self._chores)
-        log.info("worker %s serving %s (%s)", session.worker_id, self.stage_config.name,
-                 session.transport)
+        log.info("worker %s serving %s (ring %s, advertising %s)", session.worker_id,
+                 self.stage_config.name, session.transport, self.config.transfer.host)
         try:
             while not self._draining.is_set():
                 if session.reattach.is_set():

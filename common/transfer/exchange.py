@@ -26,6 +26,7 @@ import os
 import msgspec
 import zmq
 
+from ..addresses import LOOPBACK
 from ..config import TransferConfig
 from ..errors import TransferError
 from ..wire import DECODE_ERRORS, Release, TensorDesc
@@ -42,6 +43,7 @@ _NOTICE_HWM = 1000
 class Exchange:
     def __init__(self, config: TransferConfig):
         self.config = config
+        host = config.host or LOOPBACK  # a worker sets it from its route to the broker
         self.pool = Pool(config.pool_mb << 20)
         self.largest_put_bytes = 0  # the most one `put` has taken (aligned): admission's unit
         self.local = LocalBackend() if config.backend in ("auto", "local") else None
@@ -51,7 +53,7 @@ class Exchange:
                 from .mooncake import MooncakeBackend
 
                 self.mooncake = MooncakeBackend(
-                    self.pool, host=config.host, protocol=config.protocol, device=config.device,
+                    self.pool, host=host, protocol=config.protocol, device=config.device,
                     timeout_s=config.timeout_s, retries=config.retries,
                     backoff_s=config.backoff_s, inline_bytes=config.inline_kb << 10)
             except TransferError:
@@ -66,7 +68,7 @@ class Exchange:
         self._ctx = zmq.Context.instance()
         self._notices = self._ctx.socket(zmq.PULL)
         self._notices.setsockopt(zmq.LINGER, 0)
-        port = self._notices.bind_to_random_port(f"tcp://{config.host}")
+        port = self._notices.bind_to_random_port(f"tcp://{host}")
         self._peers: dict[str, zmq.Socket] = {}
         self._decoder = msgspec.msgpack.Decoder(Release)
         self._encoder = msgspec.msgpack.Encoder()
@@ -78,7 +80,7 @@ class Exchange:
             host=host_identity(), pid=os.getpid(), fd=self.pool.fd, token=self.pool.token,
             base=self.pool.base, nbytes=self.pool.nbytes,
             session=self.mooncake.session() if self.mooncake else "",
-            notify=f"tcp://{config.host}:{port}",
+            notify=f"tcp://{host}:{port}",
         ).encode()
 
     # -- producer ------------------------------------------------------------------------
