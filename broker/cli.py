@@ -109,10 +109,9 @@ def cmd_worker(args) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     from ..stages.worker import Worker
 
-    config = config_mod.load(args.config)
-    if args.redis_url:
-        config.redis.url = args.redis_url
-    worker = Worker(config, args.stage, broker_endpoint=args.broker, transport=args.transport)
+    worker = Worker(config_mod.load(args.config), args.stage, broker_endpoint=args.broker,
+                    transport=args.transport,
+                    redis_url=args.redis_url or os.environ.get("STAGEPOOL_REDIS_URL", ""))
     worker.install_signal_handlers()
     worker.run()
     return 0

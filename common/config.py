@@ -17,7 +17,6 @@ import msgspec
 from .errors import ConfigError
 
 ENV_PREFIX = "STAGEPOOL_"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RESULTS_DIR = ".stagepool/results"  # where decode writes (a stage's `results_dir`)
 
 
@@ -63,11 +62,11 @@ class PipelineConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
-    # The broker's Redis (default redis://127.0.0.1:6379/0). A worker uses the URL the broker
-    # offers (on another host, with the broker's address for a loopback one) unless this is
-    # set for it (`stagepool worker --redis-url`, STAGEPOOL_REDIS_URL): ACL users
-    # (redis://user:password@host) and TLS (rediss://) work as redis-py takes them.
-    url: str = ""
+    # The broker's Redis: ACL users (redis://user:password@host) and TLS (rediss://) work as
+    # redis-py takes them. A worker uses the URL the broker offers (a loopback host read as
+    # the broker's address) unless it is given its own: `stagepool worker --redis-url` or
+    # STAGEPOOL_REDIS_URL in its environment.
+    url: str = "redis://127.0.0.1:6379/0"
     namespace: str = "stagepool"
     events_maxlen: int = 100_000  # approximate cap of the events stream
     socket_timeout_s: float = 5.0

@@ -19,7 +19,6 @@ from typing import Any
 import msgspec
 import redis
 
-from .config import DEFAULT_REDIS_URL
 from .errors import StoreUnavailable
 from .keys import INGRESS_GROUP, Keys
 from .transitions import Transition
@@ -75,7 +74,7 @@ class JobStore:
 
     @classmethod
     def from_config(cls, config) -> JobStore:
-        return cls(config.redis.url or DEFAULT_REDIS_URL, config.redis.namespace,
+        return cls(config.redis.url, config.redis.namespace,
                    events_maxlen=config.redis.events_maxlen,
                    socket_timeout_s=config.redis.socket_timeout_s)
 

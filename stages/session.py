@@ -38,11 +38,12 @@ log = logging.getLogger(__name__)
 
 class Session:
     def __init__(self, config: Config, stage: str, endpoint: str, transport: str,
-                 worker_id: str):
+                 worker_id: str, redis_url: str = ""):
         self.config = config
         self.stage = stage
         self.endpoint = endpoint
         self.broker_host = endpoint_host(endpoint)  # what the broker's own addresses mean here
+        self.redis_url = redis_url  # our own job store, over the broker's offer
         self.transport = transport
         self.worker_id = worker_id
         self.registered: wire.Registered | None = None
@@ -93,7 +94,7 @@ class Session:
                 log.warning("registering with %s: %s; retrying", self.endpoint, exc)
                 time.sleep(settings.register_retry_s)
         self.registered = registered
-        url = self.config.redis.url or as_seen_from(registered.redis_url, self.broker_host)
+        url = self.redis_url or as_seen_from(registered.redis_url, self.broker_host)
         if self.store is None or self.store.url != url:
             if self.store is not None:
                 self.store.close()
@@ -105,12 +106,12 @@ class Session:
     def _check_redis(self, registered: wire.Registered) -> None:
         """Reach the job store before taking work: a clear error (retried) otherwise."""
         offered = registered.redis_url
-        url = self.config.redis.url or as_seen_from(offered, self.broker_host)
+        url = self.redis_url or as_seen_from(offered, self.broker_host)
         probe = JobStore(url, registered.namespace, socket_timeout_s=2.0)
         try:
             probe.run_id()
         except StagepoolError as exc:
-            hint = ("" if self.config.redis.url else
+            hint = ("" if self.redis_url else
                     f" (the broker offers {redact(offered)}; set this worker's own with "
                     "--redis-url or STAGEPOOL_REDIS_URL)")
             raise StoreUnavailable(f"cannot reach Redis at {redact(url)}{hint}: {exc}") from None

@@ -58,7 +58,9 @@ _FULL_POOL_WAIT_S = 0.05  # between looks at a full pool for room
 
 class Worker:
     def __init__(self, config: Config, stage: str, *, broker_endpoint: str | None = None,
-                 transport: str | None = None, worker_id: str | None = None):
+                 transport: str | None = None, worker_id: str | None = None,
+                 redis_url: str = ""):
+        """`redis_url`: this worker's own job store, over the one the broker offers."""
         self.config = config
         self.stage_config = config.stage(stage)
         worker_id = worker_id or f"{stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -69,7 +71,7 @@ class Worker:
                                                host=route_to(endpoint_host(endpoint)))
             config = self.config = msgspec.structs.replace(config, transfer=transfer)
         self.session = Session(config, stage, endpoint, transport or config.worker.transport,
-                               worker_id)
+                               worker_id, redis_url)
         self.commits = Commits(config, self.session)
         self.data: DataPlane | None = None
         self._draining = threading.Event()
