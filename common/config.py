@@ -125,7 +125,7 @@ class TransferConfig(msgspec.Struct, forbid_unknown_fields=True):
     retries: int = 2  # reads retried (after backoff_s) before the producer counts as gone
     backoff_s: float = 0.5  # >= 0.2: the engine can wedge a link retried sooner
     pull_timeout_s: float = 120.0
-    inline_kb: int = 1024  # Mooncake reads up to this size run on the caller's thread
+    dead_peer_s: float = 30.0  # a producer that failed a pull is skipped (its jobs rewound) this long
     hold_check_s: float = 5.0  # holds older than this are checked against Redis and swept
     put_wait_s: float = 30.0  # a full pool waits this long for releases before failing
 

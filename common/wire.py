@@ -172,11 +172,16 @@ class Heartbeat(Message, tag="heartbeat"):
     busy: bool = False
     jobs_done: int = 0  # attempts this worker committed since it started
     gpu: GpuStats | None = None
+    session: str = ""  # our Mooncake session: a heartbeat proves it alive to the broker
     rid: int = 0
 
 
 class HeartbeatAck(Message, tag="heartbeat_ack"):
     broker_id: str
+    # Producers (Mooncake sessions) some worker failed to reach lately: pulls from them fail
+    # at once, so the jobs that need them go back a stage instead of waiting out a timeout.
+    dead_peers: list[str] = []
+    revived_peers: list[str] = []  # peers found dead that have heartbeated since: trust again
     rid: int = 0
 
 
@@ -252,6 +257,7 @@ class Rewind(Message, tag="rewind"):
     attempt: int
     worker_id: str
     error: str = ""
+    dead_peer: str = ""  # the producer's Mooncake session, when it could not be reached
     rid: int = 0
 
 

@@ -58,6 +58,9 @@ class Session:
         self.gpu: GpuProbe | None = None  # its card's figures go with each heartbeat
         self.jobs_done = 0  # attempts committed, told with each heartbeat
         self._replaces = ""  # the identity `renew` gave up, until the broker hears of it
+        self.session = ""  # our Mooncake session, sent with each heartbeat (proof of life)
+        # The broker's news of producers: (found dead, back alive).
+        self.on_peers: Callable[[list[str], list[str]], None] | None = None
         self._stopped = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -125,12 +128,13 @@ class Session:
         self.worker_id = f"{self.worker_id.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:6]}"
         self.reattach.set()
 
-    def rewind(self, dispatch: wire.Dispatch, error: str) -> str:
-        """Ask the broker to run the previous stage again (our inputs died with it)."""
+    def rewind(self, dispatch: wire.Dispatch, error: str, dead_peer: str = "") -> str:
+        """Ask the broker to run the previous stage again (our inputs died with it), and to
+        tell every worker about the producer we found dead."""
         with self._client() as client:
             return client.call(wire.Rewind(job_id=dispatch.job_id, stage=dispatch.stage,
                                            attempt=dispatch.attempt, worker_id=self.worker_id,
-                                           error=error)).status
+                                           error=error, dead_peer=dead_peer)).status
 
     def start_heartbeat(self, busy: threading.Event, chores: Callable[[], None]) -> None:
         self._heartbeat = threading.Thread(target=self._beat_loop, args=(busy, chores),
@@ -196,9 +200,12 @@ class Session:
                     client = client or self._client()
                     ack = client.call(wire.Heartbeat(
                         worker_id=self.worker_id, busy=busy.is_set(), jobs_done=self.jobs_done,
-                        gpu=self.gpu.sample() if self.gpu is not None else None))
+                        gpu=self.gpu.sample() if self.gpu is not None else None,
+                        session=self.session))
                     if ack.broker_id != registered.broker_id:
                         self.reattach.set()
+                    if self.on_peers is not None:
+                        self.on_peers(ack.dead_peers, ack.revived_peers)
                 except RemoteError:
                     self.reattach.set()  # unknown worker: the broker restarted
                 except StagepoolError:

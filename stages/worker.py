@@ -98,6 +98,8 @@ class Worker:
             from .dataplane import DataPlane
 
             self.data = DataPlane(self.config, self.stage_config.name)
+            session.on_peers = self.data.exchange.peers_news
+            session.session = self.data.exchange.session
         session.attach(self._draining)
         session.start_heartbeat(self._busy, self._chores)
         log.info("worker %s serving %s (ring %s, advertising %s)", session.worker_id,
@@ -187,7 +189,8 @@ class Worker:
             if failure is not None:
                 why = f"{failure.kind}: {failure.message}"
                 if failure.upstream:
-                    status = self.session.rewind(dispatch, why)
+                    status = self.session.rewind(dispatch, why,
+                                                 self.data.exchange.dead_peer(dispatch.endpoint))
                     log.info("job %s: sent back to the previous stage: %s", dispatch.job_id,
                              status)
                 else:

@@ -110,6 +110,28 @@ def test_a_killed_producer_is_reported_gone(backend, consumer_factory):
     assert pull.failure.kind is FailureKind.PRODUCER_GONE and pull.failure.upstream
 
 
+def test_a_dead_producer_costs_one_timeout_then_fails_at_once_until_it_is_back(
+        consumer_factory):
+    """The first pull from a killed producer waits out the engine's tries; it is then
+    counted as dead, so the next jobs that need it go back a stage at once, until the
+    broker says it is back (it heartbeated)."""
+    producer = Producer("mooncake", {"embeds": 4096})
+    producer.kill()
+    consumer = consumer_factory("mooncake")
+    session = json.loads(producer.endpoint)[6]
+    assert consumer.dead_peer(producer.endpoint) == ""
+    first = consumer.pull(producer.endpoint, producer.descs)
+    assert first.wait(30) is PullStatus.FAILED
+    assert consumer.dead_peer(producer.endpoint) == session
+    started = time.monotonic()
+    again = consumer.pull(producer.endpoint, producer.descs)
+    assert again.wait(30) is PullStatus.FAILED
+    assert again.failure.kind is FailureKind.PRODUCER_GONE and "dead" in again.failure.message
+    assert time.monotonic() - started < 0.5
+    consumer.peers_news([], [session])
+    assert consumer.dead_peer(producer.endpoint) == ""
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_release_notice_frees_the_producers_hold(backend, consumer_factory):
     producer = Producer(backend, {"embeds": 4096})

@@ -55,7 +55,7 @@ class Exchange:
                 self.mooncake = MooncakeBackend(
                     self.pool, host=host, protocol=config.protocol, device=config.device,
                     timeout_s=config.timeout_s, retries=config.retries,
-                    backoff_s=config.backoff_s, inline_bytes=config.inline_kb << 10)
+                    backoff_s=config.backoff_s, dead_s=config.dead_peer_s)
             except TransferError:
                 if config.backend == "mooncake":
                     raise
@@ -141,6 +141,24 @@ class Exchange:
         return FailedPull(Failure(FailureKind.PRODUCER_GONE,
                                   "no backend reaches the producer (another host without "
                                   "Mooncake, or transfer.backend = 'local')"))
+
+    def dead_peer(self, endpoint: str) -> str:
+        """The Mooncake session of `endpoint` if pulls from it are failing now, else ""."""
+        try:
+            session = Endpoint.decode(endpoint).session
+        except DECODE_ERRORS:
+            return ""
+        return session if self.mooncake is not None and self.mooncake.dead(session) else ""
+
+    @property
+    def session(self) -> str:
+        return self.mooncake.session() if self.mooncake is not None else ""
+
+    def peers_news(self, dead: list[str], revived: list[str]) -> None:
+        """The broker's word on producers other workers found dead, or alive again."""
+        if self.mooncake is not None:
+            self.mooncake.mark_dead(dead)
+            self.mooncake.mark_alive(revived)
 
     # -- counters (flushed to Redis by the worker for /metrics) -----------------------------
 

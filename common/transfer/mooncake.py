@@ -1,10 +1,9 @@
 """Mooncake Transfer Engine backend: one batched read from the producer's pool into ours.
 
 What this engine does that the design works around:
-  - `*_sync_*` calls spin a core until done: every transfer larger than `inline_bytes` runs
-    on one engine thread (the GIL is released), so a worker loses at most one core to it and
-    `Pull.poll()` never blocks the caller; smaller reads run in `pull` itself, since a hop to
-    the engine thread costs as much as the read;
+  - `*_sync_*` calls spin a core until done: every transfer runs on one engine thread (the
+    GIL is released), so a worker loses at most one core to it and `Pull.poll()` never
+    blocks the caller;
   - a frozen peer blocks a read for `MC_TRANSFER_TIMEOUT` seconds: we set it from
     `transfer.timeout_s` before the engine starts;
   - retrying within about a millisecond of a failure can leave the link to that peer failing
@@ -12,7 +11,10 @@ What this engine does that the design works around:
     from the same peer;
   - polling a finished or unknown batch id crashes the process: we never poll batch ids,
     we use the synchronous batch read on the engine thread;
-  - each engine takes two ports (its RPC port and the tcp transport's).
+  - each engine takes two ports (its RPC port and the tcp transport's);
+  - a dead or silent peer costs a timeout per read: a peer that failed a read is marked dead
+    for `dead_s` (as are peers other workers found dead, `mark_dead`), and pulls from it fail
+    at once, so every job that needs it goes back a stage without waiting.
 Metadata is exchanged peer to peer (`P2PHANDSHAKE`): no etcd or metadata server.
 """
 
@@ -69,7 +71,7 @@ class MooncakeBackend(Backend):
 
     def __init__(self, pool: Pool, *, host: str = "127.0.0.1", protocol: str = "tcp",
                  device: str = "", timeout_s: float = 10.0, retries: int = 2,
-                 backoff_s: float = 0.5, inline_bytes: int = 1 << 20):
+                 backoff_s: float = 0.5, dead_s: float = 30.0):
         # Read when the engine library loads and starts, not per call.
         os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(1, int(timeout_s))))
         os.environ.setdefault("GLOG_minloglevel", "2")  # the engine logs INFO per connection
@@ -80,7 +82,7 @@ class MooncakeBackend(Backend):
                                 "(pip install 'stagepool[transfer]')") from exc
         self.pool = pool
         self.retries = retries
-        self.inline_bytes = inline_bytes
+        self.dead_s = dead_s
         self.backoff_s = max(MIN_BACKOFF_S, backoff_s)
         self._engine = TransferEngine()
         if self._engine.initialize(host, "P2PHANDSHAKE", protocol, device) != 0:
@@ -90,6 +92,7 @@ class MooncakeBackend(Backend):
         self._session = f"{host}:{self._engine.get_rpc_port()}"
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mooncake")
         self._failed_at: dict[str, float] = {}  # peer -> monotonic time of its last failure
+        self._dead_until: dict[str, float] = {}  # peer -> monotonic end of its dead spell
         self._lock = threading.Lock()
 
     def session(self) -> str:
@@ -98,10 +101,33 @@ class MooncakeBackend(Backend):
     def reaches(self, endpoint: Endpoint) -> bool:
         return bool(endpoint.session)
 
+    def mark_dead(self, peers: list[str]) -> None:
+        """Treat `peers` as dead for `dead_s` (another worker failed to reach them)."""
+        until = time.monotonic() + self.dead_s
+        with self._lock:
+            for peer in peers:
+                self._dead_until[peer] = max(until, self._dead_until.get(peer, 0.0))
+
+    def mark_alive(self, peers: list[str]) -> None:
+        with self._lock:
+            for peer in peers:
+                self._dead_until.pop(peer, None)
+
+    def dead(self, peer: str) -> bool:
+        with self._lock:
+            until = self._dead_until.get(peer)
+            if until is not None and until <= time.monotonic():
+                del self._dead_until[peer]
+                until = None
+        return until is not None
+
     def pull(self, endpoint: Endpoint, descs: list[TensorDesc]) -> Pull:
         bad = check_descs(endpoint, descs)
         if bad:
             return FailedPull(bad)
+        if self.dead(endpoint.session):
+            return FailedPull(Failure(FailureKind.PRODUCER_GONE,
+                                      f"{endpoint.session} failed lately: counted as dead"))
         blocks: list[tuple[int, int]] = []
         try:
             for desc in descs:
@@ -110,14 +136,8 @@ class MooncakeBackend(Backend):
             for offset, nbytes in blocks:
                 self.pool.free(offset, nbytes)
             return FailedPull(Failure(FailureKind.NO_ROOM, str(exc)))
-        if sum(desc.nbytes for desc in descs) <= self.inline_bytes:
-            # A small read takes about as long as a hop to the engine thread: do it here.
-            # (A frozen peer can then block this call for up to MC_TRANSFER_TIMEOUT.)
-            future = Future()
-            future.set_result(self._read(endpoint, descs, blocks))
-        else:
-            future = self._thread.submit(self._read, endpoint, descs, blocks)
-        return MooncakePull(self.pool, future, blocks)
+        return MooncakePull(self.pool, self._thread.submit(self._read, endpoint, descs, blocks),
+                            blocks)
 
     def read_raw(self, session: str, local: list[int], remote: list[int],
                  lengths: list[int]) -> int:
@@ -132,6 +152,8 @@ class MooncakeBackend(Backend):
         peer = endpoint.session
         status = -1
         for attempt in range(self.retries + 1):
+            if self.dead(peer):  # found dead while this read waited its turn
+                break
             with self._lock:
                 failed_at = self._failed_at.get(peer)
             if failed_at is not None:
@@ -149,6 +171,7 @@ class MooncakeBackend(Backend):
             log.warning("Mooncake read from %s failed (status %d, try %d of %d)", peer, status,
                         attempt + 1, self.retries + 1)
         if status < 0:
+            self.mark_dead([peer])
             return {}, Failure(FailureKind.PRODUCER_GONE,
                                f"Mooncake read from {peer} failed {self.retries + 1} times "
                                f"(status {status})"), 0
