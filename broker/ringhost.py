@@ -21,7 +21,7 @@ from ..common.config import Config
 from ..common.errors import RingError
 from ..common.ring import Layout, Ring, lanes
 from ..common.ring.shm import ShmMemory
-from ..common.ring.tcp import TcpRingServer
+from ..common.ring.tcpserver import TcpRingServer
 from ..common.wire import RingAttach
 
 log = logging.getLogger(__name__)

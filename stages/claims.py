@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from ..common.errors import CellLost, StagepoolError
+from ..common.errors import StagepoolError
 from ..common.ring import Ring, lanes
 from ..common.wire import Dispatch, decode_dispatch
 
@@ -32,35 +32,26 @@ def claim_batch(rings: list[Ring], cells: list[int], lease_ms: int, wait_s: floa
     `turn`-th claim of this worker); [] when they stayed empty for `wait_s`."""
     main = rings[lanes.MAIN]
     order = [rings[lane] for lane in lanes.claim_order(turn)]
-    found = main.claim_any(order, wait_s, spin_s)
-    if found is None:
-        return []
-    claims = [found]
-    while len(claims) < len(cells):
-        more = next(((ring, c) for ring in order if (c := ring.try_claim()) is not None), None)
-        if more is None:
-            break
-        claims.append(more)
-    batch: list[Leased] = []
-    for cell, (ring, claim) in zip(cells, claims):
+    items, dispatches = [], []
+    for cell, (ring, claim) in zip(cells, main.claim_many(order, len(cells), wait_s, spin_s)):
         try:
             dispatch = decode_dispatch(claim.payload)
         except StagepoolError as exc:
             log.error("dropped an undecodable ring record at %d: %s", claim.ticket, exc)
             ring.release(claim)
             continue
-        try:
-            main.lease(cell, claim.ticket, dispatch.attempt, dispatch.job_id, lease_ms)
-        except CellLost as exc:
-            # Our cell was fenced (we were presumed dead): leave the slot claimed, the
-            # reaper gives it back to the pool; the worker registers again after the batch.
-            log.warning("job %s not leased: %s", dispatch.job_id, exc)
-            continue
-        if not ring.release(claim):
+        items.append((cell, ring, claim, dispatch.attempt, dispatch.job_id, lease_ms))
+        dispatches.append(dispatch)
+    batch: list[Leased] = []
+    for (cell, _, claim, *_), dispatch, answer in zip(items, dispatches,
+                                                       main.lease_claims(items)):
+        if answer == "leased":
+            batch.append((cell, dispatch))
+        elif answer == "reclaimed":
             log.info("slot %d was reclaimed by the broker; dropping", claim.ticket)
-            main.unlease(cell)
-            continue
-        batch.append((cell, dispatch))
+        else:  # our cell was fenced (we were presumed dead): the reaper frees the slot
+            log.warning("job %s not leased: lease cell %d was taken back", dispatch.job_id,
+                        cell)
     return batch
 
 

@@ -13,7 +13,8 @@ import pytest
 from stagepool.broker.cluster import start_redis
 from stagepool.common.ring import Layout, Ring
 from stagepool.common.ring.shm import ShmMemory
-from stagepool.common.ring.tcp import TcpMemory, TcpRingServer
+from stagepool.common.ring.tcp import TcpMemory
+from stagepool.common.ring.tcpserver import TcpRingServer
 
 
 class RedisServer:

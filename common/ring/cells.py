@@ -83,19 +83,31 @@ class LeaseCells:
 
     def lease(self, cell: int, ticket: int, attempt: int, job_id: str, lease_ms: int) -> None:
         """Take a lease in our cell; `CellLost` when the owner has fenced it from us."""
+        with self._cells_lock:
+            self._words[cell] = self._holding(
+                cell, lambda word: self.take(cell, word, ticket, attempt, job_id, lease_ms))
+
+    def take(self, cell: int, word: int, ticket: int, attempt: int, job_id: str,
+             lease_ms: int) -> int:
+        """Lease `cell` from `word`, the value its holder last set (dropping a lease it did
+        not drop, after a failed batch); returns the new word. Keeps no state: the tcp ring
+        server runs it for its remote holders."""
         job = job_id.encode()
         if len(job) > JOB_ID_MAX_BYTES:
             raise PayloadTooLarge(f"job id longer than {JOB_ID_MAX_BYTES} bytes")
         offset = self.layout.cell_offset(cell)
-        with self._cells_lock:
-            word = self._word(cell)
-            if state_of(word) == HELD:  # a lease of ours not dropped (a failed batch): drop it
-                word = self._swap(cell, word, _with(word, (word >> 32) + 2))
-            seq = (word >> 32) & _SEQ_MASK
-            writing = self._swap(cell, word, _with(word, seq + 1))
-            self.mem.write(offset + _BODY_OFFSET,
-                           _BODY.pack(ticket, attempt, lease_ms, len(job), job))
-            self._swap(cell, writing, _with(writing, seq + 2))
+        if state_of(word) == HELD:
+            word = self._cas(offset, word, _with(word, (word >> 32) + 2))
+        seq = (word >> 32) & _SEQ_MASK
+        writing = self._cas(offset, word, _with(word, seq + 1))
+        self.mem.write(offset + _BODY_OFFSET, _BODY.pack(ticket, attempt, lease_ms, len(job), job))
+        return self._cas(offset, writing, _with(writing, seq + 2))
+
+    def drop(self, cell: int, word: int) -> int:
+        """Drop the lease `word` holds (stateless, as `take`); returns the new word."""
+        if state_of(word) != HELD:
+            return word
+        return self._cas(self.layout.cell_offset(cell), word, _with(word, (word >> 32) + 2))
 
     def beat(self, cell: int) -> bool:
         """Refresh our lease; False when the cell is no longer ours (or holds no lease)."""
@@ -103,8 +115,10 @@ class LeaseCells:
             word = self._word(cell)
             if cell in self._lost or state_of(word) != HELD:
                 return False
+            offset = self.layout.cell_offset(cell)
             try:
-                self._swap(cell, word, _with(word, word >> 32, (word & _BEAT_MASK) + 1))
+                self._words[cell] = self._holding(cell, lambda w: self._cas(
+                    offset, w, _with(w, w >> 32, (w & _BEAT_MASK) + 1)))
             except CellLost:
                 return False
             return True
@@ -112,13 +126,8 @@ class LeaseCells:
     def unlease(self, cell: int) -> bool:
         """Drop our lease (a no-op when none is held); False when the cell was fenced."""
         with self._cells_lock:
-            if cell in self._lost:
-                return False
-            word = self._word(cell)
-            if state_of(word) != HELD:
-                return True
             try:
-                self._swap(cell, word, _with(word, (word >> 32) + 2))
+                self._words[cell] = self._holding(cell, lambda w: self.drop(cell, w))
             except CellLost:
                 return False
             return True
@@ -140,14 +149,19 @@ class LeaseCells:
             self._words[cell] = self.mem.load(self.layout.cell_offset(cell))
         return self._words[cell]
 
-    def _swap(self, cell: int, expected: int, desired: int) -> int:
+    def _holding(self, cell: int, change) -> int:
+        """`change(word)` of our cached word, remembering a cell found lost."""
         if cell in self._lost:
             raise CellLost(f"lease cell {cell} was taken back by the broker")
-        seen = self.mem.compare_and_swap(self.layout.cell_offset(cell), expected, desired)
-        if seen != expected:
+        try:
+            return change(self._word(cell))
+        except CellLost:
             self._lost.add(cell)
-            raise CellLost(f"lease cell {cell} was taken back by the broker")
-        self._words[cell] = desired
+            raise
+
+    def _cas(self, offset: int, expected: int, desired: int) -> int:
+        if self.mem.compare_and_swap(offset, expected, desired) != expected:
+            raise CellLost("the lease cell was taken back by the broker")
         return desired
 
     # -- the owner -------------------------------------------------------------------------

@@ -29,13 +29,11 @@ def ring_name(stage: str, lane: int) -> str:
 def produce(rings: list, lane: int, payload: bytes, timeout_s: float = 0.0) -> bool:
     """Publish into `rings[lane]` (waiting up to `timeout_s` for room: RingFull after it; 0:
     False at once when full), then wake a consumer asleep on the main lane if it is another."""
+    wake = rings[MAIN] if lane != MAIN else None
     if timeout_s:
-        rings[lane].produce(payload, timeout_s)
-    elif not rings[lane].try_produce(payload):
-        return False
-    if lane != MAIN:
-        rings[MAIN].notify()
-    return True
+        rings[lane].produce(payload, timeout_s, wake)
+        return True
+    return rings[lane].try_produce(payload, wake)
 
 
 def claim_order(turn: int) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from ..errors import PayloadTooLarge, RingError, RingFull
+from ..errors import CellLost, PayloadTooLarge, RingError, RingFull
 from .base import WAKE_ALL, RemoteMemory
 from .cells import LeaseCells
 from .layout import (
@@ -58,6 +58,10 @@ class Claim:
 
 class Ring(LeaseCells):
     """One bounded MPMC queue. Not thread-safe per instance; share the memory, not the Ring."""
+
+    # Whether a publish wakes the watchers (the tcp ring server's, which forward it to its
+    # parked remote claims); the server's own publishes look at those claims themselves.
+    wakes_watchers = True
 
     def __init__(self, mem: RemoteMemory, layout: Layout):
         self.mem = mem
@@ -85,12 +89,14 @@ class Ring(LeaseCells):
         layout = Layout.unpack(mem.read(0, HEADER_BYTES))
         if mem.nbytes and mem.nbytes < layout.nbytes:
             raise RingError(f"ring needs {layout.nbytes} bytes, memory has {mem.nbytes}")
-        return cls(mem, layout)
+        # A backend may run whole protocol steps remotely (tcp: one round trip each).
+        return (getattr(mem, "ring_class", None) or cls)(mem, layout)
 
     # -- producer ------------------------------------------------------------------------
 
-    def try_produce(self, payload: bytes) -> bool:
-        """Publish `payload`; False when the ring is full (backpressure). Never blocks."""
+    def try_produce(self, payload: bytes, wake: Ring | None = None) -> bool:
+        """Publish `payload`; False when the ring is full (backpressure). Never blocks.
+        `wake`: the ring whose sleepers to wake besides ours (a lane's main ring)."""
         if len(payload) > self.layout.payload_max:
             raise PayloadTooLarge(
                 f"record of {len(payload)} bytes > slot payload of {self.layout.payload_max}"
@@ -116,6 +122,8 @@ class Ring(LeaseCells):
             else:
                 position = mem.load(OFF_ENQUEUE)
         self._wake()
+        if wake is not None:
+            wake.notify()
         return True
 
     def _wake(self) -> None:
@@ -124,14 +132,14 @@ class Ring(LeaseCells):
         sleepers, watchers = _WAITERS.unpack(self.mem.read(OFF_SLEEPERS, _WAITERS.size))
         if sleepers:
             self.mem.wake(OFF_ENQUEUE, 1, WAKE_CONSUMERS)
-        if watchers:
+        if watchers and self.wakes_watchers:
             self.mem.wake(OFF_ENQUEUE, WAKE_ALL, WAKE_WATCHERS)
 
-    def produce(self, payload: bytes, timeout_s: float) -> None:
+    def produce(self, payload: bytes, timeout_s: float, wake: Ring | None = None) -> None:
         """Publish, backing off while the ring is full; `RingFull` after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         pause_s = 0.0001
-        while not self.try_produce(payload):
+        while not self.try_produce(payload, wake):
             if time.monotonic() >= deadline:
                 raise RingFull(f"ring full for {timeout_s:.3f} s")
             time.sleep(pause_s)
@@ -233,6 +241,41 @@ class Ring(LeaseCells):
             found = look()
             if found is not None:
                 return found
+
+    def claim_many(self, rings: list[Ring], most: int, timeout_s: float,
+                   spin_s: float = 0.0) -> list[tuple[Ring, Claim]]:
+        """Up to `most` claims from `rings` (lanes, in the order to look): the first waits as
+        `claim_any` does, the rest only take what is already there."""
+        found = self.claim_any(rings, timeout_s, spin_s)
+        if found is None:
+            return []
+        claims = [found]
+        while len(claims) < most:
+            more = next(((ring, c) for ring in rings if (c := ring.try_claim()) is not None),
+                        None)
+            if more is None:
+                break
+            claims.append(more)
+        return claims
+
+    def lease_claims(self, items: list[tuple[int, Ring, Claim, int, str, int]]) -> list[str]:
+        """Lease each (cell, lane ring, claim, attempt, job id, lease_ms) in our cell, then
+        free its slot. Each answer: "leased"; "reclaimed" (the broker freed the slot first:
+        we dropped the lease, drop the item); or "lost" (our cell was fenced: the slot stays
+        claimed for the broker's reaper)."""
+        answers = []
+        for cell, ring, claim, attempt, job_id, lease_ms in items:
+            try:
+                self.lease(cell, claim.ticket, attempt, job_id, lease_ms)
+            except CellLost:
+                answers.append("lost")
+                continue
+            if ring.release(claim):
+                answers.append("leased")
+            else:
+                self.unlease(cell)
+                answers.append("reclaimed")
+        return answers
 
     def notify(self) -> None:
         """Wake a consumer asleep on this ring: a record was published into one of its lanes."""

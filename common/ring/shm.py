@@ -23,28 +23,12 @@ _SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
-class ShmMemory(RemoteMemory):
-    """A mapped segment. `create=True` makes (and on close unlinks) a zeroed segment."""
+class RegionMemory(RemoteMemory):
+    """Ring memory through a `Region` of this process: the broker's own view of its rings."""
 
-    def __init__(self, name: str, nbytes: int = 0, *, create: bool = False):
-        if not _NAME.match(name):
-            raise RingError(f"bad shm segment name {name!r}")
-        self.name = name
-        self.path = os.path.join(_SHM_DIR, name)
-        self._owner = create
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        try:
-            fd = os.open(self.path, flags, 0o600)
-        except FileNotFoundError:
-            raise RingError(f"no shm segment {name!r} (is the broker on this host?)") from None
-        try:
-            if create:
-                os.ftruncate(fd, nbytes)
-            self.nbytes = os.fstat(fd).st_size
-            self._map = mmap.mmap(fd, self.nbytes)
-        finally:
-            os.close(fd)
-        self._region = Region(self._map)
+    def __init__(self, region: Region, nbytes: int):
+        self._region = region
+        self.nbytes = nbytes
 
     def read(self, offset: int, nbytes: int) -> bytes:
         return self._region.read(offset, nbytes)
@@ -70,6 +54,30 @@ class ShmMemory(RemoteMemory):
 
     def wake(self, offset: int, count: int = WAKE_ALL, mask: int = WAKE_ANY) -> None:
         self._region.wake(offset, count, mask)
+
+
+class ShmMemory(RegionMemory):
+    """A mapped segment. `create=True` makes (and on close unlinks) a zeroed segment."""
+
+    def __init__(self, name: str, nbytes: int = 0, *, create: bool = False):
+        if not _NAME.match(name):
+            raise RingError(f"bad shm segment name {name!r}")
+        self.name = name
+        self.path = os.path.join(_SHM_DIR, name)
+        self._owner = create
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:
+            raise RingError(f"no shm segment {name!r} (is the broker on this host?)") from None
+        try:
+            if create:
+                os.ftruncate(fd, nbytes)
+            self.nbytes = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, self.nbytes)
+        finally:
+            os.close(fd)
+        self._region = Region(self._map)
 
     def close(self) -> None:
         if self._region is None:
