@@ -10,6 +10,7 @@ when stage 3 finishes. Every system gets the same number of worker processes per
 running one job at a time (as a GPU worker does), and the same redis-server (flushed between
 systems). Systems (their apps are in bench/peerapps/):
   stagepool  configs/noop.toml; broker + workers, no gateway; submit over ZMQ
+  stagepool_tcp  the same with every worker on the tcp ring, as workers on other hosts are
   raw        LPUSH/BRPOP hops between plain Python processes: the floor for Redis dispatch
   celery     chain() over the Redis broker, solo pool
   dramatiq   pipeline() over RedisBroker, --threads 1
@@ -156,11 +157,12 @@ class Stagepool(System):
     name = "stagepool"
     note = "configs/noop.toml, broker + workers, shm rings, ZMQ submit"
     max_batch: int | None = None  # None: noop.toml's (16)
+    transport = "auto"  # the workers' ring transport: shm on the broker's host
 
     def start(self) -> None:
         namespace = f"bench{uuid.uuid4().hex[:6]}"
         path = self.logs / "stagepool.toml"
-        path.write_text(_noop_toml(namespace, self.workers, self.max_batch))
+        path.write_text(_noop_toml(namespace, self.workers, self.max_batch, self.transport))
         self.cluster = Cluster(config_mod.load(path), str(path), self.logs / "stagepool",
                                {}, redis_url=self.redis_url, persist=False, gateway=False)
         info = self.cluster.start()
@@ -200,8 +202,15 @@ class Stagepool(System):
         self.redis.close()
 
 
-def _noop_toml(namespace: str, workers: int, max_batch: int | None) -> str:
-    text = (ROOT / "configs" / "noop.toml").read_text()
+class StagepoolTcp(Stagepool):
+    name = "stagepool_tcp"
+    note = "as stagepool, every worker on the tcp ring (as a worker on another host is)"
+    transport = "tcp"
+
+
+def _noop_toml(namespace: str, workers: int, max_batch: int | None,
+               transport: str = "auto") -> str:
+    text = (ROOT / "configs" / "noop.toml").read_text() + f'\n[worker]\ntransport = "{transport}"\n'
     text = text.replace('namespace = "stagepool"', f'namespace = "{namespace}"')
     if max_batch is not None:
         text = text.replace("max_batch = 16", f"max_batch = {max_batch}")
@@ -296,7 +305,8 @@ class Taskiq(Peer):
                 "--workers", "1", "--max-async-tasks", "1", "--no-configure-logging"]
 
 
-SYSTEMS = {cls.name: cls for cls in (Stagepool, Raw, Celery, Dramatiq, RQ, Arq, Taskiq)}
+SYSTEMS = {cls.name: cls for cls in (Stagepool, StagepoolTcp, Raw, Celery, Dramatiq, RQ, Arq,
+                                      Taskiq)}
 
 
 # -- measuring -------------------------------------------------------------------------------
