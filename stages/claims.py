@@ -57,4 +57,4 @@ def claim_batch(rings: list[Ring], cells: list[int], lease_ms: int, wait_s: floa
 
 def unlease(ring: Ring, batch: list[Leased]) -> bool:
     """Drop the batch's leases; False when a cell turned out fenced (taken back)."""
-    return all([ring.unlease(cell) for cell, _ in batch])
+    return ring.unlease_many([cell for cell, _ in batch])

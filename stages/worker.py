@@ -241,6 +241,7 @@ class Worker:
                     done.hand_on = msgspec.structs.replace(
                         done.hand_on, endpoint=self.data.endpoint, tensors=descs)
             ready.append(done)
+        hand_ons, committed = [], []
         for done, outcome in self.commits.commit(ready):
             if not outcome.ok:
                 log.info("job %s attempt %d not committed: %s", done.dispatch.job_id,
@@ -251,30 +252,34 @@ class Worker:
             self.session.jobs_done += 1
             hand_on = handed_on(done, outcome)
             if hand_on is not None:
-                self._publish(self.session.produce_lanes, hand_on)
+                hand_ons.append(hand_on)
+            committed.append(done)
+        self._publish(self.session.produce_lanes, hand_ons)
+        for done in committed:
             if done.pull is not None:  # our stage is committed: the producer may let go
                 self.data.release_upstream(done.dispatch)
 
     def _retry(self, dispatch: Dispatch, error: str, permanent: bool = False) -> None:
         again = self.commits.retry(dispatch, error, permanent)
         if again is not None:
-            self._publish(self.session.consume_lanes, again)
+            self._publish(self.session.consume_lanes, [again])
 
-    def _publish(self, rings: list[Ring], dispatch: Dispatch) -> None:
-        """Into the dispatch's priority lane. The lease stays alive while we wait for room:
-        nothing is lost if we die here."""
-        payload = encode_dispatch(dispatch)
-        while True:
+    def _publish(self, rings: list[Ring], dispatches: list[Dispatch]) -> None:
+        """Each into its priority lane, in one go. The leases stay alive while we wait for
+        room: nothing is lost if we die here."""
+        items = [(lanes.lane_of(d.priority), encode_dispatch(d)) for d in dispatches]
+        while items:
             try:
-                lanes.produce(rings, lanes.lane_of(dispatch.priority), payload,
-                              self.config.worker.publish_wait_s)
-                return
+                items = lanes.produce_many(rings, items, self.config.worker.publish_wait_s)
             except StagepoolError as exc:
-                if self.session.reattach.is_set():
-                    # The broker restarted: it rebuilt this dispatch from Redis already.
-                    log.info("broker changed during hand-on; the rebuild covers it")
-                    return
-                log.warning("hand-on waiting: %s", exc)
+                log.warning("hand-on failed: %s", exc)
+                time.sleep(self.config.worker.register_retry_s)
+            if items and self.session.reattach.is_set():
+                # The broker restarted: it rebuilt these dispatches from Redis already.
+                log.info("broker changed during hand-on; the rebuild covers it")
+                return
+            if items:
+                log.warning("hand-on waiting for room: %d dispatches", len(items))
 
     def _progress_reporter(self, dispatch: Dispatch, cell: int, deadline: float,
                            limit_s: float):

@@ -132,6 +132,10 @@ class LeaseCells:
                 return False
             return True
 
+    def unlease_many(self, cells: list[int]) -> bool:
+        """`unlease` each; False when any cell was fenced."""
+        return all([self.unlease(cell) for cell in cells])
+
     def stop_requested(self, cell: int) -> bool:
         """Whether our current lease in `cell` must stop: the owner asked (its stop word
         names the lease), or fenced the cell (the attempt is superseded)."""

@@ -12,6 +12,8 @@ others, it never starves them. Within a lane, first come, first served.
 
 from __future__ import annotations
 
+import time
+
 LANES = ("high", "", "low")  # ring name suffixes; "" is the stage's main ring
 MAIN = 1
 NORMAL_FIRST_EVERY = 4
@@ -34,6 +36,23 @@ def produce(rings: list, lane: int, payload: bytes, timeout_s: float = 0.0) -> b
         rings[lane].produce(payload, timeout_s, wake)
         return True
     return rings[lane].try_produce(payload, wake)
+
+
+def produce_many(rings: list, items: list[tuple[int, bytes]],
+                 timeout_s: float) -> list[tuple[int, bytes]]:
+    """Publish each (lane, payload) into `rings[lane]` in order, waking the main lane's
+    sleepers once; waits up to `timeout_s` for room. Returns what is not in yet."""
+    deadline = time.monotonic() + timeout_s
+    pause_s = 0.0001
+    main = rings[MAIN]
+    while items:
+        done = main.produce_many([(rings[lane], payload) for lane, payload in items], main)
+        items = items[done:]
+        if not items or time.monotonic() >= deadline:
+            break
+        time.sleep(pause_s)
+        pause_s = min(pause_s * 2, 0.01)
+    return items
 
 
 def claim_order(turn: int) -> tuple[int, ...]:

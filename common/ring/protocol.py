@@ -135,6 +135,18 @@ class Ring(LeaseCells):
         if watchers and self.wakes_watchers:
             self.mem.wake(OFF_ENQUEUE, WAKE_ALL, WAKE_WATCHERS)
 
+    def produce_many(self, items: list[tuple[Ring, bytes]], wake: Ring | None = None) -> int:
+        """Publish each (ring, payload) in order (this ring and its lanes), stopping at the
+        first that is full; then wake `wake`'s sleepers. Returns how many went in."""
+        done = 0
+        for ring, payload in items:
+            if not ring.try_produce(payload):
+                break
+            done += 1
+        if done and wake is not None:
+            wake.notify()
+        return done
+
     def produce(self, payload: bytes, timeout_s: float, wake: Ring | None = None) -> None:
         """Publish, backing off while the ring is full; `RingFull` after `timeout_s`."""
         deadline = time.monotonic() + timeout_s

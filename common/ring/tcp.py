@@ -9,12 +9,14 @@ its own memory instead, with the same atomics its shm clients use, so tcp, shm a
 clients of one ring stay atomic with respect to each other. One round trip each:
 
     publish              Produce    try_produce into a lane, and wake its main ring's sleepers
+    publish a batch      ProduceMany  the same for each record in order, until one is full
     claim (and wait)     ClaimAny   up to `most` claims from the lanes in order; with none, the
                                     server parks the request and answers when a record lands
     lease + release      Leases     for a batch: take each cell (fenced CAS from the word the
                                     holder last set, cells.py) and free each slot
+    unlease a batch      Drops      drop each lease (fenced CAS from the holder's word)
 and the byte-level ops (Read, Write, Store, FetchAdd, Cas, Wait, Wake) for everything else
-(beats and unleases are one Cas each; the owner's scans never cross the network).
+(a beat is one Cas; the owner's scans never cross the network).
 A connection begins with `Attach` (protocol version, ring name), answered with the ring size.
 """
 
@@ -30,6 +32,7 @@ import msgspec
 
 from ..errors import PayloadTooLarge, ProtocolError, RemoteError, RingError, TransportError
 from .base import WAKE_ALL, WAKE_ANY, RemoteMemory
+from .cells import HELD, state_of
 from .layout import JOB_ID_MAX_BYTES
 from .protocol import Claim, Ring
 
@@ -90,6 +93,18 @@ class Produce(Op, tag="P"):
     wake: str = ""  # also wake the sleepers of this ring (the lane's main ring)
 
 
+class ProduceMany(Op, tag="M"):
+    """Publish each (ring name, payload) in order until one is full; wake `ring` once."""
+
+    items: list[tuple[str, bytes]]
+
+
+class Drops(Op, tag="D"):
+    """Drop the lease of each (cell, word as its holder last set it)."""
+
+    items: list[tuple[int, int]]
+
+
 class ClaimAny(Op, tag="C"):
     """Claims from `lanes` (ring names, in the order to look); `ring` is where to wait."""
 
@@ -128,7 +143,7 @@ class Claimed(msgspec.Struct, tag="l", array_like=True):
 
 
 class Words(msgspec.Struct, tag="o", array_like=True):
-    """Answers to `Leases`, per item: (LEASED, RECLAIMED or LOST, the cell's word now)."""
+    """Answers to `Leases` and `Drops`, per item: (LEASED, RECLAIMED or LOST, its word now)."""
 
     rid: int
     words: list[tuple[int, int]]
@@ -146,7 +161,8 @@ class OpError(msgspec.Struct, tag="e", array_like=True):
     message: str
 
 
-AnyOp = Attach | Read | Write | Store | FetchAdd | Cas | Wait | Wake | Produce | ClaimAny | Leases
+AnyOp = (Attach | Read | Write | Store | FetchAdd | Cas | Wait | Wake | Produce | ProduceMany
+         | ClaimAny | Leases | Drops)
 AnyReply = Value | Data | Claimed | Words | OpError
 
 
@@ -290,6 +306,32 @@ class TcpRing(Ring):
                 f"record of {len(payload)} bytes > slot payload of {self.layout.payload_max}")
         wake_name = wake.mem.ring if wake is not None else ""
         return bool(self.mem.call(Produce(0, self.mem.ring, payload, wake_name)).value)
+
+    def produce_many(self, items: list[tuple[Ring, bytes]], wake: Ring | None = None) -> int:
+        for _, payload in items:
+            if len(payload) > self.layout.payload_max:
+                raise PayloadTooLarge(f"record of {len(payload)} bytes > slot payload of "
+                                      f"{self.layout.payload_max}")
+        if not items:
+            return 0
+        op = ProduceMany(0, wake.mem.ring if wake is not None else self.mem.ring,
+                         [(ring.mem.ring, payload) for ring, payload in items])
+        return self.mem.call(op).value
+
+    def unlease_many(self, cells: list[int]) -> bool:
+        with self._cells_lock:
+            held = [cell for cell in cells if cell not in self._lost
+                    and state_of(self._word(cell)) == HELD]
+            if not held:
+                return not any(cell in self._lost for cell in cells)
+            words = self.mem.call(Drops(0, self.mem.ring,
+                                        [(cell, self._words[cell]) for cell in held])).words
+            for cell, (status, word) in zip(held, words):
+                if status == LOST:
+                    self._lost.add(cell)
+                else:
+                    self._words[cell] = word
+            return not any(cell in self._lost for cell in cells)
 
     def try_claim(self) -> Claim | None:
         found = self._claim([self], 1, 0.0)

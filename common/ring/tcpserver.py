@@ -33,7 +33,8 @@ from .protocol import Claim, Ring
 from .shm import RegionMemory
 from .tcp import (
     FRAME_HEADER, LEASED, LOST, MAX_OP_FRAME_BYTES, OPS_VERSION, RECLAIMED, AnyOp, Attach, Cas, ClaimAny,
-    Claimed, Data, FetchAdd, Leases, Op, OpError, Produce, Read, Store, Value, Wait, Wake,
+    Claimed, Data, Drops, FetchAdd, Leases, Op, OpError, Produce, ProduceMany, Read, Store,
+    Value, Wait, Wake,
     Words, Write, split_endpoint,
 )
 
@@ -274,6 +275,23 @@ class TcpRingServer:
                 if done and self._parked:
                     self._check_parked()
                 return Value(rid, int(done))
+            case ProduceMany(rid=rid, items=items):
+                done = 0
+                for name, payload in items:
+                    ring = self._ring(name)
+                    if len(payload) > ring.layout.payload_max:
+                        raise PayloadTooLarge(f"record of {len(payload)} bytes > slot payload")
+                    if not ring.try_produce(payload):
+                        break
+                    done += 1
+                if done:
+                    self._rings[op.ring].notify()
+                    if self._parked:
+                        self._check_parked()
+                return Value(rid, done)
+            case Drops(rid=rid, items=items):
+                return Words(rid, [self._drop(self._rings[op.ring], cell, word)
+                                   for cell, word in items])
             case ClaimAny(rid=rid, lanes=names, most=most, timeout_ms=timeout_ms):
                 rings = [self._ring(name) for name in names]
                 if not 1 <= most <= 4096 or not rings:
@@ -335,6 +353,13 @@ class TcpRingServer:
             return LEASED, word
         try:
             return RECLAIMED, ring.drop(item.cell, word)
+        except CellLost:
+            return LOST, 0
+
+    @staticmethod
+    def _drop(ring: Ring, cell: int, word: int) -> tuple[int, int]:
+        try:
+            return LEASED, ring.drop(cell, word)
         except CellLost:
             return LOST, 0
 
