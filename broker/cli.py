@@ -12,6 +12,7 @@
     stagepool wait ID [--timeout S]
     stagepool cancel ID
     stagepool queues [--json]
+    stagepool keys generate DIR             CURVE keys for binds beyond loopback
     stagepool models init-tiny DIR          build the tiny model directories (no download)
 
 Client commands find the broker from --broker, then STAGEPOOL_BROKER_ENDPOINT, then the
@@ -56,6 +57,17 @@ def _broker_endpoint(args) -> str:
     if info.exists():
         return json.loads(info.read_text())["broker"]
     return config_mod.load(getattr(args, "config", None)).broker.endpoint
+
+
+def _client(args) -> BrokerClient:
+    """A client of the broker, with the keys of --config's security.keys_dir (or the
+    environment's) where it has them."""
+    keys = None
+    if getattr(args, "config", None):
+        from ..common.security import Keys
+
+        keys = Keys.from_config(config_mod.load(args.config))
+    return BrokerClient(_broker_endpoint(args), keys=keys)
 
 
 def _parse_workers(items: list[str], config) -> dict[str, int]:
@@ -151,6 +163,14 @@ def cmd_models(args) -> int:
             print(shapes.init_random(args.dir, args.family, args.size, force=args.force))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from ..common.security import generate
+
+    for path in generate(args.dir):
+        print(path)
     return 0
 
 
@@ -254,7 +274,7 @@ def cmd_submit(args) -> int:
     for item in args.param:
         key, _, value = item.partition("=")
         params[key] = value
-    with BrokerClient(_broker_endpoint(args)) as client:
+    with _client(args) as client:
         deadline_ms = int((time.time() + args.deadline_s) * 1000) if args.deadline_s else 0
         submitted = client.submit(params, job_id=args.job_id, priority=args.priority,
                                   deadline_ms=deadline_ms)
@@ -266,7 +286,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    with BrokerClient(_broker_endpoint(args)) as client:
+    with _client(args) as client:
         status = client.status(args.job_id)
     if args.json:
         print(msgspec.json.encode(status).decode())
@@ -276,7 +296,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_wait(args) -> int:
-    with BrokerClient(_broker_endpoint(args)) as client:
+    with _client(args) as client:
         try:
             status = _follow(client, args.job_id, args.timeout, show=False)
         except TimeoutError as exc:
@@ -287,7 +307,7 @@ def cmd_wait(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    with BrokerClient(_broker_endpoint(args)) as client:
+    with _client(args) as client:
         result = client.cancel(args.job_id)
     print(f"{result.job_id} {result.state}")
     return 0 if result.cancelled else 1
@@ -302,7 +322,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_workers(args) -> int:
-    with BrokerClient(_broker_endpoint(args)) as client:
+    with _client(args) as client:
         listing = client.workers()
     if args.json:
         print(msgspec.json.encode(listing.workers).decode())
@@ -328,7 +348,7 @@ def cmd_workers(args) -> int:
 
 
 def cmd_queues(args) -> int:
-    with BrokerClient(_broker_endpoint(args)) as client:
+    with _client(args) as client:
         queues = client.queues()
     if args.json:
         print(msgspec.json.encode(queues).decode())
@@ -408,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="init-random: the model size (1.3B, 14B)")
     p.add_argument("--dry-run", action="store_true",
                    help="init-random: print each component's parameters and bytes only")
+    p = add("keys", cmd_keys, "CURVE keys for binds beyond loopback (common/security.py)")
+    p.add_argument("action", choices=["generate"])
+    p.add_argument("dir", help="where to write server.key*, client.key* (secrets 0600)")
     return parser
 
 

@@ -22,6 +22,7 @@ from ..common.errors import RingError
 from ..common.ring import Layout, Ring, lanes
 from ..common.ring.shm import ShmMemory
 from ..common.ring.tcpserver import TcpRingServer
+from ..common.security import Keys, require
 from ..common.wire import RingAttach
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class RingHost:
     """Creates, serves and finally unlinks the stage rings. Also hands out lease cells."""
 
-    def __init__(self, config: Config, broker_id: str):
+    def __init__(self, config: Config, broker_id: str, keys: Keys | None = None):
         self.config = config
         self.host = socket.gethostname()
         layout = Layout(config.ring.capacity, config.ring.slot_bytes, config.ring.cells)
@@ -54,9 +55,11 @@ class RingHost:
             self.rings[stage.name] = rings[lanes.MAIN]
         self.tcp: TcpRingServer | None = None
         if config.ring.tcp_bind:
+            require("ring.tcp_bind", config.ring.tcp_bind, keys, config.security.insecure)
             regions = {stage: memory._region for stage, memory in self.memories.items()}
             sizes = {stage: memory.nbytes for stage, memory in self.memories.items()}
-            self.tcp = TcpRingServer(config.ring.tcp_bind, regions, sizes)
+            self.tcp = TcpRingServer(config.ring.tcp_bind, regions, sizes,
+                                     key=keys.ring_key if keys else None)
             self.tcp.start()
         self.verbs = None
         if config.ring.verbs_device:

@@ -33,6 +33,7 @@ from ..common import wire
 from ..common.config import Config
 from ..common.errors import Busy, Code, ProtocolError, StagepoolError
 from ..common.jobstore import JobStore, job_status
+from ..common.security import Keys, require, serve_curve
 from ..common.ring import lanes
 from ..common.wire import (
     Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, GetWorkers, Heartbeat,
@@ -60,9 +61,11 @@ class Broker:
         self.config = config
         self.broker_id = uuid.uuid4().hex[:12]
         self.schema = wire.schema_hash()
+        self.keys = Keys.from_config(config)
+        require("broker.endpoint", config.broker.endpoint, self.keys, config.security.insecure)
         self.store = JobStore.from_config(config)
         self.redis_url = self.store.url
-        self.ringhost = RingHost(config, self.broker_id)
+        self.ringhost = RingHost(config, self.broker_id, self.keys)
         self.dispatcher = Dispatcher(self.ringhost.lanes)
         self.reaper = Reaper(config, self.ringhost.lanes, self.store, self.dispatcher)
         self.reaper.on_redis_restart = self.rebuild
@@ -78,6 +81,7 @@ class Broker:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 16 * wire.MAX_FRAME_BYTES)
+        serve_curve(self._sock, self.keys)
         self._sock.bind(config.broker.endpoint)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stage_names = [s.name for s in config.pipeline.stages]

@@ -39,6 +39,16 @@ def is_local(host: str) -> bool:
     return address.is_loopback or address.is_unspecified
 
 
+def is_loopback(host: str) -> bool:
+    """Reachable from this host only (a bind here needs no authentication)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def route_to(host: str) -> str:
     """Our local address on the route to `host` (loopback for a local one)."""
     if is_local(host):

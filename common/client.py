@@ -15,22 +15,31 @@ import zmq
 
 from . import wire
 from .errors import Code, RemoteError, TransportError
+from .security import Keys, connect_curve
 
 
 class BrokerClient:
     """Not thread-safe: one per thread. Every call has a timeout; `close` releases the socket."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 10.0, name: str = ""):
+    def __init__(self, endpoint: str, *, timeout_s: float = 10.0, name: str = "",
+                 keys: Keys | None = None):
+        """`keys`: CURVE keys for a broker that has them (default: from the environment,
+        STAGEPOOL_SECURITY_KEYS_DIR)."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._codec = wire.Codec(wire.Reply)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        connect_curve(self._sock, keys if keys is not None else Keys.from_env())
         self._sock.connect(endpoint)
         self._rid = 0
         self._name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.welcome: wire.Welcome = self._hello()
+        try:
+            self.welcome: wire.Welcome = self._hello()
+        except BaseException:
+            self.close()
+            raise
 
     def _hello(self) -> wire.Welcome:
         return self._call(wire.Hello(version=wire.PROTOCOL_VERSION, schema=wire.schema_hash(),

@@ -141,6 +141,14 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     broker_timeout_s: float = 5.0
 
 
+class SecurityConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Who may reach the broker's control socket, the tcp ring and the release notices
+    (common/security.py). Binds beyond loopback need keys, or insecure = true."""
+
+    keys_dir: str = ""  # `stagepool keys generate DIR`; or STAGEPOOL_SECURITY_KEYS_DIR
+    insecure: bool = False  # wide binds without keys: only on a network that is private
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
@@ -149,6 +157,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     transfer: TransferConfig = msgspec.field(default_factory=TransferConfig)
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.pipeline.stages:

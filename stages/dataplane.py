@@ -19,6 +19,7 @@ import time
 
 from ..common.config import Config
 from ..common.jobstore import JobStore
+from ..common.security import Keys
 from ..common.transfer import Exchange, Failure, FailureKind, PoolFull, PullStatus
 from ..common.wire import TERMINAL_STATES, Dispatch, TensorDesc
 
@@ -35,7 +36,8 @@ class DataPlane:
         self.prev_stage = names[index - 1] if index else ""
         self.next_stage = names[index + 1] if index + 1 < len(names) else ""
         self.settings = config.transfer
-        self.exchange = Exchange(config.transfer)
+        self.exchange = Exchange(config.transfer, Keys.from_config(config),
+                                 config.security.insecure)
         self._next_sweep = time.monotonic() + self.settings.hold_check_s
 
     @property

@@ -30,6 +30,7 @@ from ..common.client import BrokerClient
 from ..common.config import Config
 from ..common.errors import RemoteError, StagepoolError, StoreUnavailable
 from ..common.jobstore import JobStore
+from ..common.security import Keys
 from ..common.ring import Ring, lanes, open_memory
 from .gpu import GpuProbe
 
@@ -44,6 +45,7 @@ class Session:
         self.endpoint = endpoint
         self.broker_host = endpoint_host(endpoint)  # what the broker's own addresses mean here
         self.redis_url = redis_url  # our own job store, over the broker's offer
+        self.keys = Keys.from_config(config)  # CURVE to the broker, the ring's key
         self.transport = transport
         self.worker_id = worker_id
         self.registered: wire.Registered | None = None
@@ -159,7 +161,7 @@ class Session:
 
     def _client(self) -> BrokerClient:
         return BrokerClient(self.endpoint, timeout_s=self.config.worker.control_timeout_s,
-                            name=self.worker_id)
+                            name=self.worker_id, keys=self.keys)
 
     def _open(self, attach: wire.RingAttach, client: BrokerClient):
         attach = msgspec.structs.replace(
@@ -167,7 +169,8 @@ class Session:
         def verbs_connect(ring: str, qp: dict) -> dict:
             return client.call(wire.VerbsConnect(worker_id=self.worker_id, stage=ring, qp=qp)).qp
 
-        return open_memory(attach, self.transport, verbs_connect=verbs_connect)
+        return open_memory(attach, self.transport, verbs_connect=verbs_connect,
+                           key=self.keys.ring_key if self.keys else None)
 
     def _lanes(self, attaches: list[wire.RingAttach], main: Ring, client) -> list[Ring]:
         return [main if lane == lanes.MAIN else Ring.attach(self._open(attach, client))

@@ -3,7 +3,8 @@ with a second encode and denoise worker. Each host is a network namespace with i
 UTS and mount namespace and a private /dev/shm (tests/netns.py), so every hop between stages
 crosses hosts: tcp rings to the broker, Mooncake between workers. The only address set by
 hand is the broker's; Redis is offered on loopback (with an ACL user) and the tcp ring on a
-wildcard bind, and the workers find their own advertised addresses.
+wildcard bind, and the workers find their own advertised addresses. Every bind is beyond
+loopback, so every surface runs with the deployment's keys (CURVE, the ring's MAC).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from stagepool.common.security import ENV_KEYS_DIR, generate
 
 from .netns import Network, usable
 
@@ -51,6 +54,9 @@ worker_timeout_ms = {worker_timeout_ms}
 heartbeat_ms = 300
 claim_wait_s = 0.2
 
+[security]
+keys_dir = "{keys_dir}"
+
 [transfer]
 backend = "auto"
 timeout_s = 2.0
@@ -80,12 +86,15 @@ class MultiHost:
                                       results=tmp / "results")
                          for name, state in [("encode", "encoding"), ("denoise", "denoising"),
                                              ("decode", "decoding")])
+        keys_dir = tmp / "keys"  # every bind here is beyond loopback: CURVE and the ring MAC
+        generate(keys_dir)
         self.config = tmp / "pipeline.toml"
         self.config.write_text(CONFIG.format(
             stages=stages, redis_url=REDIS_URL, namespace=NAMESPACE, broker=BROKER,
-            worker_timeout_ms=WORKER_TIMEOUT_MS))
+            worker_timeout_ms=WORKER_TIMEOUT_MS, keys_dir=keys_dir))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("STAGEPOOL_")}
         self.env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        self.env[ENV_KEYS_DIR] = str(keys_dir)  # the driver's and the CLI's client keys
         self.net = Network(f"sp{os.getpid() % 100000}", ["a", "b", "c", "d"])
         try:
             self._start()

@@ -23,6 +23,7 @@ from ...common.client import BrokerClient
 from ...common.config import DEFAULT_RESULTS_DIR, Config
 from ...common.errors import Code, RemoteError, StagepoolError, TransportError
 from ...common.jobstore import JobStore, job_status
+from ...common.security import Keys
 from ...common.wire import TERMINAL_STATES
 from . import schema
 
@@ -56,7 +57,8 @@ class Observer:
             try:
                 if client is None:
                     client = BrokerClient(self.broker_endpoint, name=f"gateway-{uuid.uuid4().hex[:6]}",
-                                          timeout_s=self.config.gateway.broker_timeout_s)
+                                          timeout_s=self.config.gateway.broker_timeout_s,
+                                          keys=Keys.from_config(self.config))
                     self._local.client = client
                     with self._clients_lock:
                         self._clients.append(client)

@@ -17,7 +17,8 @@ from .protocol import Claim, Ring
 __all__ = ["Claim", "Layout", "Lease", "RemoteMemory", "Ring", "open_memory"]
 
 
-def open_memory(attach, transport: str, *, verbs_connect=None, verbs_device: str = "") -> RemoteMemory:
+def open_memory(attach, transport: str, *, verbs_connect=None, verbs_device: str = "",
+                key: bytes | None = None) -> RemoteMemory:
     """Open a ring's memory by `transport` ("auto" = shm when on the broker's host, else tcp)."""
     if transport == "auto":
         transport = "shm" if attach.host == socket.gethostname() and attach.shm_name else "tcp"
@@ -30,7 +31,7 @@ def open_memory(attach, transport: str, *, verbs_connect=None, verbs_device: str
 
         if not attach.tcp_endpoint:
             raise RingError("the broker offers no tcp ring endpoint (ring.tcp_bind is off)")
-        return TcpMemory(attach.tcp_endpoint, attach.stage)
+        return TcpMemory(attach.tcp_endpoint, attach.stage, key=key)
     if transport == "verbs":
         from .verbs import VerbsMemory
 

@@ -22,6 +22,8 @@ A connection begins with `Attach` (protocol version, ring name), answered with t
 
 from __future__ import annotations
 
+import hmac
+import os
 import socket
 import struct
 import threading
@@ -31,6 +33,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ..errors import PayloadTooLarge, ProtocolError, RemoteError, RingError, TransportError
+from ..security import NONCE_BYTES, FrameSeal
 from .base import WAKE_ALL, WAKE_ANY, RemoteMemory
 from .cells import HELD, state_of
 from .layout import JOB_ID_MAX_BYTES
@@ -166,6 +169,10 @@ AnyOp = (Attach | Read | Write | Store | FetchAdd | Cas | Wait | Wake | Produce 
 AnyReply = Value | Data | Claimed | Words | OpError
 
 
+def _frame(body: bytes) -> bytes:
+    return FRAME_HEADER.pack(len(body)) + body
+
+
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """("host", port) of a "tcp://host:port" endpoint."""
     parts = urlsplit(endpoint)
@@ -179,8 +186,12 @@ class TcpMemory(RemoteMemory):
     then msgpack. Thread-safe (one lock). A timeout or a broken connection closes it (a late
     reply must not be read as the next one's); the next call connects again."""
 
-    def __init__(self, endpoint: str, ring: str, *, timeout_s: float = 5.0):
+    def __init__(self, endpoint: str, ring: str, *, timeout_s: float = 5.0,
+                 key: bytes | None = None):
+        """`key`: the deployment's ring key (security.Keys.ring_key) where the server has one."""
         self.endpoint = endpoint
+        self._key = key
+        self._seal: FrameSeal | None = None
         self.ring = ring
         self.timeout_s = timeout_s
         self._address = split_endpoint(endpoint)
@@ -206,11 +217,10 @@ class TcpMemory(RemoteMemory):
                 sock = self._connected(deadline)
                 self._rid += 1
                 op.rid = self._rid
-                body = self._encoder.encode(op)
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
-                sock.sendall(FRAME_HEADER.pack(len(body)) + body)
+                self._send_frame(sock, self._encoder.encode(op))
                 while True:
-                    reply = self._decoder.decode(self._recv_frame(sock, deadline))
+                    reply = self._decoder.decode(self._recv_reply(sock, deadline))
                     if reply.rid == op.rid:
                         break
             except (OSError, msgspec.DecodeError, TransportError) as exc:
@@ -226,14 +236,43 @@ class TcpMemory(RemoteMemory):
                                             timeout=max(0.001, deadline - time.monotonic()))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock = sock
+            self._seal = None
+            if self._key is not None:
+                self._handshake(sock, deadline)
             if self._rid:  # a connection again: say which ring first
                 self._rid += 1
-                body = self._encoder.encode(Attach(self._rid, self.ring, OPS_VERSION))
-                sock.sendall(FRAME_HEADER.pack(len(body)) + body)
-                reply = self._decoder.decode(self._recv_frame(sock, deadline))
+                self._send_frame(sock, self._encoder.encode(
+                    Attach(self._rid, self.ring, OPS_VERSION)))
+                reply = self._decoder.decode(self._recv_reply(sock, deadline))
                 if isinstance(reply, OpError):
                     raise TransportError(f"{reply.code}: {reply.message}")
         return self._sock
+
+    def _handshake(self, sock: socket.socket, deadline: float) -> None:
+        """Both ends prove they hold the ring key over fresh nonces (security.FrameSeal)."""
+        seal = FrameSeal(self._key, client=True)
+        try:
+            server_nonce = self._recv_frame(sock, deadline)
+        except TransportError:
+            raise TransportError("the ring server did not start a keyed handshake (does it "
+                                 "run without keys?)") from None
+        client_nonce = os.urandom(NONCE_BYTES)
+        sock.sendall(_frame(client_nonce + seal.proof(b"client", server_nonce, client_nonce)))
+        try:
+            proof = self._recv_frame(sock, deadline)
+        except TransportError:
+            raise TransportError("the ring server refused our key") from None
+        if not hmac.compare_digest(proof, seal.proof(b"server", server_nonce, client_nonce)):
+            raise TransportError("the ring server does not hold our key")
+        seal.start(server_nonce, client_nonce)
+        self._seal = seal
+
+    def _send_frame(self, sock: socket.socket, body: bytes) -> None:
+        sock.sendall(_frame(self._seal.seal(body) if self._seal is not None else body))
+
+    def _recv_reply(self, sock: socket.socket, deadline: float) -> bytes:
+        frame = self._recv_frame(sock, deadline)
+        return self._seal.open(frame) if self._seal is not None else frame
 
     def _recv_frame(self, sock: socket.socket, deadline: float) -> bytes:
         header = self._recv_exact(sock, FRAME_HEADER.size, deadline)

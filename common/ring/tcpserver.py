@@ -18,7 +18,9 @@ frame past the size limit closes its connection; the loop never dies of either.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import selectors
 import socket
 import threading
@@ -26,7 +28,8 @@ import time
 
 import msgspec
 
-from ..errors import CellLost, PayloadTooLarge, ProtocolError, StagepoolError
+from ..errors import CellLost, PayloadTooLarge, ProtocolError, StagepoolError, TransportError
+from ..security import NONCE_BYTES, FrameSeal
 from .base import WAKE_ALL, WAKE_ANY
 from .layout import OFF_ENQUEUE, OFF_WATCHERS, WAKE_WATCHERS
 from .protocol import Claim, Ring
@@ -46,13 +49,15 @@ _MAX_PARK_MS = 60_000
 class _Conn:
     """One client connection: bytes read but not yet a whole frame, bytes not yet sent."""
 
-    __slots__ = ("sock", "inbox", "outbox", "peer")
+    __slots__ = ("sock", "inbox", "outbox", "peer", "seal", "nonce")
 
-    def __init__(self, sock: socket.socket, peer: str):
+    def __init__(self, sock: socket.socket, peer: str, seal: FrameSeal | None):
         self.sock = sock
         self.inbox = bytearray()
         self.outbox = bytearray()
         self.peer = peer
+        self.seal = seal  # with a ring key: None until the handshake is through
+        self.nonce = b""  # ours, while the handshake is on
 
 
 class _Parked:
@@ -70,7 +75,11 @@ class TcpRingServer:
     Runs in its own thread (`start`/`stop`); owns its sockets and one watcher thread per ring.
     """
 
-    def __init__(self, endpoint: str, regions: dict, sizes: dict[str, int]):
+    def __init__(self, endpoint: str, regions: dict, sizes: dict[str, int],
+                 key: bytes | None = None):
+        """`key`: the ring key (security.Keys.ring_key): every client must prove it holds it,
+        and every frame then carries a MAC."""
+        self._key = key
         self._regions = regions
         self._sizes = sizes
         self._rings = {name: Ring.attach(RegionMemory(region, sizes[name]))
@@ -181,8 +190,12 @@ class TcpRingServer:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Conn(sock, f"{address[0]}:{address[1]}")
+        conn = _Conn(sock, f"{address[0]}:{address[1]}", None)
         self._selector.register(sock, selectors.EVENT_READ, conn)
+        if self._key is not None:
+            conn.nonce = os.urandom(NONCE_BYTES)
+            conn.outbox += FRAME_HEADER.pack(len(conn.nonce)) + conn.nonce
+            self._flush(conn)
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -207,9 +220,30 @@ class TcpRingServer:
                 break
             frame = bytes(conn.inbox[FRAME_HEADER.size:end])
             del conn.inbox[:end]
+            if self._key is not None:
+                try:
+                    if conn.seal is None:
+                        self._handshake(conn, frame)
+                        continue
+                    frame = conn.seal.open(frame)
+                except TransportError as exc:
+                    log.warning("ring server: %s from %s; closing it", exc, conn.peer)
+                    self._close(conn)
+                    return
             self._handle(conn, frame)
             if conn.sock.fileno() < 0:
                 return
+
+    def _handshake(self, conn: _Conn, frame: bytes) -> None:
+        seal = FrameSeal(self._key, client=False)
+        client_nonce, proof = frame[:NONCE_BYTES], frame[NONCE_BYTES:]
+        if not hmac.compare_digest(proof, seal.proof(b"client", conn.nonce, client_nonce)):
+            raise TransportError("a client without the ring key")
+        answer = seal.proof(b"server", conn.nonce, client_nonce)
+        conn.outbox += FRAME_HEADER.pack(len(answer)) + answer
+        seal.start(conn.nonce, client_nonce)
+        conn.seal = seal
+        self._flush(conn)
 
     def _close(self, conn: _Conn) -> None:
         if conn.sock.fileno() >= 0:
@@ -222,6 +256,8 @@ class TcpRingServer:
         if conn.sock.fileno() < 0:
             return False
         body = self._encoder.encode(reply)
+        if conn.seal is not None:
+            body = conn.seal.seal(body)
         conn.outbox += FRAME_HEADER.pack(len(body)) + body
         return self._flush(conn)
 

@@ -28,6 +28,7 @@ import zmq
 
 from ..addresses import LOOPBACK
 from ..config import TransferConfig
+from ..security import Keys, connect_curve, require, serve_curve
 from ..errors import TransferError
 from ..wire import DECODE_ERRORS, Release, TensorDesc
 from .base import Endpoint, Failure, FailedPull, FailureKind, Pull, host_identity
@@ -41,9 +42,13 @@ _NOTICE_HWM = 1000
 
 
 class Exchange:
-    def __init__(self, config: TransferConfig):
+    def __init__(self, config: TransferConfig, keys: Keys | None = None, insecure: bool = False):
+        """`keys`: CURVE for the release notices (required where `config.host` is beyond
+        loopback, unless `insecure`)."""
         self.config = config
+        self.keys = keys
         host = config.host or LOOPBACK  # a worker sets it from its route to the broker
+        require("the release-notice socket", host, keys, insecure)
         self.pool = Pool(config.pool_mb << 20)
         self.largest_put_bytes = 0  # the most one `put` has taken (aligned): admission's unit
         self.local = LocalBackend() if config.backend in ("auto", "local") else None
@@ -68,6 +73,7 @@ class Exchange:
         self._ctx = zmq.Context.instance()
         self._notices = self._ctx.socket(zmq.PULL)
         self._notices.setsockopt(zmq.LINGER, 0)
+        serve_curve(self._notices, keys)
         port = self._notices.bind_to_random_port(f"tcp://{host}")
         self._peers: dict[str, zmq.Socket] = {}
         self._decoder = msgspec.msgpack.Decoder(Release)
@@ -188,6 +194,7 @@ class Exchange:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 1000)
             sock.setsockopt(zmq.SNDHWM, _NOTICE_HWM)
+            connect_curve(sock, self.keys)
             sock.connect(address)
             self._peers[address] = sock
         try:
