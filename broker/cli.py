@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import msgspec
@@ -34,7 +33,10 @@ import msgspec
 from ..common import config as config_mod
 from ..common.client import BrokerClient
 from ..common.errors import ConfigError, RemoteError, StagepoolError
-from ..common.wire import TERMINAL_STATES
+from .client_commands import (
+    broker_endpoint, cmd_cancel, cmd_queues, cmd_status, cmd_submit,
+    cmd_wait, cmd_workers, follow_with_progress,
+)
 
 log = logging.getLogger("stagepool")
 
@@ -46,28 +48,6 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
     )
-
-
-def _broker_endpoint(args) -> str:
-    if getattr(args, "broker", None):
-        return args.broker
-    if os.environ.get("STAGEPOOL_BROKER_ENDPOINT"):
-        return os.environ["STAGEPOOL_BROKER_ENDPOINT"]
-    info = Path(args.state_dir) / "cluster.json"
-    if info.exists():
-        return json.loads(info.read_text())["broker"]
-    return config_mod.load(getattr(args, "config", None)).broker.endpoint
-
-
-def _client(args) -> BrokerClient:
-    """A client of the broker, with the keys of --config's security.keys_dir (or the
-    environment's) where it has them."""
-    keys = None
-    if getattr(args, "config", None):
-        from ..common.security import Keys
-
-        keys = Keys.from_config(config_mod.load(args.config))
-    return BrokerClient(_broker_endpoint(args), keys=keys)
 
 
 def _parse_workers(items: list[str], config) -> dict[str, int]:
@@ -95,7 +75,7 @@ def cmd_broker(args) -> int:
 def cmd_gateway(args) -> int:
     from .gateway.app import serve
 
-    serve(config_mod.load(args.config), _broker_endpoint(args), host=args.host, port=args.port)
+    serve(config_mod.load(args.config), broker_endpoint(args), host=args.host, port=args.port)
     return 0
 
 
@@ -107,7 +87,7 @@ def cmd_top(args) -> int:
     if info.exists() and not os.environ.get("STAGEPOOL_REDIS_URL"):
         config = config_mod.load(args.config, env={
             **os.environ, "STAGEPOOL_REDIS_URL": json.loads(info.read_text())["redis_url"]})
-    return run_top(config, _broker_endpoint(args), args.interval, args.once)
+    return run_top(config, broker_endpoint(args), args.interval, args.once)
 
 
 def cmd_worker(args) -> int:
@@ -208,7 +188,7 @@ def cmd_demo(args) -> int:
             submitted = client.submit({"prompt": args.prompt, "seed": args.seed})
             print(f"submitted job {submitted.job_id}: {args.prompt!r} "
                   f"(dashboard: {info['gateway']}/)", flush=True)
-            status = _follow_with_progress(client, submitted.job_id, config, timeout_s=300)
+            status = follow_with_progress(client, submitted.job_id, config, timeout_s=300)
         record_path = state_dir / "results" / f"{submitted.job_id}.json"
         record_path.parent.mkdir(parents=True, exist_ok=True)
         record_path.write_bytes(msgspec.json.format(msgspec.json.encode(status), indent=2))
@@ -225,137 +205,11 @@ def cmd_demo(args) -> int:
         cluster.stop()
 
 
-def _follow_with_progress(client: BrokerClient, job_id: str, config, timeout_s: float):
-    """Follow a job with one progress bar per stage (denoise steps as they are reported)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    names = [stage.name for stage in config.pipeline.stages]
-    deadline = time.monotonic() + timeout_s
-    columns = (TextColumn("{task.description:<10}"), BarColumn(),
-               TextColumn("{task.fields[note]}"), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as bars:
-        tasks = {name: bars.add_task(name, total=1, note="queued") for name in names}
-        while True:
-            status = client.status(job_id)
-            for name in names:
-                info = status.stages.get(name, {})
-                step = info.get("step")
-                if "finished_ms" in info or (name == names[-1] and status.state == "succeeded"):
-                    bars.update(tasks[name], completed=bars.tasks[tasks[name]].total, note="done")
-                elif step:
-                    done, total = (int(x) for x in step.split("/"))
-                    bars.update(tasks[name], total=total, completed=done, note=f"step {step}")
-                elif "started_ms" in info:
-                    bars.update(tasks[name], note="running")
-            if status.state in TERMINAL_STATES:
-                return status
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} still {status.state} after {timeout_s} s")
-            time.sleep(0.05)
-
-
-def _follow(client: BrokerClient, job_id: str, timeout_s: float, show: bool):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        status = client.status(job_id)
-        if show and status.state != last:
-            print(f"  {job_id}: {status.state}", flush=True)
-            last = status.state
-        if status.state in TERMINAL_STATES:
-            return status
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"job {job_id} still {status.state} after {timeout_s} s")
-        time.sleep(0.05)
-
-
-def cmd_submit(args) -> int:
-    params = json.loads(args.params) if args.params else {}
-    for item in args.param:
-        key, _, value = item.partition("=")
-        params[key] = value
-    with _client(args) as client:
-        deadline_ms = int((time.time() + args.deadline_s) * 1000) if args.deadline_s else 0
-        submitted = client.submit(params, job_id=args.job_id, priority=args.priority,
-                                  deadline_ms=deadline_ms)
-    if args.json:
-        print(msgspec.json.encode(submitted).decode())
-    else:
-        print(submitted.job_id)
-    return 0
-
-
-def cmd_status(args) -> int:
-    with _client(args) as client:
-        status = client.status(args.job_id)
-    if args.json:
-        print(msgspec.json.encode(status).decode())
-    else:
-        print(f"{status.job_id} {status.state}" + (f" ({status.error})" if status.error else ""))
-    return 0
-
-
-def cmd_wait(args) -> int:
-    with _client(args) as client:
-        try:
-            status = _follow(client, args.job_id, args.timeout, show=False)
-        except TimeoutError as exc:
-            print(str(exc), file=sys.stderr)
-            return 2
-    print(f"{status.job_id} {status.state}")
-    return 0 if status.state == "succeeded" else 1
-
-
-def cmd_cancel(args) -> int:
-    with _client(args) as client:
-        result = client.cancel(args.job_id)
-    print(f"{result.job_id} {result.state}")
-    return 0 if result.cancelled else 1
-
-
 def cmd_pipeline(args) -> int:
     from .pipeline import describe, render
 
     description = describe(config_mod.load(args.config))
     print(json.dumps(description, indent=2) if args.json else render(description))
-    return 0
-
-
-def cmd_workers(args) -> int:
-    with _client(args) as client:
-        listing = client.workers()
-    if args.json:
-        print(msgspec.json.encode(listing.workers).decode())
-        return 0
-    now_ms = time.time() * 1000
-    rows = [("WORKER", "STAGE", "HOST", "PID", "DEVICE", "BUSY", "JOB (STEP)", "DONE",
-             "BEAT", "GPU MEMORY", "UTIL")]
-    for w in listing.workers:
-        job = (w.jobs[0] + (f" ({w.step})" if w.step else "")
-               + (f" +{len(w.jobs) - 1}" if len(w.jobs) > 1 else "")) if w.jobs else "-"
-        gpu = w.gpu
-        rows.append((
-            w.worker_id, w.stage, w.host, str(w.pid),
-            w.device + (f" (GPU {gpu.index})" if gpu else ""), "yes" if w.busy else "no", job,
-            str(w.jobs_done), f"{max(0.0, now_ms - w.heartbeat_ms) / 1000:.1f}s ago",
-            f"{gpu.memory_used_mib / 1024:.1f}/{gpu.memory_total_mib / 1024:.1f} GiB "
-            f"(own {gpu.process_reserved_mib / 1024:.1f})" if gpu else "-",
-            f"{gpu.utilization_pct:.0f}%" if gpu else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    return 0
-
-
-def cmd_queues(args) -> int:
-    with _client(args) as client:
-        queues = client.queues()
-    if args.json:
-        print(msgspec.json.encode(queues).decode())
-        return 0
-    print(f"{'stage':<12}{'depth':>8}{'backlog':>9}{'in flight':>11}{'workers':>9}")
-    for q in queues.queues:
-        print(f"{q.stage:<12}{q.depth:>8}{q.backlog:>9}{q.in_flight:>11}{q.workers:>9}")
     return 0
 
 

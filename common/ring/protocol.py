@@ -56,6 +56,19 @@ class Claim:
     payload: bytes
 
 
+def claim_waiting(rings: list[Ring], most: int) -> list[tuple[int, Claim]]:
+    """Up to `most` claims of records already waiting in `rings`, looked at in order, each
+    with the index of its ring. Never waits."""
+    found = []
+    while len(found) < most:
+        claim = next(((index, c) for index, ring in enumerate(rings)
+                      if (c := ring.try_claim()) is not None), None)
+        if claim is None:
+            break
+        found.append(claim)
+    return found
+
+
 class Ring(LeaseCells):
     """One bounded MPMC queue. Not thread-safe per instance; share the memory, not the Ring."""
 
@@ -261,14 +274,7 @@ class Ring(LeaseCells):
         found = self.claim_any(rings, timeout_s, spin_s)
         if found is None:
             return []
-        claims = [found]
-        while len(claims) < most:
-            more = next(((ring, c) for ring in rings if (c := ring.try_claim()) is not None),
-                        None)
-            if more is None:
-                break
-            claims.append(more)
-        return claims
+        return [found] + [(rings[i], c) for i, c in claim_waiting(rings, most - 1)]
 
     def lease_claims(self, items: list[tuple[int, Ring, Claim, int, str, int]]) -> list[str]:
         """Lease each (cell, lane ring, claim, attempt, job id, lease_ms) in our cell, then
@@ -276,18 +282,32 @@ class Ring(LeaseCells):
         we dropped the lease, drop the item); or "lost" (our cell was fenced: the slot stays
         claimed for the broker's reaper)."""
         answers = []
-        for cell, ring, claim, attempt, job_id, lease_ms in items:
-            try:
-                self.lease(cell, claim.ticket, attempt, job_id, lease_ms)
-            except CellLost:
-                answers.append("lost")
-                continue
-            if ring.release(claim):
-                answers.append("leased")
-            else:
-                self.unlease(cell)
-                answers.append("reclaimed")
+        with self._cells_lock:
+            for cell, ring, claim, attempt, job_id, lease_ms in items:
+                if cell in self._lost:
+                    answers.append("lost")
+                    continue
+                answer, word = self.lease_from(cell, self._word(cell), ring, claim, attempt,
+                                               job_id, lease_ms)
+                if answer == "lost":
+                    self._lost.add(cell)
+                else:
+                    self._words[cell] = word
+                answers.append(answer)
         return answers
+
+    def lease_from(self, cell: int, word: int, ring: Ring, claim: Claim, attempt: int,
+                   job_id: str, lease_ms: int) -> tuple[str, int]:
+        """Take `cell` from `word` (its holder's last), then free `claim`'s slot in `ring`
+        (dropping the lease again if the broker reclaimed the slot first): the answer and
+        the cell's word now. Keeps no state: the tcp ring server runs it for remote holders."""
+        try:
+            word = self.take(cell, word, claim.ticket, attempt, job_id, lease_ms)
+            if ring.release(claim):
+                return "leased", word
+            return "reclaimed", self.drop(cell, word)
+        except CellLost:
+            return "lost", 0
 
     def notify(self) -> None:
         """Wake a consumer asleep on this ring: a record was published into one of its lanes."""

@@ -15,8 +15,8 @@ clients of one ring stay atomic with respect to each other. One round trip each:
     lease + release      Leases     for a batch: take each cell (fenced CAS from the word the
                                     holder last set, cells.py) and free each slot
     unlease a batch      Drops      drop each lease (fenced CAS from the holder's word)
-and the byte-level ops (Read, Write, Store, FetchAdd, Cas, Wait, Wake) for everything else
-(a beat is one Cas; the owner's scans never cross the network).
+and the byte-level ops (Read, Write, Store, FetchAdd, Cas, Wake) for everything else (a beat
+is one Cas; the owner's scans never cross the network; a raw `wait` polls).
 A connection begins with `Attach` (protocol version, ring name), answered with the ring size.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import hmac
 import os
 import socket
-import struct
 import threading
 import time
 from urllib.parse import urlsplit
@@ -35,139 +34,14 @@ import msgspec
 from ..errors import PayloadTooLarge, ProtocolError, RemoteError, RingError, TransportError
 from ..security import NONCE_BYTES, FrameSeal
 from .base import WAKE_ALL, WAKE_ANY, RemoteMemory
+from .tcpops import (
+    ANSWERS, FRAME_HEADER, LOST, MAX_OP_FRAME_BYTES, OPS_VERSION, AnyReply, Attach,
+    Cas, ClaimAny, Drops, FetchAdd, LeaseItem, Leases, Op, OpError, Produce, ProduceMany,
+    Read, Store, Wake, Write,
+)
 from .cells import HELD, state_of
 from .layout import JOB_ID_MAX_BYTES
 from .protocol import Claim, Ring
-
-OPS_VERSION = 2
-MAX_OP_FRAME_BYTES = 1 << 20
-FRAME_HEADER = struct.Struct("<I")  # each frame: its length, then msgpack
-
-
-class Op(msgspec.Struct, tag=True, array_like=True):
-    rid: int
-    ring: str
-
-
-class Attach(Op, tag="a"):
-    version: int
-
-
-class Read(Op, tag="r"):
-    offset: int
-    nbytes: int
-
-
-class Write(Op, tag="w"):
-    offset: int
-    data: bytes
-
-
-class Store(Op, tag="s"):
-    offset: int
-    value: int
-
-
-class FetchAdd(Op, tag="f"):
-    offset: int
-    delta: int
-
-
-class Cas(Op, tag="c"):
-    offset: int
-    expected: int
-    desired: int
-
-
-class Wait(Op, tag="W"):
-    offset: int
-    expected: int
-    timeout_ms: int
-
-
-class Wake(Op, tag="k"):
-    offset: int
-    count: int = WAKE_ALL
-    mask: int = WAKE_ANY
-
-
-class Produce(Op, tag="P"):
-    payload: bytes
-    wake: str = ""  # also wake the sleepers of this ring (the lane's main ring)
-
-
-class ProduceMany(Op, tag="M"):
-    """Publish each (ring name, payload) in order until one is full; wake `ring` once."""
-
-    items: list[tuple[str, bytes]]
-
-
-class Drops(Op, tag="D"):
-    """Drop the lease of each (cell, word as its holder last set it)."""
-
-    items: list[tuple[int, int]]
-
-
-class ClaimAny(Op, tag="C"):
-    """Claims from `lanes` (ring names, in the order to look); `ring` is where to wait."""
-
-    lanes: list[str]
-    most: int
-    timeout_ms: int
-
-
-class LeaseItem(msgspec.Struct, array_like=True):
-    cell: int
-    word: int  # the cell's word as its holder last set it: the fence
-    lane: str  # the ring the claim came from
-    ticket: int
-    attempt: int
-    job_id: str
-    lease_ms: int
-
-
-class Leases(Op, tag="L"):
-    items: list[LeaseItem]
-
-
-class Value(msgspec.Struct, tag="v", array_like=True):
-    rid: int
-    value: int
-
-
-class Data(msgspec.Struct, tag="d", array_like=True):
-    rid: int
-    data: bytes
-
-
-class Claimed(msgspec.Struct, tag="l", array_like=True):
-    rid: int
-    items: list[tuple[int, int, bytes]]  # (index in lanes, ticket, payload)
-
-
-class Words(msgspec.Struct, tag="o", array_like=True):
-    """Answers to `Leases` and `Drops`, per item: (LEASED, RECLAIMED or LOST, its word now)."""
-
-    rid: int
-    words: list[tuple[int, int]]
-
-
-LEASED = 0
-RECLAIMED = 1  # the broker freed the slot first: the lease was dropped again
-LOST = 2  # the cell was fenced: the holder lost it (the slot stays claimed for the reaper)
-_ANSWERS = {LEASED: "leased", RECLAIMED: "reclaimed", LOST: "lost"}
-
-
-class OpError(msgspec.Struct, tag="e", array_like=True):
-    rid: int
-    code: str
-    message: str
-
-
-AnyOp = (Attach | Read | Write | Store | FetchAdd | Cas | Wait | Wake | Produce | ProduceMany
-         | ClaimAny | Leases | Drops)
-AnyReply = Value | Data | Claimed | Words | OpError
-
 
 def _frame(body: bytes) -> bytes:
     return FRAME_HEADER.pack(len(body)) + body
@@ -319,12 +193,6 @@ class TcpMemory(RemoteMemory):
     def compare_and_swap(self, offset: int, expected: int, desired: int) -> int:
         return self.call(Cas(0, self.ring, offset, expected, desired)).value
 
-    def wait(self, offset: int, expected_u32: int, timeout_s: float,
-             mask: int = WAKE_ANY) -> bool:
-        # Parked at the server, answered by its watcher on any change: `mask` needs no wire.
-        op = Wait(0, self.ring, offset, expected_u32, int(timeout_s * 1000))
-        return bool(self.call(op, timeout_s=timeout_s + self.timeout_s).value)
-
     def wake(self, offset: int, count: int = WAKE_ALL, mask: int = WAKE_ANY) -> None:
         self.call(Wake(0, self.ring, offset, count, mask))
 
@@ -416,6 +284,6 @@ class TcpRing(Ring):
                     self._lost.add(cell)
                 else:
                     self._words[cell] = word
-                answers.append(_ANSWERS.get(status, "lost"))
+                answers.append(ANSWERS.get(status, "lost"))
             return answers
 

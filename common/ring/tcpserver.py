@@ -8,7 +8,7 @@ Lifecycle of one request (tcp.py has the ops and the framing):
   3. it answers with the same id. A `ClaimAny` that finds nothing is parked until a record
      lands or its timeout passes: a `Produce` served here retries the parked claims at once,
      and a watcher thread per ring (asleep on the ring's futex only while claims are parked)
-     pokes the loop when a shm client or the broker publishes. Legacy `Wait`s park the same way.
+     pokes the loop when a shm client or the broker publishes.
 One thread serves every connection (a selector loop: each step is microseconds of work, and
 the GIL would serialise more threads anyway). A client that disconnects takes its parked
 requests with it; a claim answered to a connection that has just gone is published again and
@@ -32,13 +32,13 @@ from ..errors import CellLost, PayloadTooLarge, ProtocolError, StagepoolError, T
 from ..security import NONCE_BYTES, FrameSeal
 from .base import WAKE_ALL, WAKE_ANY
 from .layout import OFF_ENQUEUE, OFF_WATCHERS, WAKE_WATCHERS
-from .protocol import Claim, Ring
+from .protocol import Claim, Ring, claim_waiting
 from .shm import RegionMemory
-from .tcp import (
-    FRAME_HEADER, LEASED, LOST, MAX_OP_FRAME_BYTES, OPS_VERSION, RECLAIMED, AnyOp, Attach, Cas, ClaimAny,
+from .tcp import split_endpoint
+from .tcpops import (
+    ANSWER_CODES, FRAME_HEADER, LEASED, LOST, MAX_OP_FRAME_BYTES, OPS_VERSION, AnyOp, Attach, Cas, ClaimAny,
     Claimed, Data, Drops, FetchAdd, Leases, Op, OpError, Produce, ProduceMany, Read, Store,
-    Value, Wait, Wake,
-    Words, Write, split_endpoint,
+    Value, Wake, Words, Write,
 )
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class _Conn:
 class _Parked:
     __slots__ = ("conn", "op", "deadline")
 
-    def __init__(self, conn: _Conn, op: Wait | ClaimAny, deadline: float):
+    def __init__(self, conn: _Conn, op: ClaimAny, deadline: float):
         self.conn = conn
         self.op = op
         self.deadline = deadline
@@ -332,13 +332,14 @@ class TcpRingServer:
                 rings = [self._ring(name) for name in names]
                 if not 1 <= most <= 4096 or not rings:
                     raise ProtocolError("a claim takes 1..4096 records from at least one ring")
-                found = self._claim(rings, most)
+                found = self._claimed(rings, most)
                 if found or timeout_ms <= 0:
                     return Claimed(rid, found)
                 self._park(conn, op, timeout_ms)
                 return None
             case Leases(rid=rid, items=items):
-                return Words(rid, [self._lease(self._rings[op.ring], item) for item in items])
+                ring = self._rings[op.ring]
+                return Words(rid, [self._lease(ring, item) for item in items])
             case Read(rid=rid, offset=offset, nbytes=nbytes):
                 return Data(rid, region.read(offset, nbytes))
             case Write(rid=rid, offset=offset, data=data):
@@ -356,41 +357,17 @@ class TcpRingServer:
                     raise ProtocolError("wake needs 1 <= count < 2**31 and a nonzero u32 mask")
                 region.wake(offset, count, mask)
                 return Value(rid, 0)
-            case Wait(rid=rid, offset=offset, expected=expected, timeout_ms=timeout_ms):
-                if region.load(offset) & 0xFFFFFFFF != expected:
-                    return Value(rid, 1)
-                self._park(conn, op, timeout_ms)
-                return None
             case Attach(rid=rid, version=version):
                 if version != OPS_VERSION:
                     return OpError(rid, "version_mismatch", f"ring ops v{OPS_VERSION} only")
                 return Value(rid, self._sizes[op.ring])
         raise ProtocolError(f"unknown op {type(op).__name__}")
 
-    @staticmethod
-    def _claim(rings: list[Ring], most: int) -> list[tuple[int, int, bytes]]:
-        found = []
-        while len(found) < most:
-            claim = next(((index, c) for index, ring in enumerate(rings)
-                          if (c := ring.try_claim()) is not None), None)
-            if claim is None:
-                break
-            found.append((claim[0], claim[1].ticket, claim[1].payload))
-        return found
-
     def _lease(self, ring: Ring, item) -> tuple[int, int]:
-        """Take the cell from the holder's word, then free the slot (one protocol step)."""
-        try:
-            word = ring.take(item.cell, item.word, item.ticket, item.attempt, item.job_id,
-                             item.lease_ms)
-        except CellLost:
-            return LOST, 0
-        if self._ring(item.lane).release(Claim(item.ticket, b"")):
-            return LEASED, word
-        try:
-            return RECLAIMED, ring.drop(item.cell, word)
-        except CellLost:
-            return LOST, 0
+        answer, word = ring.lease_from(item.cell, item.word, self._ring(item.lane),
+                                       Claim(item.ticket, b""), item.attempt, item.job_id,
+                                       item.lease_ms)
+        return ANSWER_CODES[answer], word
 
     @staticmethod
     def _drop(ring: Ring, cell: int, word: int) -> tuple[int, int]:
@@ -399,7 +376,11 @@ class TcpRingServer:
         except CellLost:
             return LOST, 0
 
-    def _park(self, conn: _Conn, op: Wait | ClaimAny, timeout_ms: int) -> None:
+    @staticmethod
+    def _claimed(rings: list[Ring], most: int) -> list[tuple[int, int, bytes]]:
+        return [(index, c.ticket, c.payload) for index, c in claim_waiting(rings, most)]
+
+    def _park(self, conn: _Conn, op: ClaimAny, timeout_ms: int) -> None:
         deadline = time.monotonic() + min(timeout_ms, _MAX_PARK_MS) / 1000
         self._parked.append(_Parked(conn, op, deadline))
         self._watched[op.ring].set()
@@ -409,19 +390,12 @@ class TcpRingServer:
         still = []
         for parked in self._parked:
             op = parked.op
-            if isinstance(op, ClaimAny):
-                rings = [self._rings[name] for name in op.lanes]
-                found = self._claim(rings, op.most)
-                if found or now >= parked.deadline:
-                    if not self._send(parked.conn, Claimed(op.rid, found)):
-                        self._give_back(rings, found)
-                    continue
-            else:
-                region = self._regions[op.ring]
-                changed = region.load(op.offset) & 0xFFFFFFFF != op.expected
-                if changed or now >= parked.deadline:
-                    self._send(parked.conn, Value(op.rid, int(changed)))
-                    continue
+            rings = [self._rings[name] for name in op.lanes]
+            found = self._claimed(rings, op.most)
+            if found or now >= parked.deadline:
+                if not self._send(parked.conn, Claimed(op.rid, found)):
+                    self._give_back(rings, found)
+                continue
             still.append(parked)
         self._parked = still
         for name, watched in self._watched.items():
