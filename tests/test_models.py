@@ -120,9 +120,10 @@ def test_fifty_jobs_survive_a_killed_denoise_worker_without_reencoding(
     with BrokerClient(cluster.broker, timeout_s=30) as client:
         cluster.wait_ready(client, 2, timeout_s=120)
         for job_id in job_ids:
-            client.submit({"prompt": f"prompt {job_id}", "seed": 1, "infer_steps": 12},
+            client.submit({"prompt": f"prompt {job_id}", "seed": 1, "infer_steps": 40},
                           job_id=job_id)
-        # Kill the first denoise worker in the middle of one of its jobs.
+        # Kill the first denoise worker in the middle of one of its jobs: in its first half
+        # of steps, so that the kill lands before that attempt can commit.
         pid = cluster.pids()["denoise-0"]
         deadline = time.monotonic() + 120
         victim = None
@@ -130,8 +131,10 @@ def test_fifty_jobs_survive_a_killed_denoise_worker_without_reencoding(
             assert time.monotonic() < deadline, "denoise-0 never ran a job"
             for job_id in job_ids:
                 record = store.get(job_id) or {}
+                done, _, total = record.get("denoise.step", "").partition("/")
                 if (record.get("state") == "denoising" and f"-{pid}-" in
-                        record.get("denoise.worker", "") and "denoise.step" in record):
+                        record.get("denoise.worker", "") and done
+                        and int(done) <= int(total) // 2):
                     victim = job_id
                     break
             time.sleep(0.01)

@@ -221,6 +221,11 @@ def test_a_dead_encode_host_sends_its_jobs_back_and_they_succeed_in_bounded_time
     _assert_all_succeeded_once(hosts, jobs)
     rewound = [j for j in stranded if jobs[j]["attempts"]["encode"] >= 2]
     assert rewound == stranded, f"jobs held on b were not encoded again: {jobs}"
-    print(f"\nmulti-host: {len(stranded)} jobs held on the dead encode host; all 10 jobs "
-          f"done {recovery_s:.1f} s after the kill")
+    logs = "".join(p.read_text(errors="replace") for p in hosts.tmp.glob("denoise-*.log"))
+    waited = sum("Mooncake read from 10.77.0.2" in line and "(status" in line
+                 for line in logs.splitlines())
+    at_once = logs.count("counted as dead")
+    print(f"\nmulti-host: {len(stranded)} jobs held on the dead encode host; pulls from it: "
+          f"{waited} tries waited out the transfer timeout, {at_once} failed at once (dead "
+          f"peer); all 10 jobs done {recovery_s:.1f} s after the kill")
     assert recovery_s < 120
