@@ -31,6 +31,7 @@ from pathlib import Path
 import msgspec
 
 from ..common import config as config_mod
+from ..common.addresses import redact
 from ..common.client import BrokerClient
 from ..common.errors import ConfigError, RemoteError, StagepoolError
 from .client_commands import (
@@ -163,7 +164,7 @@ def cmd_up(args) -> int:
     cluster = Cluster(config, args.config, Path(args.state_dir), workers,
                       redis_url=args.redis_url, gateway=not args.no_gateway)
     info = cluster.start()
-    print(f"stagepool up: broker {info['broker']}, redis {info['redis_url']}, "
+    print(f"stagepool up: broker {info['broker']}, redis {redact(info['redis_url'])}, "
           f"gateway {info['gateway'] or 'off'}, state in {args.state_dir}", flush=True)
     try:
         cluster.supervise(info)

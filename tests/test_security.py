@@ -132,3 +132,52 @@ def test_a_security_section_is_part_of_the_config():
     config = msgspec.convert({"pipeline": {"stages": [{"name": "a"}]},
                               "security": {"keys_dir": "/k", "insecure": True}}, Config)
     assert config.security.keys_dir == "/k" and config.security.insecure
+
+
+@pytest.mark.cluster
+def test_jobs_run_over_redis_tls_with_an_acl_user(tmp_path, namespace):
+    """`rediss://user:password@host/…?ssl_ca_certs=…`: the broker, every worker and the
+    gateway reach Redis over TLS as an ACL user (the default user is off)."""
+    import shutil
+    import time
+
+    import tests.conftest as conftest
+    from stagepool.common.jobstore import JobStore
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (it makes the test's certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    acl = tmp_path / "users.acl"
+    acl.write_text("user default off\nuser stagepool on >tls-secret ~* &* +@all\n")
+    port = free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients",
+         "no", "--save", "", "--appendonly", "no", "--aclfile", str(acl)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"rediss://stagepool:tls-secret@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    store = JobStore(url, namespace)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                store.run_id()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "redis over TLS did not start"
+                time.sleep(0.05)
+        cluster = conftest.Cluster(tmp_path, url, namespace, workers=1)
+        try:
+            with BrokerClient(cluster.broker) as client:
+                cluster.wait_ready(client, 1)
+                ids = [client.submit({}, job_id=f"tls-{i}").job_id for i in range(20)]
+            assert conftest.wait_ended(store, ids, 60) == ["succeeded"] * 20
+        finally:
+            cluster.stop()
+    finally:
+        store.close()
+        redis.terminate()
+        redis.wait(10)
