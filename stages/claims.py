@@ -5,8 +5,8 @@
      the main lane), then up to one more per spare lease cell among those already waiting: a
      batch never waits for work to arrive;
   2. lease each into one of our cells in the main lane (job, attempt, ticket), then release
-     its slot; a slot
-     the broker reclaimed first (we were too slow) has been published again: drop it;
+     its slot; a slot the broker reclaimed first (we were too slow) has been published
+     again: drop it. On the tcp ring, 1 and 2 are one round trip each for the whole batch;
   3. an undecodable record is dropped with a log line (it has no job to fail).
 A worker killed between 1 and 2 leaves a claimed slot, between 2 and `unlease` a lease: the
 broker's reaper recovers either (broker/reaper.py). A cell the broker fenced (common/ring/

@@ -185,13 +185,18 @@ class Session:
 
     def _beat_loop(self, busy: threading.Event, chores: Callable[[], None]) -> None:
         client = None
+        told: set[int] = set()  # lost cells already logged (of the ring `told_of`)
+        told_of = None
         next_ping = 0.0
         while not self._stopped.is_set():
             registered, ring = self.registered, self.consume
+            if ring is not told_of:
+                told, told_of = set(), ring
             if busy.is_set() and ring is not None:
                 try:
                     for cell in self.leased:
-                        if not ring.beat(cell) and ring.lost(cell):
+                        if not ring.beat(cell) and ring.lost(cell) and cell not in told:
+                            told.add(cell)
                             log.warning("lease cell %d was taken back by the broker: the "
                                         "attempt in it is superseded", cell)
                 except StagepoolError:

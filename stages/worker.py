@@ -12,8 +12,10 @@ Lifecycle of a batch of dispatches in a worker (one commit path for every stage)
      the job back to that stage (`Rewind`); any other failure `retry`s this stage;
   5. hold the outputs in our pool, then commit the batch, one round trip: `finish` (Redis
      answers the next stage's attempt) or `complete` (the last stage's result, exactly once);
-  6. publish each hand-on into the next ring (waiting, the lease alive, while it is full),
-     tell the previous stage's worker to release our inputs, and drop the leases.
+  6. publish the batch's hand-ons into the next ring's lanes in one go (waiting, the leases
+     alive, while it is full), tell the previous stage's workers to release our inputs, and
+     drop the leases; a lease cell the broker took back (we were presumed dead: our attempt
+     was superseded) makes the worker register again for fresh cells.
 A worker killed anywhere in 2-6 leaves a claimed slot or a lease that the broker's reaper
 recovers; its replacement pulls the same held inputs again.
 A running stage stops at its next step (`StageStopped` from `job.progress`) when Redis says

@@ -96,6 +96,8 @@ class LeaseCells:
         if len(job) > JOB_ID_MAX_BYTES:
             raise PayloadTooLarge(f"job id longer than {JOB_ID_MAX_BYTES} bytes")
         offset = self.layout.cell_offset(cell)
+        if state_of(word) not in (FREE, HELD):  # no holder leaves a write half done
+            raise CellLost(f"lease cell {cell} was left mid-write")
         if state_of(word) == HELD:
             word = self._cas(offset, word, _with(word, (word >> 32) + 2))
         seq = (word >> 32) & _SEQ_MASK
