@@ -111,3 +111,34 @@ class Registry:
             for (info, _), step in zip(steps, found):
                 info.step = step or ""
         return wire.WorkerList(workers=out)
+
+
+class DeadPeers:
+    """Producers (Mooncake sessions) some worker could not pull from: told to every worker
+    with its heartbeat's answer, so jobs that need them go back a stage at once, until the
+    producer's own heartbeat proves it alive (then told as revived, for as long)."""
+
+    MAX_PEERS = 1000
+
+    def __init__(self, dead_s: float):
+        self.dead_s = dead_s
+        self._dead_until: dict[str, float] = {}
+        self._revived_until: dict[str, float] = {}
+
+    def report(self, peer: str, stage: str) -> None:
+        if len(self._dead_until) >= self.MAX_PEERS:
+            return
+        self._dead_until[peer] = time.monotonic() + self.dead_s
+        self._revived_until.pop(peer, None)
+        log.warning("peer %s is unreachable (a %s pull failed): telling every worker", peer,
+                    stage)
+
+    def news(self, alive: str) -> tuple[list[str], list[str]]:
+        """(dead, revived) peers to tell a worker whose own session is `alive`."""
+        now = time.monotonic()
+        if alive and self._dead_until.pop(alive, None) is not None:
+            self._revived_until[alive] = now + self.dead_s
+            log.info("peer %s is back", alive)
+        self._dead_until = {p: t for p, t in self._dead_until.items() if t > now}
+        self._revived_until = {p: t for p, t in self._revived_until.items() if t > now}
+        return list(self._dead_until), list(self._revived_until)

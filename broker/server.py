@@ -46,14 +46,13 @@ from ..stages.families import pipeline_schema
 from .dispatcher import Dispatcher
 from .ingress import Ingress
 from .reaper import Reaper
-from .registry import Registry
+from .registry import DeadPeers, Registry
 from .ringhost import RingHost
 
 log = logging.getLogger(__name__)
 
 _POLL_MS = 100
 _MAX_GREETED = 100_000  # identities remembered as having said Hello
-_MAX_DEAD_PEERS = 1000
 
 
 class Broker:
@@ -72,8 +71,7 @@ class Broker:
         self.ingress = Ingress(self.store, self.submit, consumer="broker")
         self.registry = Registry(config, self.ringhost, self.store)
         self._greeted: dict[bytes, float] = {}
-        self._dead_until: dict[str, float] = {}  # producers found unreachable -> until when
-        self._revived_until: dict[str, float] = {}  # ... that heartbeated since -> until when
+        self.peers = DeadPeers(config.transfer.dead_peer_s)
         self._codec = Codec(wire.Request)
         self._stop = threading.Event()
         self._ctx = zmq.Context.instance()
@@ -304,7 +302,7 @@ class Broker:
             case Heartbeat():
                 if not self.registry.heartbeat(request):
                     return Error(code=Code.UNKNOWN_WORKER, message="register again")
-                dead, revived = self._peers(request.session)
+                dead, revived = self.peers.news(request.session)
                 return HeartbeatAck(broker_id=self.broker_id, dead_peers=dead,
                                     revived_peers=revived)
             case GetWorkers():
@@ -320,26 +318,11 @@ class Broker:
                 return VerbsAccept(qp=self.ringhost.verbs.accept(stage, qp))
         raise ProtocolError(f"unexpected {type(request).__name__}")
 
-    def _peers(self, alive: str) -> tuple[list[str], list[str]]:
-        """(dead, revived) producers to tell a worker of; `alive` (the heartbeating worker's
-        own session) proves itself alive: it moves from dead to revived."""
-        now = time.monotonic()
-        if alive and self._dead_until.pop(alive, None) is not None:
-            self._revived_until[alive] = now + self.config.transfer.dead_peer_s
-            log.info("peer %s is back", alive)
-        self._dead_until = {p: t for p, t in self._dead_until.items() if t > now}
-        self._revived_until = {p: t for p, t in self._revived_until.items() if t > now}
-        return list(self._dead_until), list(self._revived_until)
-
     def _rewind(self, request: Rewind) -> RewindResult:
         """Send a job back to the stage that produced the inputs a worker could not pull; a
         producer that could not be reached is announced dead to every worker (heartbeats)."""
-        if request.dead_peer and len(self._dead_until) < _MAX_DEAD_PEERS:
-            self._dead_until[request.dead_peer] = (time.monotonic()
-                                                   + self.config.transfer.dead_peer_s)
-            self._revived_until.pop(request.dead_peer, None)
-            log.warning("peer %s is unreachable (a %s pull failed): telling every worker",
-                        request.dead_peer, request.stage)
+        if request.dead_peer:
+            self.peers.report(request.dead_peer, request.stage)
         stages = self.config.pipeline.stages
         index = self._stage_names.index(request.stage) if request.stage in self._stage_names else -1
         if index <= 0:
