@@ -61,6 +61,7 @@ def test_a_worker_pool_on_a_routable_address_needs_keys_for_its_release_notices(
     exchange.close()
 
 
+@pytest.mark.cluster
 def test_the_broker_speaks_curve_only_to_clients_with_the_key(tmp_path, keys, redis_server,
                                                                namespace):
     port = free_port()
