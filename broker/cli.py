@@ -1,6 +1,7 @@
 """The `stagepool` command.
 
     stagepool up --config FILE [--workers STAGE=N ...] [--redis-url URL] [--state-dir DIR]
+                                            one per state dir; Ctrl-C stops it in order
     stagepool demo [--config FILE]          a local cluster, one job through every stage
     stagepool broker --config FILE
     stagepool worker --stage S --config FILE [--transport auto|shm|tcp|verbs] [--gpu ID]

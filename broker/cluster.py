@@ -1,10 +1,19 @@
 """`stagepool up`: a local cluster in the foreground.
 
-Starts (1) `redis-server` on a free loopback port with its data in the state dir, unless a URL
-is given; (2) the broker; (3) the HTTP gateway (on gateway.port; 0 picks a free one);
-(4) N workers per stage, each its own process. It supervises them:
-a child that dies is started again (with backoff), so a killed worker is replaced while the
-broker recovers its job. SIGINT/SIGTERM stops everything, workers first (they drain).
+Lifecycle:
+  1. lock the state dir (`up.lock`, flock): a second `up` on it exits at once, naming the pid
+     of the one that runs;
+  2. start (a) `redis-server` on a free loopback port with its data in the state dir, unless a
+     URL is given; (b) the broker; (c) the HTTP gateway (on gateway.port; 0 picks a free one);
+     (d) N workers per stage. Each runs in a session of its own: a terminal's Ctrl-C reaches
+     `up` alone, which stops them in order;
+  3. supervise: a child that dies is started again (with backoff), so a killed worker is
+     replaced while the broker recovers its job; one that fails at start (an error exit
+     within START_WINDOW_S) twice in a row stops the cluster, its last log lines printed;
+  4. stop (SIGINT or SIGTERM), in order: intake first (the gateway), then the workers drain
+     their current job (after worker.drain_timeout_s a second signal stops a running stage at
+     its next step, and its job is re-queued), then the broker, then Redis (a clean shutdown:
+     its append-only file synced). A second Ctrl-C hurries each step, still in order.
 `cluster.json` in the state dir tells other commands (and tests) where things are.
 """
 
@@ -29,6 +38,37 @@ from ..common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _RESTART_BACKOFF_S = 0.5
+START_WINDOW_S = 20.0  # an error exit this soon after a start is a failure to start
+_HURRY_S = 5.0  # how long each step of a hurried stop waits
+_SERVER_STOP_S = 10.0
+_LOG_LINES = 20
+_EXIT_HUNG = 70  # stages/worker.py EXIT_HUNG: a worker that exits so on purpose
+
+
+class StartFailed(ConfigError):
+    """A supervised process failed at start twice in a row: the cluster stops."""
+
+
+def lock_state_dir(state_dir: Path):
+    """Hold `state_dir/up.lock` (flock) for this process's life; ConfigError naming the pid
+    of the `up` that holds it."""
+    import fcntl
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(state_dir / "up.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(f"another stagepool up (pid {holder}) runs in {state_dir}: stop it "
+                          "first, or give this one another --state-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def free_port() -> int:
@@ -51,7 +91,8 @@ def start_redis(state_dir: Path, persist: bool = True, fsync: str = "everysec",
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
             "--save", "", "--appendonly", "yes" if persist else "no", "--appendfsync", fsync,
             "--logfile", str(data / "redis.log")]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # a terminal's Ctrl-C is not for it
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + 10
@@ -91,12 +132,30 @@ class Child:
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self.started_at = 0.0
+        self.failed_starts = 0  # error exits within START_WINDOW_S, in a row
 
     def start(self) -> None:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(self.argv, env=self.env, stdout=out,
-                                            stderr=subprocess.STDOUT)
+                                            stderr=subprocess.STDOUT, start_new_session=True)
         self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            try:
+                self.process.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def last_lines(self, count: int = _LOG_LINES) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-count:])
 
 
 class Cluster:
@@ -113,9 +172,11 @@ class Cluster:
         self.redis_process: subprocess.Popen | None = None
         self.children: list[Child] = []
         self._stop = False
+        self._hurry = False
+        self._lock = None
 
     def start(self) -> dict:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_state_dir(self.state_dir)
         logs = self.state_dir / "logs"
         logs.mkdir(exist_ok=True)
         if self.redis_url is None:
@@ -160,46 +221,91 @@ class Cluster:
         tmp.replace(self.state_dir / "cluster.json")
 
     def supervise(self, info: dict, until=None) -> None:
-        """Restart dead children until stopped (or until `until()` returns True)."""
+        """Restart dead children until stopped (or until `until()` returns True). StartFailed
+        when one fails at start twice in a row."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         while not self._stop and not (until and until()):
             changed = False
             for child in self.children:
-                if child.process.poll() is not None:
-                    since = time.monotonic() - child.started_at
-                    if since < _RESTART_BACKOFF_S * (1 + min(child.restarts, 10)):
-                        continue
-                    log.warning("%s exited with %s; restarting", child.name,
-                                child.process.returncode)
-                    child.restarts += 1
-                    child.start()
-                    changed = True
+                if child.process.poll() is None:
+                    continue
+                code = child.process.returncode
+                since = time.monotonic() - child.started_at
+                if 0 < code != _EXIT_HUNG and since < START_WINDOW_S:
+                    child.failed_starts += 1
+                elif since >= START_WINDOW_S:
+                    child.failed_starts = 0
+                if child.failed_starts >= 2:
+                    raise StartFailed(f"{child.name} failed at start twice (exit {code}); "
+                                      f"the end of {child.log_path}:\n{child.last_lines()}")
+                if since < _RESTART_BACKOFF_S * (1 + min(child.restarts, 10)):
+                    continue
+                log.warning("%s exited with %s; restarting", child.name, code)
+                child.restarts += 1
+                child.start()
+                changed = True
             if changed:
                 self._write_info(info)
             time.sleep(0.1)
 
     def _on_signal(self, *_) -> None:
+        if self._stop:
+            self._hurry = True  # a second Ctrl-C: each step of the stop waits less
         self._stop = True
 
     def stop(self) -> None:
-        servers = ("broker", "gateway")
-        workers = [c for c in self.children if c.name not in servers]
-        brokers = [c for c in self.children if c.name in servers]
-        for group in (workers, brokers):
-            for child in group:
-                if child.process and child.process.poll() is None:
-                    child.process.send_signal(signal.SIGTERM)
-            for child in group:
-                if child.process:
-                    try:
-                        child.process.wait(timeout=self.config.worker.drain_timeout_s)
-                    except subprocess.TimeoutExpired:
-                        child.process.kill()
-                        child.process.wait()
-        if self.redis_process is not None:
-            self.redis_process.terminate()
+        """In order: intake, workers (drained), broker, Redis. Installs the signal handlers
+        itself, so a second signal during the stop hurries it."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self._stop = True
+        by_name = {"gateway": [], "broker": [], "workers": []}
+        for child in self.children:
+            by_name[child.name if child.name in by_name else "workers"].append(child)
+        self._stop_group("gateway", by_name["gateway"], _SERVER_STOP_S)
+        self._stop_group("workers", by_name["workers"], self.config.worker.drain_timeout_s,
+                         second_signal_s=self.config.worker.stop_grace_s)
+        self._stop_group("broker", by_name["broker"], _SERVER_STOP_S)
+        if self.redis_process is not None and self.redis_process.poll() is None:
+            self.redis_process.terminate()  # redis-server syncs its append-only file first
             try:
-                self.redis_process.wait(timeout=10)
+                self.redis_process.wait(timeout=_SERVER_STOP_S)
             except subprocess.TimeoutExpired:
                 self.redis_process.kill()
+                self.redis_process.wait()
+            log.info("stopped redis")
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _stop_group(self, what: str, group: list[Child], timeout_s: float,
+                    second_signal_s: float = 0.0) -> None:
+        """SIGTERM each; after `timeout_s` (or at once when hurried) a second SIGTERM (a
+        worker then stops its running stage at the next step) and `second_signal_s` more;
+        then SIGKILL."""
+        for child in group:
+            child.signal(signal.SIGTERM)
+        second = False
+        deadline = time.monotonic() + timeout_s
+        while any(child.alive() for child in group):
+            now = time.monotonic()
+            if self._hurry:
+                deadline = min(deadline, now + _HURRY_S)
+            if now >= deadline:
+                if second or not second_signal_s:
+                    break
+                second = True
+                for child in group:
+                    child.signal(signal.SIGTERM)
+                deadline = now + (min(second_signal_s, _HURRY_S) if self._hurry
+                                  else second_signal_s)
+            time.sleep(0.05)
+        for child in group:
+            if child.alive():
+                log.warning("%s did not stop in time: killed", child.name)
+                child.process.kill()
+            if child.process is not None:
+                child.process.wait()
+        if group:
+            log.info("stopped %s", what)

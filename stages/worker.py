@@ -22,7 +22,8 @@ A running stage stops at its next step (`StageStopped` from `job.progress`) when
 its job ended or its attempt was superseded, or when its time limit passed (then it is
 retried). A run that reaches no step within worker.stop_grace_s past its limit (a hung
 kernel) makes the worker exit: the reaper recovers the job, the supervisor a new worker.
-SIGTERM drains: the current batch finishes, then the worker unregisters and exits.
+SIGTERM drains: the current batch finishes, then the worker unregisters and exits; a second
+SIGTERM stops the running stage at its next step (its job is re-queued) first.
 """
 
 from __future__ import annotations
@@ -80,13 +81,17 @@ class Worker:
         self._busy = threading.Event()
         self._run_deadline = 0.0  # monotonic: the time limit of the run in progress (0: none)
         self._turn = 0  # batches claimed: which priority lane goes first (lanes.claim_order)
+        self._stop_now = False  # a second stop signal: the running stage stops at its next step
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.drain())
         signal.signal(signal.SIGINT, lambda *_: self.drain())
 
     def drain(self) -> None:
-        """Finish the current batch, then stop."""
+        """Finish the current batch, then stop; asked again, stop the running stage at its
+        next step (its job is re-queued) and then stop."""
+        if self._draining.is_set():
+            self._stop_now = True
         self._draining.set()
 
     def run(self) -> None:
@@ -303,6 +308,9 @@ class Worker:
             if now > deadline:
                 raise StageStopped(f"time limit of {limit_s:g} s passed at step "
                                    f"{step}/{steps}", retry=True)
+            if self._stop_now:
+                raise StageStopped(f"the worker is stopping (at step {step}/{steps}): the job "
+                                   "runs again", retry=True)
             if now < next_write and step < steps:
                 return
             next_write = now + interval_s
