@@ -18,6 +18,7 @@ import msgspec
 
 from ..common import config as config_mod
 from ..common.client import BrokerClient
+from ..common.errors import ConfigError
 from ..common.wire import TERMINAL_STATES
 
 
@@ -88,7 +89,12 @@ def _follow(client: BrokerClient, job_id: str, timeout_s: float, show: bool):
 
 
 def cmd_submit(args) -> int:
-    params = json.loads(args.params) if args.params else {}
+    try:
+        params = json.loads(args.params) if args.params else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--params is not JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"--params must be a JSON object, got {type(params).__name__}")
     for item in args.param:
         key, _, value = item.partition("=")
         params[key] = value

@@ -247,7 +247,8 @@ class Broker:
             request, as_json = self._codec.decode(frame)
         except StagepoolError as exc:
             log.warning("control: refused a request from %s: %s", identity.hex(), exc)
-            self._reply(identity, wire.error_reply(exc), wire.looks_json(frame))
+            self._reply(identity, wire.error_reply(exc, wire.salvage_rid(frame)),
+                        wire.looks_json(frame))
             return None
         return identity, request, as_json
 

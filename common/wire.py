@@ -339,6 +339,23 @@ def looks_json(frame: bytes) -> bool:
     return frame[:1] in (b"{", b" ", b"\n", b"\t", b"\r")
 
 
+class _Rid(msgspec.Struct):
+    rid: int = 0
+
+
+def salvage_rid(frame: bytes) -> int:
+    """The `rid` of a frame that did not decode as a request (so that its sender's error
+    reply reaches the call that waits for it); 0 when it has none."""
+    if len(frame) > MAX_FRAME_BYTES:
+        return 0
+    try:
+        found = (msgspec.json.decode(frame, type=_Rid) if looks_json(frame)
+                 else msgspec.msgpack.decode(frame, type=_Rid))
+    except DECODE_ERRORS:
+        return 0
+    return found.rid if 0 <= found.rid < 2**63 else 0
+
+
 class Codec:
     """One encoder and typed decoders for a socket; JSON or msgpack chosen per frame."""
 

@@ -127,3 +127,32 @@ def test_bad_ingress_entries_are_reported_and_good_ones_still_run(cluster, redis
     rejected = [f for _, f in store.redis.xrange(store.keys.events) if f[b"event"] == b"rejected"]
     assert len(rejected) == 4
     assert store.redis.xpending(ingress, "stagepool")["pending"] == 0
+
+
+def test_a_request_that_does_not_decode_is_answered_to_the_call_that_sent_it(cluster):
+    """A submit whose params are not an object fails its own call at once (its error carries
+    the request's rid), rather than leaving the client waiting for a reply that never
+    matches."""
+    import time
+
+    from stagepool.common.errors import RemoteError
+
+    with BrokerClient(cluster.broker, timeout_s=10) as client:
+        started = time.monotonic()
+        with pytest.raises(RemoteError) as refused:
+            client.submit([1, 2], job_id="not-an-object")
+        assert time.monotonic() - started < 5
+        assert refused.value.code == "bad_request" and "Expected `object`" in str(refused.value)
+        assert client.submit({}, job_id="after-it").created
+
+
+@pytest.mark.parametrize("params,text", [("[1,2]", "must be a JSON object"),
+                                         ("{bad", "is not JSON")])
+def test_the_cli_refuses_params_it_cannot_send_with_a_clear_error(cluster, params, text):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "stagepool.broker.cli", "submit", "--broker",
+                          cluster.broker, "--params", params], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 1 and text in out.stderr and "Traceback" not in out.stderr
