@@ -13,6 +13,7 @@
     stagepool wait ID [--timeout S]
     stagepool cancel ID
     stagepool queues [--json]
+    stagepool check --config FILE           the pipeline file checked, nothing started
     stagepool keys generate DIR             CURVE keys for binds beyond loopback
     stagepool models init-tiny DIR          build the tiny model directories (no download)
 
@@ -35,6 +36,7 @@ from ..common import config as config_mod
 from ..common.addresses import redact
 from ..common.client import BrokerClient
 from ..common.errors import ConfigError, RemoteError, StagepoolError
+from ..stages.check import check
 from .client_commands import (
     broker_endpoint, cmd_cancel, cmd_queues, cmd_status, cmd_submit,
     cmd_wait, cmd_workers, follow_with_progress,
@@ -68,7 +70,9 @@ def _parse_workers(items: list[str], config) -> dict[str, int]:
 def cmd_broker(args) -> int:
     from .server import Broker
 
-    broker = Broker(config_mod.load(args.config))
+    config = config_mod.load(args.config)
+    check(config, models=False)  # the broker loads no model
+    broker = Broker(config)
     broker.install_signal_handlers()
     broker.serve()
     return 0
@@ -103,7 +107,9 @@ def cmd_worker(args) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     from ..stages.worker import Worker
 
-    worker = Worker(config_mod.load(args.config), args.stage, broker_endpoint=args.broker,
+    config = config_mod.load(args.config)
+    check(config, models={args.stage})
+    worker = Worker(config, args.stage, broker_endpoint=args.broker,
                     transport=args.transport,
                     redis_url=args.redis_url or os.environ.get("STAGEPOOL_REDIS_URL", ""))
     worker.install_signal_handlers()
@@ -148,6 +154,14 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    config = config_mod.load(args.config)
+    check(config, models=not args.no_models)
+    print(f"ok: pipeline {config.pipeline.name}, stages "
+          f"{', '.join(s.name for s in config.pipeline.stages)}")
+    return 0
+
+
 def cmd_keys(args) -> int:
     from ..common.security import generate
 
@@ -162,6 +176,7 @@ def cmd_up(args) -> int:
     config = config_mod.load(args.config)
     workers = _parse_workers(args.workers, config)
     _ensure_tiny_models(config)
+    check(config)
     cluster = Cluster(config, args.config, Path(args.state_dir), workers,
                       redis_url=args.redis_url, gateway=not args.no_gateway)
     info = cluster.start()
@@ -284,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="init-random: the model size (1.3B, 14B)")
     p.add_argument("--dry-run", action="store_true",
                    help="init-random: print each component's parameters and bytes only")
+    p = add("check", cmd_check, "check a pipeline file (kinds, options, model directories)")
+    p.add_argument("--no-models", action="store_true",
+                   help="skip the model directories (a host that loads none)")
     p = add("keys", cmd_keys, "CURVE keys for binds beyond loopback (common/security.py)")
     p.add_argument("action", choices=["generate"])
     p.add_argument("dir", help="where to write server.key*, client.key* (secrets 0600)")

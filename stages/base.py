@@ -49,6 +49,9 @@ class StageOutput:
 class Stage(abc.ABC):
     uses_tensors = False  # True: the worker opens a transfer pool before registering
     device = "cpu"  # the torch device it runs on, once loaded ("cuda", "cuda:1"): reported
+    # The schema of the stage's `options` (a msgspec Struct, forbid_unknown_fields): checked
+    # with the config before any process starts (stages/check.py). None: unchecked.
+    Options: type | None = None
 
     def __init__(self, config: StageConfig):
         self.config = config

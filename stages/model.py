@@ -22,7 +22,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from ..common.config import DEFAULT_RESULTS_DIR
 from ..common.errors import StageStopped
@@ -31,9 +33,21 @@ from .base import JobContext, Stage, StageOutput
 log = logging.getLogger(__name__)
 
 
+class ModelOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """A model stage's `options` (see the module's docstring)."""
+
+    family: str = "tiny"
+    model_path: str = ""
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    results_dir: str = DEFAULT_RESULTS_DIR
+
+
 class ModelStage(Stage):
     uses_tensors = True
     role = ""
+    Options = ModelOptions
 
     def load(self) -> None:
         import torch

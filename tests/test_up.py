@@ -139,3 +139,40 @@ def test_ctrl_c_to_the_whole_group_stops_in_order_and_the_job_in_flight_is_kept(
         store.close()
     finally:
         _stop(again)
+
+
+BAD_STAGES = [
+    ('kind = "denoize"', "pipeline.stages[1] (denoise).kind: unknown stage kind 'denoize'"),
+    ('kind = "denoise"\noptions = { family = "tiny", model_pth = "/m" }',
+     "pipeline.stages[1] (denoise).options: Object contains unknown field `model_pth`"),
+    ('kind = "denoise"\noptions = { family = "tinny" }',
+     "pipeline.stages[1] (denoise).options.family: unknown model family 'tinny'"),
+    ('kind = "denoise"\noptions = { family = "wan2.1", model_path = "/nowhere" }',
+     "pipeline.stages[1] (denoise).options.model_path: no Diffusers model at '/nowhere'"),
+    ('kind = "denoise"\noptions = { threads = "two" }',
+     "pipeline.stages[1] (denoise).options: Expected `int | null`, got `str` - at `$.threads`"),
+]
+
+
+@pytest.mark.parametrize("stage,error", BAD_STAGES)
+def test_a_bad_stage_config_stops_up_and_check_before_anything_starts(tmp_path, stage, error):
+    config = tmp_path / "bad.toml"
+    config.write_text(_config(tmp_path).read_text().replace(
+        'name = "denoise"\nsleep_ms = 0', f'name = "denoise"\n{stage}'))
+    check = subprocess.run([sys.executable, "-m", "stagepool.broker.cli", "check", "--config",
+                            str(config)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1 and error in check.stderr, check.stderr
+    up = subprocess.run([*UP, "--config", str(config), "--state-dir", str(tmp_path / "state")],
+                        capture_output=True, text=True, timeout=60)
+    assert up.returncode == 1 and error in up.stderr, up.stderr
+    assert not (tmp_path / "state" / "cluster.json").exists(), "a process was started"
+
+
+def test_check_passes_a_good_file_and_up_refuses_workers_for_a_stage_it_lacks(tmp_path):
+    config = _config(tmp_path)
+    ok = subprocess.run([sys.executable, "-m", "stagepool.broker.cli", "check", "--config",
+                         str(config)], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "ok: pipeline noop" in ok.stdout
+    up = subprocess.run([*UP, "--config", str(config), "--state-dir", str(tmp_path / "state"),
+                         "--workers", "denoize=4"], capture_output=True, text=True, timeout=60)
+    assert up.returncode != 0 and "no stage 'denoize'" in up.stderr
