@@ -38,6 +38,7 @@ class Ran:
     pull: Any = None  # the inputs' Pull (closed after the commit); None without inputs
     hand_on: Dispatch | None = None  # the next stage's dispatch, its attempt still unknown
     held: bool = False  # outputs held in our pool under the job's key
+    ran_s: float = 0.0  # the pull and the run, for the attempt's log line
 
 
 class Commits:

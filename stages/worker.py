@@ -188,8 +188,17 @@ class Worker:
                 if done.pull is not None:
                     done.pull.close()
 
+    def _attempt(self, dispatch: Dispatch, started: float, outcome: str,
+                 level: int = logging.INFO, exc_info: bool = False) -> None:
+        """The one log line of each stage attempt: job, stage, attempt, worker, time, outcome."""
+        log.log(level, "attempt job=%s stage=%s attempt=%d worker=%s ran_ms=%.0f outcome=%s",
+                dispatch.job_id, self.stage_config.name, dispatch.attempt,
+                self.session.worker_id, (time.monotonic() - started) * 1e3, outcome,
+                exc_info=exc_info)
+
     def _run(self, dispatch: Dispatch, params_json: bytes, cell: int) -> Ran | None:
         """Pull the inputs and run the stage; None when the attempt ended here."""
+        started = time.monotonic()
         pull = None
         if dispatch.tensors:
             pull, failure = self.data.pull(dispatch)
@@ -198,9 +207,9 @@ class Worker:
                 if failure.upstream:
                     status = self.session.rewind(dispatch, why,
                                                  self.data.exchange.dead_peer(dispatch.endpoint))
-                    log.info("job %s: sent back to the previous stage: %s", dispatch.job_id,
-                             status)
+                    self._attempt(dispatch, started, f"rewound ({status}): {why}")
                 else:
+                    self._attempt(dispatch, started, f"retried: {why}")
                     self._retry(dispatch, why)
                 return None
         params = msgspec.json.decode(params_json)
@@ -216,19 +225,19 @@ class Worker:
             if pull is not None:
                 pull.close()
             if isinstance(exc, StageStopped):
-                log.info("job %s: %s stopped (attempt %d): %s", dispatch.job_id,
-                         self.stage_config.name, dispatch.attempt, exc)
+                self._attempt(dispatch, started, f"stopped: {exc}")
                 if exc.retry:
                     self._retry(dispatch, str(exc))
             else:
-                log.warning("job %s failed in %s (attempt %d)", dispatch.job_id,
-                            self.stage_config.name, dispatch.attempt, exc_info=True)
-                self._retry(dispatch, f"{type(exc).__name__}: {exc}",
-                            permanent=isinstance(exc, base.PERMANENT_ERRORS))
+                permanent = isinstance(exc, base.PERMANENT_ERRORS)
+                self._attempt(dispatch, started,
+                              f"{'failed' if permanent else 'retried'}: {type(exc).__name__}",
+                              logging.WARNING, exc_info=True)
+                self._retry(dispatch, f"{type(exc).__name__}: {exc}", permanent=permanent)
             return None
         finally:
             self._run_deadline = 0.0
-        return Ran(dispatch, output, pull)
+        return Ran(dispatch, output, pull, ran_s=time.monotonic() - started)
 
     def _commit(self, ran: list[Ran]) -> None:
         """Hold the outputs, commit the batch in one round trip, then hand on."""
@@ -242,6 +251,8 @@ class Worker:
                     try:
                         descs = self.data.hold(d.job_id, done.output.tensors, store)
                     except StagepoolError as exc:
+                        self._attempt(d, time.monotonic() - done.ran_s,
+                                      f"retried: cannot hold outputs: {exc}")
                         self._retry(d, f"cannot hold outputs: {exc}")
                         continue
                     done.held = True
@@ -250,12 +261,13 @@ class Worker:
             ready.append(done)
         hand_ons, committed = [], []
         for done, outcome in self.commits.commit(ready):
+            ran_from = time.monotonic() - done.ran_s  # the line gives the run's time
             if not outcome.ok:
-                log.info("job %s attempt %d not committed: %s", done.dispatch.job_id,
-                         done.dispatch.attempt, outcome.status)
+                self._attempt(done.dispatch, ran_from, f"not committed: {outcome.status}")
                 if done.held:
                     self.data.release(done.dispatch.job_id)
                 continue
+            self._attempt(done.dispatch, ran_from, "committed")
             self.session.jobs_done += 1
             hand_on = handed_on(done, outcome)
             if hand_on is not None:

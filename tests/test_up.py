@@ -4,6 +4,7 @@ the cluster with its reason on the console, and Ctrl-C stops everything in order
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -107,9 +108,9 @@ def test_a_gateway_that_cannot_bind_stops_up_with_the_reason_on_the_console(tmp_
 
 def test_ctrl_c_to_the_whole_group_stops_in_order_and_the_job_in_flight_is_kept(tmp_path):
     """SIGINT to `up`'s process group (what a terminal's Ctrl-C sends) with a job denoising:
-    the gateway stops first, the workers drain (the job's denoise finishes), then the broker,
-    then Redis, which syncs its append-only file. The next `up` finishes the job without
-    running denoise again."""
+    the gateway stops first, the workers drain (the job's denoise finishes, and its worker logs
+    the attempt's one line), then the broker, then Redis, which syncs its append-only file.
+    The next `up` finishes the job without running denoise again."""
     config = _config(tmp_path, denoise_ms=3000)
     up = _start(tmp_path, config)
     info = _info(tmp_path, up)
@@ -126,6 +127,9 @@ def test_ctrl_c_to_the_whole_group_stops_in_order_and_the_job_in_flight_is_kept(
     log = (tmp_path / "up.log").read_text()
     order = [log.find(f"stopped {what}") for what in ("gateway", "workers", "broker", "redis")]
     assert -1 not in order and order == sorted(order), log
+    worker_log = (tmp_path / "state" / "logs" / "denoise-0.log").read_text()
+    assert re.search(r"attempt job=in-flight stage=denoise attempt=1 worker=denoise-\S+ "
+                     r"ran_ms=\d+ outcome=committed", worker_log), worker_log[-2000:]
     redis_log = (tmp_path / "state" / "redis" / "redis.log").read_text()
     assert "ready to exit" in redis_log.splitlines()[-1], redis_log[-500:]
 
