@@ -74,7 +74,9 @@ class MooncakeBackend(Backend):
                  backoff_s: float = 0.5, dead_s: float = 30.0):
         # Read when the engine library loads and starts, not per call.
         os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(1, int(timeout_s))))
-        os.environ.setdefault("GLOG_minloglevel", "2")  # the engine logs INFO per connection
+        # The engine logs INFO per connection, ahead of any glog setup (GLOG_* is ignored):
+        # its own knob keeps it to errors unless the environment asks for more.
+        os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
         try:
             from mooncake.engine import TransferEngine
         except ImportError as exc:
