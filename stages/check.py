@@ -32,7 +32,8 @@ def check(config: Config, models: bool | set[str] = True) -> None:
         try:
             options = msgspec.convert(stage.options, cls.Options)
         except msgspec.ValidationError as exc:
-            raise ConfigError(f"{where}.options: {_with_path(exc)}") from None
+            # msgspec names the field: "unknown field `model_pth`", "... - at `$.threads`"
+            raise ConfigError(f"{where}.options: {exc}") from None
         family_name = getattr(options, "family", None)
         if family_name is None:
             continue
@@ -49,8 +50,3 @@ def check(config: Config, models: bool | set[str] = True) -> None:
                               f"{str(path)!r} for the {family_name} family (`stagepool models "
                               "init-tiny DIR` builds the tiny ones)")
 
-
-def _with_path(exc: msgspec.ValidationError) -> str:
-    # msgspec says "Object contains unknown field `model_pth`" or "Expected `int`, got `str` -
-    # at `$.threads`": both name the field.
-    return str(exc)

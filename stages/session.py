@@ -83,7 +83,7 @@ class Session:
                         transport="shm" if self.transport == "auto" else self.transport,
                         cells=self.config.stage(self.stage).max_batch, device=self.device,
                         replaces=self._replaces))
-                    self._check_redis(registered)
+                    self._open_store(registered)
                     self.consume = Ring.attach(self._open(registered.consume, client))
                     self.consume_lanes = self._lanes(registered.consume_lanes, self.consume,
                                                      client)
@@ -99,29 +99,27 @@ class Session:
                 log.warning("registering with %s: %s; retrying", self.endpoint, exc)
                 time.sleep(settings.register_retry_s)
         self.registered = registered
-        url = self.redis_url or as_seen_from(registered.redis_url, self.broker_host)
+        self._replaces = ""
+        self.reattach.clear()
+
+    def _open_store(self, registered: wire.Registered) -> None:
+        """Open the job store (ours, or the one the broker offers) and reach it before taking
+        work: a clear error (the attach retries) otherwise."""
+        offered = registered.redis_url
+        url = self.redis_url or as_seen_from(offered, self.broker_host)
         if self.store is None or self.store.url != url:
             if self.store is not None:
                 self.store.close()
             self.store = JobStore(url, registered.namespace,
-                                  events_maxlen=self.config.redis.events_maxlen)
-        self._replaces = ""
-        self.reattach.clear()
-
-    def _check_redis(self, registered: wire.Registered) -> None:
-        """Reach the job store before taking work: a clear error (retried) otherwise."""
-        offered = registered.redis_url
-        url = self.redis_url or as_seen_from(offered, self.broker_host)
-        probe = JobStore(url, registered.namespace, socket_timeout_s=2.0)
+                                  events_maxlen=self.config.redis.events_maxlen,
+                                  socket_timeout_s=self.config.redis.socket_timeout_s)
         try:
-            probe.run_id()
+            self.store.run_id()
         except StagepoolError as exc:
             hint = ("" if self.redis_url else
                     f" (the broker offers {redact(offered)}; set this worker's own with "
                     "--redis-url or STAGEPOOL_REDIS_URL)")
             raise StoreUnavailable(f"cannot reach Redis at {redact(url)}{hint}: {exc}") from None
-        finally:
-            probe.close()
 
     def renew(self) -> None:
         """Take a fresh identity (and so fresh cells) at the next attach, leaving our current

@@ -87,33 +87,29 @@ class Host:
 
     def kill(self) -> None:
         """Every process of the host dies at once (SIGKILL to each PID namespace's init)."""
+        self._signal_inits(signal.SIGKILL, wait_s=10)
         for proc in self.processes:
-            for child in _children(proc.pid):  # unshare's child: init of the PID namespace
-                try:
-                    os.kill(child, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.processes:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            if proc.poll() is None:
                 proc.kill()
 
     def stop(self) -> None:
+        self._signal_inits(signal.SIGTERM, wait_s=20)
+        self.kill()
+
+    def _signal_inits(self, signum: int, wait_s: float) -> None:
+        """`signum` to each PID namespace's init (unshare's child), then wait for them."""
         for proc in self.processes:
             if proc.poll() is None:
                 for child in _children(proc.pid):
                     try:
-                        os.kill(child, signal.SIGTERM)
+                        os.kill(child, signum)
                     except ProcessLookupError:
                         pass
         for proc in self.processes:
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 pass
-        self.kill()
-
 
 def _children(pid: int) -> list[int]:
     """The direct children of `pid` (ip netns exec execs unshare, which forks one)."""

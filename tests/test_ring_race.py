@@ -120,6 +120,17 @@ def test_workers_killed_mid_job_lose_nothing_the_reaper_requeues(
     assert any(int(r["work.attempt"]) > 1 for r in records), "nothing was requeued"
 
 
+def _one_stage(make_ring, redis_server, namespace, lease_ms: int):
+    """A one-stage pipeline's config, its main ring (2 cells) and its lanes for a Reaper."""
+    config = msgspec.convert({
+        "pipeline": {"name": "race", "stages": [{"name": "work", "lease_ms": lease_ms}]},
+        "redis": {"url": redis_server.url, "namespace": namespace}}, Config)
+    ring = make_ring(capacity=8, cells=2)
+    rings = {"work": [make_ring(capacity=8, cells=1).owner, ring.owner,
+                      make_ring(capacity=8, cells=1).owner]}
+    return config, ring, rings
+
+
 def test_an_expired_lease_found_while_redis_is_away_is_recovered_once_it_is_back(
         make_ring, tmp_path, redis_server, namespace):
     """The reaper records a recovery only once Redis has: a tick that cannot reach Redis
@@ -127,16 +138,10 @@ def test_an_expired_lease_found_while_redis_is_away_is_recovered_once_it_is_back
     from stagepool.broker.cluster import free_port
     from stagepool.common.errors import StoreUnavailable
 
-    config = msgspec.convert({
-        "pipeline": {"name": "race", "stages": [{"name": "work", "lease_ms": 100}]},
-        "redis": {"url": redis_server.url, "namespace": namespace}}, Config)
-    ring = make_ring(capacity=8, cells=2)
-    rings = {"work": [make_ring(capacity=8, cells=1).owner, ring.owner,
-                      make_ring(capacity=8, cells=1).owner]}
+    config, ring, rings = _one_stage(make_ring, redis_server, namespace, lease_ms=100)
     store = JobStore(redis_server.url, namespace)
     away = JobStore(f"redis://127.0.0.1:{free_port()}/0", namespace)  # nothing listens there
-    dispatcher = Dispatcher(rings)
-    reaper = Reaper(config, rings, away, dispatcher)
+    reaper = Reaper(config, rings, away, Dispatcher(rings))
     dispatch = encode_dispatch(Dispatch("lost", 1, "work"))
     assert store.apply(tx.Submit("lost", "race", b"{}", "work", dispatch)).ok
     worker = ring.client()
@@ -163,13 +168,7 @@ def test_a_frozen_worker_resumed_after_its_cell_was_reused_cannot_touch_it(
     """A worker SIGSTOPped past its lease: the reaper fences the cell and recovers the job,
     the registry gives the cell to a new worker, and the old one, resumed, fails every change
     of the cell (it learns it was superseded) while the new lease stays whole."""
-
-    config = msgspec.convert({
-        "pipeline": {"name": "race", "stages": [{"name": "work", "lease_ms": 200}]},
-        "redis": {"url": redis_server.url, "namespace": namespace}}, Config)
-    ring = make_ring(capacity=8, cells=2)
-    rings = {"work": [make_ring(capacity=8, cells=1).owner, ring.owner,
-                      make_ring(capacity=8, cells=1).owner]}
+    config, ring, rings = _one_stage(make_ring, redis_server, namespace, lease_ms=200)
     store = JobStore(redis_server.url, namespace)
     reaper = Reaper(config, rings, store, Dispatcher(rings))
     out = str(tmp_path / "frozen")

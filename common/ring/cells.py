@@ -98,8 +98,7 @@ class LeaseCells:
         offset = self.layout.cell_offset(cell)
         if state_of(word) not in (FREE, HELD):  # no holder leaves a write half done
             raise CellLost(f"lease cell {cell} was left mid-write")
-        if state_of(word) == HELD:
-            word = self._cas(offset, word, _with(word, (word >> 32) + 2))
+        word = self.drop(cell, word)
         seq = (word >> 32) & _SEQ_MASK
         writing = self._cas(offset, word, _with(word, seq + 1))
         self.mem.write(offset + _BODY_OFFSET, _BODY.pack(ticket, attempt, lease_ms, len(job), job))

@@ -8,8 +8,8 @@ seven of them). Over tcp the broker's ring server (tcpserver.py) runs each proto
 its own memory instead, with the same atomics its shm clients use, so tcp, shm and verbs
 clients of one ring stay atomic with respect to each other. One round trip each:
 
-    publish              Produce    try_produce into a lane, and wake its main ring's sleepers
-    publish a batch      ProduceMany  the same for each record in order, until one is full
+    publish (a batch)    ProduceMany  try_produce each record into its lane, in order, until
+                                      one is full, and wake the lanes' main ring once
     claim (and wait)     ClaimAny   up to `most` claims from the lanes in order; with none, the
                                     server parks the request and answers when a record lands
     lease + release      Leases     for a batch: take each cell (fenced CAS from the word the
@@ -34,18 +34,14 @@ import msgspec
 from ..errors import PayloadTooLarge, ProtocolError, RemoteError, RingError, TransportError
 from ..security import NONCE_BYTES, FrameSeal
 from .base import WAKE_ALL, WAKE_ANY, RemoteMemory
-from .tcpops import (
-    ANSWERS, FRAME_HEADER, LOST, MAX_OP_FRAME_BYTES, OPS_VERSION, AnyReply, Attach,
-    Cas, ClaimAny, Drops, FetchAdd, LeaseItem, Leases, Op, OpError, Produce, ProduceMany,
-    Read, Store, Wake, Write,
-)
 from .cells import HELD, state_of
 from .layout import JOB_ID_MAX_BYTES
 from .protocol import Claim, Ring
-
-def _frame(body: bytes) -> bytes:
-    return FRAME_HEADER.pack(len(body)) + body
-
+from .tcpops import (
+    ANSWERS, FRAME_HEADER, LOST, MAX_OP_FRAME_BYTES, OPS_VERSION, AnyReply, Attach, Cas,
+    ClaimAny, Drops, FetchAdd, LeaseItem, Leases, Op, OpError, ProduceMany, Read, Store, Wake,
+    Write, framed,
+)
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """("host", port) of a "tcp://host:port" endpoint."""
@@ -131,7 +127,7 @@ class TcpMemory(RemoteMemory):
             raise TransportError("the ring server did not start a keyed handshake (does it "
                                  "run without keys?)") from None
         client_nonce = os.urandom(NONCE_BYTES)
-        sock.sendall(_frame(client_nonce + seal.proof(b"client", server_nonce, client_nonce)))
+        sock.sendall(framed(client_nonce + seal.proof(b"client", server_nonce, client_nonce)))
         try:
             proof = self._recv_frame(sock, deadline)
         except TransportError:
@@ -142,7 +138,7 @@ class TcpMemory(RemoteMemory):
         self._seal = seal
 
     def _send_frame(self, sock: socket.socket, body: bytes) -> None:
-        sock.sendall(_frame(self._seal.seal(body) if self._seal is not None else body))
+        sock.sendall(framed(self._seal.seal(body) if self._seal is not None else body))
 
     def _recv_reply(self, sock: socket.socket, deadline: float) -> bytes:
         frame = self._recv_frame(sock, deadline)
@@ -208,11 +204,7 @@ class TcpRing(Ring):
     mem: TcpMemory
 
     def try_produce(self, payload: bytes, wake: Ring | None = None) -> bool:
-        if len(payload) > self.layout.payload_max:
-            raise PayloadTooLarge(
-                f"record of {len(payload)} bytes > slot payload of {self.layout.payload_max}")
-        wake_name = wake.mem.ring if wake is not None else ""
-        return bool(self.mem.call(Produce(0, self.mem.ring, payload, wake_name)).value)
+        return self.produce_many([(self, payload)], wake) == 1
 
     def produce_many(self, items: list[tuple[Ring, bytes]], wake: Ring | None = None) -> int:
         for _, payload in items:
@@ -221,24 +213,28 @@ class TcpRing(Ring):
                                       f"{self.layout.payload_max}")
         if not items:
             return 0
-        op = ProduceMany(0, wake.mem.ring if wake is not None else self.mem.ring,
-                         [(ring.mem.ring, payload) for ring, payload in items])
+        op = ProduceMany(0, self.mem.ring, [(ring.mem.ring, payload) for ring, payload in items],
+                         wake.mem.ring if wake is not None else "")
         return self.mem.call(op).value
 
     def unlease_many(self, cells: list[int]) -> bool:
         with self._cells_lock:
             held = [cell for cell in cells if cell not in self._lost
                     and state_of(self._word(cell)) == HELD]
-            if not held:
-                return not any(cell in self._lost for cell in cells)
-            words = self.mem.call(Drops(0, self.mem.ring,
-                                        [(cell, self._words[cell]) for cell in held])).words
-            for cell, (status, word) in zip(held, words):
-                if status == LOST:
-                    self._lost.add(cell)
-                else:
-                    self._words[cell] = word
+            if held:
+                self._answered(held, self.mem.call(Drops(
+                    0, self.mem.ring, [(cell, self._words[cell]) for cell in held])).words)
             return not any(cell in self._lost for cell in cells)
+
+    def _answered(self, cells: list[int], words: list[tuple[int, int]]) -> dict[int, int]:
+        """The server's (status, word) for each of `cells` into our cache (under the cells'
+        lock); returns each cell's status."""
+        for cell, (status, word) in zip(cells, words):
+            if status == LOST:
+                self._lost.add(cell)
+            else:
+                self._words[cell] = word
+        return {cell: status for cell, (status, _) in zip(cells, words)}
 
     def try_claim(self) -> Claim | None:
         found = self._claim([self], 1, 0.0)
@@ -272,18 +268,9 @@ class TcpRing(Ring):
                 if cell not in self._lost:
                     wire_items.append(LeaseItem(cell, self._word(cell), ring.mem.ring,
                                                 claim.ticket, attempt, job_id, lease_ms))
-            words = iter(self.mem.call(Leases(0, self.mem.ring, wire_items)).words
-                         if wire_items else [])
-            answers = []
-            for cell, *_ in items:
-                if cell in self._lost:
-                    answers.append("lost")
-                    continue
-                status, word = next(words)
-                if status == LOST:
-                    self._lost.add(cell)
-                else:
-                    self._words[cell] = word
-                answers.append(ANSWERS.get(status, "lost"))
-            return answers
-
+            status = {}
+            if wire_items:
+                status = self._answered([item.cell for item in wire_items], self.mem.call(
+                    Leases(0, self.mem.ring, wire_items)).words)
+            return ["lost" if cell in self._lost else ANSWERS[status[cell]]
+                    for cell, *_ in items]

@@ -58,15 +58,12 @@ class Wake(Op, tag="k"):
     mask: int = WAKE_ANY
 
 
-class Produce(Op, tag="P"):
-    payload: bytes
-    wake: str = ""  # also wake the sleepers of this ring (the lane's main ring)
-
-
 class ProduceMany(Op, tag="M"):
-    """Publish each (ring name, payload) in order until one is full; wake `ring` once."""
+    """Publish each (ring name, payload) in order until one is full (`Ring.produce_many`),
+    then wake the sleepers of `wake` (the lanes' main ring) besides each ring's own."""
 
     items: list[tuple[str, bytes]]
+    wake: str = ""
 
 
 class Drops(Op, tag="D"):
@@ -132,6 +129,10 @@ class OpError(msgspec.Struct, tag="e", array_like=True):
     message: str
 
 
-AnyOp = (Attach | Read | Write | Store | FetchAdd | Cas | Wake | Produce | ProduceMany
-         | ClaimAny | Leases | Drops)
+AnyOp = Attach | Read | Write | Store | FetchAdd | Cas | Wake | ProduceMany | ClaimAny | Leases | Drops
 AnyReply = Value | Data | Claimed | Words | OpError
+
+
+def framed(body: bytes) -> bytes:
+    """`body` with its length in front, as it goes on the wire."""
+    return FRAME_HEADER.pack(len(body)) + body

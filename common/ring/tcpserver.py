@@ -6,7 +6,7 @@ Lifecycle of one request (tcp.py has the ops and the framing):
      `Ring` of its own, with the atomics every shm client uses: a step is a few microseconds
      here, where it would be several network round trips from the client;
   3. it answers with the same id. A `ClaimAny` that finds nothing is parked until a record
-     lands or its timeout passes: a `Produce` served here retries the parked claims at once,
+     lands or its timeout passes: a publish served here retries the parked claims at once,
      and a watcher thread per ring (asleep on the ring's futex only while claims are parked)
      pokes the loop when a shm client or the broker publishes.
 One thread serves every connection (a selector loop: each step is microseconds of work, and
@@ -28,7 +28,7 @@ import time
 
 import msgspec
 
-from ..errors import CellLost, PayloadTooLarge, ProtocolError, StagepoolError, TransportError
+from ..errors import CellLost, ProtocolError, StagepoolError, TransportError
 from ..security import NONCE_BYTES, FrameSeal
 from .base import WAKE_ALL, WAKE_ANY
 from .layout import OFF_ENQUEUE, OFF_WATCHERS, WAKE_WATCHERS
@@ -36,9 +36,9 @@ from .protocol import Claim, Ring, claim_waiting
 from .shm import RegionMemory
 from .tcp import split_endpoint
 from .tcpops import (
-    ANSWER_CODES, FRAME_HEADER, LEASED, LOST, MAX_OP_FRAME_BYTES, OPS_VERSION, AnyOp, Attach, Cas, ClaimAny,
-    Claimed, Data, Drops, FetchAdd, Leases, Op, OpError, Produce, ProduceMany, Read, Store,
-    Value, Wake, Words, Write,
+    ANSWER_CODES, FRAME_HEADER, LEASED, LOST, MAX_OP_FRAME_BYTES, OPS_VERSION, AnyOp, Attach,
+    Cas, ClaimAny, Claimed, Data, Drops, FetchAdd, Leases, Op, OpError, ProduceMany, Read,
+    Store, Value, Wake, Words, Write, framed,
 )
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class TcpRingServer:
         self._selector.register(sock, selectors.EVENT_READ, conn)
         if self._key is not None:
             conn.nonce = os.urandom(NONCE_BYTES)
-            conn.outbox += FRAME_HEADER.pack(len(conn.nonce)) + conn.nonce
+            conn.outbox += framed(conn.nonce)
             self._flush(conn)
 
     def _read(self, conn: _Conn) -> None:
@@ -240,7 +240,7 @@ class TcpRingServer:
         if not hmac.compare_digest(proof, seal.proof(b"client", conn.nonce, client_nonce)):
             raise TransportError("a client without the ring key")
         answer = seal.proof(b"server", conn.nonce, client_nonce)
-        conn.outbox += FRAME_HEADER.pack(len(answer)) + answer
+        conn.outbox += framed(answer)
         seal.start(conn.nonce, client_nonce)
         conn.seal = seal
         self._flush(conn)
@@ -258,7 +258,7 @@ class TcpRingServer:
         body = self._encoder.encode(reply)
         if conn.seal is not None:
             body = conn.seal.seal(body)
-        conn.outbox += FRAME_HEADER.pack(len(body)) + body
+        conn.outbox += framed(body)
         return self._flush(conn)
 
     def _flush(self, conn: _Conn) -> bool:
@@ -303,27 +303,12 @@ class TcpRingServer:
             return OpError(op.rid, "not_found", f"no ring {op.ring!r}")
         region = self._regions[op.ring]
         match op:
-            case Produce(rid=rid, payload=payload, wake=wake):
-                ring = self._rings[op.ring]
-                if len(payload) > ring.layout.payload_max:
-                    raise PayloadTooLarge(f"record of {len(payload)} bytes > slot payload")
-                done = ring.try_produce(payload, self._ring(wake) if wake else None)
+            case ProduceMany(rid=rid, items=items, wake=wake):
+                done = self._rings[op.ring].produce_many(
+                    [(self._ring(name), payload) for name, payload in items],
+                    self._ring(wake) if wake else None)
                 if done and self._parked:
                     self._check_parked()
-                return Value(rid, int(done))
-            case ProduceMany(rid=rid, items=items):
-                done = 0
-                for name, payload in items:
-                    ring = self._ring(name)
-                    if len(payload) > ring.layout.payload_max:
-                        raise PayloadTooLarge(f"record of {len(payload)} bytes > slot payload")
-                    if not ring.try_produce(payload):
-                        break
-                    done += 1
-                if done:
-                    self._rings[op.ring].notify()
-                    if self._parked:
-                        self._check_parked()
                 return Value(rid, done)
             case Drops(rid=rid, items=items):
                 return Words(rid, [self._drop(self._rings[op.ring], cell, word)
