@@ -32,6 +32,7 @@ from .dispatcher import Dispatcher
 log = logging.getLogger(__name__)
 
 _RUN_ID_CHECK_S = 1.0
+_TRIM_EVERY_S = 10.0  # how often the ids of expired job records are forgotten
 
 
 class Reaper:
@@ -54,6 +55,7 @@ class Reaper:
         self.on_redis_restart = None
         self._run_id = ""
         self._next_run_id_check = 0.0
+        self._next_trim = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,6 +96,11 @@ class Reaper:
         self._settle()
         self._publish_due()
         self.dispatcher.drain()
+        if now >= self._next_trim:
+            self._next_trim = now + _TRIM_EVERY_S
+            forgotten = int(self.store.apply(tx.Trim("")).values[0])
+            if forgotten:
+                log.info("forgot %d job ids whose records expired (retention_s)", forgotten)
 
     def _settle(self) -> None:
         """Record the recoveries found, oldest first. One stays owed until Redis has recorded

@@ -32,19 +32,20 @@ from ..common.addresses import endpoint_host, is_local
 from ..common import wire
 from ..common.config import Config
 from ..common.errors import Busy, Code, ProtocolError, StagepoolError
-from ..common.jobstore import JobStore, job_status
+from ..common.jobstore import JobStore
 from ..common.security import Keys, require, serve_curve
 from ..common.ring import lanes
 from ..common.wire import (
-    Cancel, CancelResult, Codec, Dispatch, Error, GetQueues, GetStatus, GetWorkers, Heartbeat,
-    HeartbeatAck,
-    Hello, QueueInfo, Queues, Register, Registered, Submit, Submitted, Unregister,
+    Cancel, Codec, Dispatch, Error, GetQueues, GetStatus, GetWorkers, Heartbeat, HeartbeatAck,
+    Hello, ListJobs, Purge, QueueInfo, Queues, Register, Registered, Retry, Submit, Submitted,
+    Unregister,
     Rewind, RewindResult, VerbsAccept, VerbsConnect, Welcome, Ack,
 )
 from ..stages.families import params as schemas
 from ..stages.families import pipeline_schema
 from .dispatcher import Dispatcher
 from .ingress import Ingress
+from .jobs import JobDesk
 from .reaper import Reaper
 from .registry import DeadPeers, Registry
 from .ringhost import RingHost
@@ -70,6 +71,7 @@ class Broker:
         self.reaper.on_redis_restart = self.rebuild
         self.ingress = Ingress(self.store, self.submit, consumer="broker")
         self.registry = Registry(config, self.ringhost, self.store)
+        self.jobs = JobDesk(config, self.store, self.ringhost, self.dispatcher)
         self._greeted: dict[bytes, float] = {}
         self.peers = DeadPeers(config.transfer.dead_peer_s)
         self._codec = Codec(wire.Request)
@@ -287,15 +289,15 @@ class Broker:
             case Submit():
                 return self.submit(request)
             case GetStatus(job_id=job_id):
-                return self._status(job_id)
+                return self.jobs.status(job_id)
             case Cancel(job_id=job_id):
-                outcome = self.store.apply(tx.Cancel(wire.check_job_id(job_id)))
-                if outcome.status == "missing":
-                    return Error(code=Code.NOT_FOUND, message=f"no job {job_id}")
-                if outcome.ok:
-                    self._stop_running(job_id)
-                state = outcome.values[0].decode() if outcome.values else "cancelled"
-                return CancelResult(job_id=job_id, cancelled=outcome.ok, state=state)
+                return self.jobs.cancel(job_id)
+            case Retry(job_id=job_id):
+                return self.jobs.retry(job_id)
+            case ListJobs():
+                return self.jobs.list(request)
+            case Purge():
+                return self.jobs.purge(request)
             case GetQueues():
                 return self._queues()
             case Register():
@@ -331,7 +333,7 @@ class Broker:
         prev = stages[index - 1]
         outcome = self.store.apply(tx.Rewind(
             wire.check_job_id(request.job_id), request.stage, request.attempt,
-            request.worker_id, request.error, prev.name, prev.job_state(), index - 1,
+            request.worker_id, request.error, prev.name, index - 1,
             prev.max_attempts))
         if outcome.status == "retry":
             attempt, dispatch = outcome.values
@@ -352,22 +354,6 @@ class Broker:
                 del self._greeted[key]
         self._greeted[identity] = time.monotonic()
         return Welcome(version=wire.PROTOCOL_VERSION, schema=self.schema, broker_id=self.broker_id)
-
-    def _status(self, job_id: str):
-        record = self.store.get(wire.check_job_id(job_id))
-        if record is None:
-            return Error(code=Code.NOT_FOUND, message=f"no job {job_id}")
-        return job_status(job_id, record, self._stage_names)
-
-    def _stop_running(self, job_id: str) -> None:
-        """Ask the worker running `job_id`, if any, to stop at its next step (its lease cell's
-        stop word): the GPU is free within a step, with no Redis read in the step loop."""
-        for stage, ring in self.ringhost.rings.items():
-            for cell in range(ring.layout.cells):
-                lease = ring.read_lease(cell)
-                if lease is not None and lease.job_id == job_id:
-                    ring.request_stop(cell, lease.gen)
-                    log.info("job %s cancelled: asked %s cell %d to stop", job_id, stage, cell)
 
     def _queues(self) -> Queues:
         queues = []
@@ -406,4 +392,6 @@ class Broker:
             lease_ms=stage.lease_ms, heartbeat_ms=self.config.worker.heartbeat_ms,
             max_attempts=stage.max_attempts, redis_url=self.redis_url,
             namespace=self.config.redis.namespace,
+            events_maxlen=self.config.redis.events_maxlen,
+            retention_s=self.config.redis.retention_s,
         )

@@ -68,7 +68,12 @@ class RedisConfig(msgspec.Struct, forbid_unknown_fields=True):
     # STAGEPOOL_REDIS_URL in its environment.
     url: str = "redis://127.0.0.1:6379/0"
     namespace: str = "stagepool"
-    events_maxlen: int = 100_000  # approximate cap of the events stream
+    # The events stream (every transition of every job, about 6 per job; a step is not an
+    # event) is cut to about this many entries.
+    events_maxlen: int = 100_000
+    # An ended job's record (params, result, error, timeline) expires this long after it
+    # ended; 0 keeps it until `stagepool purge`. The broker then forgets its id.
+    retention_s: float = 7 * 86400.0
     socket_timeout_s: float = 5.0
     # The Redis that `stagepool up` starts: "everysec" (a kill may lose the last second's
     # writes, docs/reliability.md) or "always" (none, a fsync per write batch).

@@ -21,6 +21,9 @@ class Code(enum.StrEnum):
     NO_CAPACITY = "no_capacity"
     UNAVAILABLE = "unavailable"
     INVALID_PARAMS = "invalid_params"
+    INVALID_REQUEST = "invalid_request"  # well-formed, but a field has the wrong type or value
+    CONFLICT = "conflict"  # the job's state does not allow it (a retry of a succeeded job)
+    NOT_READY = "not_ready"  # a result asked for before the job succeeded
     BUSY = "busy"
     INTERNAL = "internal"
 

@@ -22,7 +22,7 @@ import redis
 from .errors import StoreUnavailable
 from .keys import INGRESS_GROUP, Keys
 from .transitions import Transition
-from .wire import JobStatus
+from .wire import TERMINAL_STATES, JobStatus
 
 # Record fields that are a stage's, as `<stage>.<field>`; the ints among them.
 STAGE_FIELDS = ("attempt", "worker", "enqueued_ms", "started_ms", "finished_ms", "retries",
@@ -62,10 +62,11 @@ class JobStore:
     """Job records in one Redis under one namespace. Safe to share between threads."""
 
     def __init__(self, url: str, namespace: str, *, events_maxlen: int = 100_000,
-                 socket_timeout_s: float = 5.0):
+                 retention_s: float = 0.0, socket_timeout_s: float = 5.0):
         self.keys = Keys(namespace)
         self.url = url
         self.events_maxlen = events_maxlen
+        self.retention_ms = int(retention_s * 1000)
         self.redis = redis.Redis.from_url(
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
             health_check_interval=30,
@@ -76,6 +77,7 @@ class JobStore:
     def from_config(cls, config) -> JobStore:
         return cls(config.redis.url, config.redis.namespace,
                    events_maxlen=config.redis.events_maxlen,
+                   retention_s=config.redis.retention_s,
                    socket_timeout_s=config.redis.socket_timeout_s)
 
     def close(self) -> None:
@@ -89,7 +91,7 @@ class JobStore:
             return []
         k = self.keys
         keys = [k.events, k.active, k.jobs, k.results, k.dead]
-        argv: list[Any] = [self.events_maxlen]
+        argv: list[Any] = [self.events_maxlen, self.retention_ms]
         for transition in transitions:
             args = transition.args()
             keys.append(k.job(transition.job_id))
@@ -110,6 +112,11 @@ class JobStore:
             return None
         return {k.decode(): v.decode(errors="replace") for k, v in raw.items()
                 if not k.endswith(b".dispatch")}
+
+    @_translate
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's transitions, oldest first (the newest 200): see jobs.lua."""
+        return [msgspec.json.decode(e) for e in self.redis.lrange(self.keys.log(job_id), 0, -1)]
 
     @_translate
     def states(self, job_ids: list[str]) -> list[str | None]:
@@ -308,8 +315,16 @@ def job_status(job_id: str, record: dict[str, str], stage_names: list[str]) -> J
         if info:
             stages[name] = info
     result = record.get("result")
+    state, stage = record.get("state", ""), record.get("stage", "")
+    progress = None
+    if state == "succeeded":
+        progress = 1.0
+    elif state not in TERMINAL_STATES and not state.startswith("queued:"):
+        done, _, total = stages.get(stage, {}).get("step", "").partition("/")
+        progress = int(done) / int(total) if total and int(total) else None
     return JobStatus(
-        job_id=job_id, state=record.get("state", ""), pipeline=record.get("pipeline", ""),
+        job_id=job_id, state=state, stage=stage, progress=progress,
+        pipeline=record.get("pipeline", ""),
         params=msgspec.json.decode(record.get("params") or "{}"),
         error=record.get("error", ""),
         result=msgspec.json.decode(result) if result else None,

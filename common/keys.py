@@ -5,6 +5,7 @@ the Lua scripts may touch several of them atomically. Several deployments share 
 using different namespaces.
 
     {ns}:job:<id>     hash   the job record (fields: see jobstore.py)
+    {ns}:log:<id>     list   the job's transitions, JSON each (its page), expiring with it
     {ns}:events       stream every state transition (job, event, stage, attempt, worker, ts_ms)
     {ns}:ingress      stream submissions from any language: XADD {ns}:ingress * job <json>
     {ns}:active       zset   jobs not yet terminal, scored by creation ms (broker rebuild)
@@ -40,6 +41,9 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
+
+    def log(self, job_id: str) -> str:
+        return f"{self.prefix}log:{job_id}"
 
     def queued(self, stage: str) -> str:
         return f"{self.prefix}queued:{stage}"

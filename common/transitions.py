@@ -16,6 +16,9 @@ here. `JobStore.apply` runs one; `JobStore.run` several in one round trip.
     Rebuild   -> retry, attempt, dispatch, stage | terminal | missing
     Cancel    -> ok, "cancelled" | terminal, state | missing
     Reject    -> ok, "failed" | exists, state
+    Revive    -> retry, attempt, dispatch, stage | refused, state | missing
+    Purge     -> ok | kept, state | missing
+    Trim      -> ok, count
 Any stage-scoped command may also answer missing, terminal, duplicate or stale (its fence).
 """
 
@@ -115,7 +118,6 @@ class Rewind(_Erring):
     worker: str
     error: str
     prev_stage: str
-    prev_state: str
     prev_index: int
     max_attempts: int
 
@@ -140,6 +142,27 @@ class Rebuild(Transition):
 
 class Cancel(Transition):
     command = "cancel"
+
+
+class Revive(Transition):
+    """`stagepool retry`: an ended job (not succeeded) runs again from the stage it ended in."""
+
+    command = "revive"
+
+
+class Purge(Transition):
+    """Delete an ended job's record if its state is `state` ("": any ended state) and it ended
+    before `before_ms` (epoch ms)."""
+
+    command = "purge"
+    state: str
+    before_ms: int
+
+
+class Trim(Transition):
+    """Forget the ids of expired records (the job id is "": the sets are global)."""
+
+    command = "trim"
 
 
 class Reject(_Erring):

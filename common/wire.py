@@ -94,6 +94,8 @@ class JobStatus(Message, tag="job"):
     created_ms: int = 0
     updated_ms: int = 0
     stages: dict[str, dict[str, Any]] = {}
+    stage: str = ""  # the stage the job is in, or ended in
+    progress: float | None = None  # 0..1: the running stage's steps; 1.0 once succeeded
     rid: int = 0
 
 
@@ -106,6 +108,52 @@ class CancelResult(Message, tag="cancel_result"):
     job_id: str
     cancelled: bool
     state: str
+    rid: int = 0
+
+
+class Retry(Message, tag="retry"):
+    """Run an ended job (failed, dead, cancelled, expired) again from the stage it ended in."""
+
+    job_id: str
+    rid: int = 0
+
+
+class RetryResult(Message, tag="retry_result"):
+    job_id: str
+    retried: bool
+    state: str  # queued:<stage> when retried; else the state that refused it
+    rid: int = 0
+
+
+class ListJobs(Message, tag="jobs"):
+    """Jobs newest first. `state`: a state (`failed`, `denoising`, `queued:denoise`) or a
+    group (`queued`, `running`, `active`, `ended`); `stage`: the stage a job is in or ended
+    in; created in [since_ms, before_ms) (0: no bound)."""
+
+    state: str = ""
+    stage: str = ""
+    since_ms: int = 0
+    before_ms: int = 0
+    limit: int = 50
+    rid: int = 0
+
+
+class JobList(Message, tag="job_list"):
+    jobs: list[JobStatus] = []
+    next_before_ms: int = 0  # pass as before_ms for the next page; 0: this was the last
+    rid: int = 0
+
+
+class Purge(Message, tag="purge"):
+    """Delete ended jobs in `state` ("": any ended state) that ended over `older_than_s` ago."""
+
+    older_than_s: float
+    state: str = ""
+    rid: int = 0
+
+
+class Purged(Message, tag="purged"):
+    purged: int
     rid: int = 0
 
 
@@ -148,6 +196,10 @@ class Registered(Message, tag="registered"):
     max_attempts: int = 3
     redis_url: str = ""
     namespace: str = ""
+    # The store's settings, the deployment's (not each worker's own file): the events
+    # stream's cap and how long an ended job's record is kept.
+    events_maxlen: int = 100_000
+    retention_s: float = 0.0
     cells: list[int] = []  # our lease cells, as many as Register asked for
     # Every priority lane's ring of each (common/ring/lanes.py); `consume` and `produce` are
     # their main lanes, which hold the lease cells.
@@ -279,10 +331,15 @@ class Error(Message, tag="error"):
     rid: int = 0
 
 
-Request = (Hello | Submit | GetStatus | Cancel | GetQueues | GetWorkers | Register | Heartbeat
-           | Unregister | VerbsConnect | Rewind)
-Reply = (Welcome | Submitted | JobStatus | CancelResult | Queues | WorkerList | Registered
-         | HeartbeatAck | VerbsAccept | RewindResult | Ack | Error)
+Request = (Hello | Submit | GetStatus | Cancel | Retry | ListJobs | Purge | GetQueues
+           | GetWorkers | Register | Heartbeat | Unregister | VerbsConnect | Rewind)
+Reply = (Welcome | Submitted | JobStatus | CancelResult | RetryResult | JobList | Purged | Queues
+         | WorkerList | Registered | HeartbeatAck | VerbsAccept | RewindResult | Ack | Error)
+
+
+def public(message: Message) -> dict[str, Any]:
+    """A reply as users see it (the CLI's --json): its fields, without `type` and `rid`."""
+    return {k: v for k, v in msgspec.to_builtins(message).items() if k not in ("type", "rid")}
 
 
 def schema_hash() -> str:

@@ -111,7 +111,8 @@ class Session:
             if self.store is not None:
                 self.store.close()
             self.store = JobStore(url, registered.namespace,
-                                  events_maxlen=self.config.redis.events_maxlen,
+                                  events_maxlen=registered.events_maxlen,
+                                  retention_s=registered.retention_s,
                                   socket_timeout_s=self.config.redis.socket_timeout_s)
         try:
             self.store.run_id()

@@ -155,7 +155,7 @@ def test_the_queued_sets_follow_every_transition_exactly(store):
     assert store.apply(tx.Retry("a", "denoise", 1, "w", "oom", 3, "error")).status == "retry"
     assert _queued(store)["denoise"] == ["a"]
     store.apply(tx.Start("a", "denoise", 2, "w", "denoising", 1))
-    assert store.apply(tx.Rewind("a", "denoise", 2, "w", "producer gone", "encode", "encoding", 0,
+    assert store.apply(tx.Rewind("a", "denoise", 2, "w", "producer gone", "encode", 0,
                         3)).status == "retry"
     assert _queued(store) == {"encode": ["b", "a"], "denoise": [], "decode": []}  # oldest first
     # A rebuild (broker restart) keeps a waiting job's age; cancel and completion remove it.
@@ -231,7 +231,7 @@ def test_each_transition_struct_is_the_argument_order_the_script_documents():
                if isinstance(cls, type) and issubclass(cls, tx.Transition)
                and hasattr(cls, "command")}
     assert structs == {command: documented[command] for command in structs}
-    assert len(structs) == 11
+    assert len(structs) == 14
 
 
 def test_the_rebuild_walk_skips_no_job_while_others_end_under_it(store):

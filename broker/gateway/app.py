@@ -4,8 +4,8 @@ Starlette with msgspec bodies rather than FastAPI: our messages are already msgs
 (the ZMQ wire, the ingress stream), msgspec emits their JSON Schema for the OpenAPI spec, and
 decoding is strict and fast, so one schema language covers every way in, without pydantic.
 
-Lifecycle: `serve` builds the Observer (Redis + broker clients) and the Metrics (starts the
-events tail thread), runs uvicorn until SIGINT/SIGTERM, then stops the tail and closes the
+Lifecycle: `serve` builds the Observer (Redis + broker clients), the Metrics (starts the
+events tail thread) and the Waiters (the ended feed's thread), runs uvicorn until SIGINT/SIGTERM, then stops the tail and closes the
 clients. Requests run their Redis and broker work in Starlette's thread pool.
 """
 
@@ -30,6 +30,7 @@ from .http import BearerAuth, Op, error_response, wrap
 from .metrics import Metrics
 from .observe import Observer
 from .schema import ErrorBody
+from .waiters import Waiters
 
 log = logging.getLogger("stagepool.gateway")
 
@@ -39,7 +40,8 @@ _PUBLIC_PREFIXES = ("/static/",)
 _PUBLIC_PATHS = {"/", "/openapi.json", "/favicon.ico"} | {op.path for op in OPS if op.public}
 
 
-def create_app(config: Config, observer: Observer, metrics: Metrics) -> Starlette:
+def create_app(config: Config, observer: Observer, metrics: Metrics,
+               waiters: Waiters | None = None) -> Starlette:
     by_path: dict[str, dict[str, Op]] = {}
     for op in OPS:
         by_path.setdefault(op.path, {})[op.method] = op
@@ -56,6 +58,7 @@ def create_app(config: Config, observer: Observer, metrics: Metrics) -> Starlett
     })
     app.state.observer = observer
     app.state.metrics = metrics
+    app.state.waiters = waiters or Waiters(observer.store)
     app.state.max_body_bytes = config.gateway.max_body_kb << 10
     app.state.pipeline = describe_pipeline(config)
     if config.gateway.token:
@@ -95,7 +98,9 @@ def serve(config: Config, broker_endpoint: str, host: str | None = None,
     observer = Observer(config, broker_endpoint)
     metrics = Metrics(observer)
     metrics.start()
-    app = create_app(config, observer, metrics)
+    waiters = Waiters(observer.store)
+    waiters.start()
+    app = create_app(config, observer, metrics, waiters)
     host = host or config.gateway.host
     port = config.gateway.port if port is None else port
     log.info("gateway on http://%s:%d (broker %s)", host, port, broker_endpoint)
@@ -106,6 +111,7 @@ def serve(config: Config, broker_endpoint: str, host: str | None = None,
     try:
         server.run()
     finally:
+        waiters.stop()
         metrics.stop()
         observer.close()
 
@@ -164,7 +170,7 @@ def _schema(kind) -> dict:
 def _response(code: int, kind) -> dict:
     description = {200: "OK", 201: "Created", 202: "Accepted (queued in Redis)",
                    400: "Bad request", 401: "Unauthorized", 404: "Not found",
-                   409: "Not ready", 413: "Too large", 422: "Invalid body",
+                   409: "Conflict (not ready, or not retryable)", 413: "Too large", 422: "Invalid body",
                    503: "Redis or the broker is unreachable"}.get(code, "")
     if isinstance(kind, tuple):
         return {"description": description, "content": {m: {} for m in kind}}

@@ -95,7 +95,7 @@ async def read_json(request: Request, kind: type, limit_bytes: int):
     try:
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
-        raise HTTPError(422, Code.BAD_REQUEST, f"invalid body: {exc}") from None
+        raise HTTPError(422, Code.INVALID_REQUEST, f"invalid body: {exc}") from None
 
 
 def _integral(value):
@@ -118,6 +118,7 @@ def query_int(request: Request, name: str, default: int | None, lo: int, hi: int
 
 
 _REMOTE_STATUS = {Code.NOT_FOUND: 404, Code.BAD_REQUEST: 400, Code.INVALID_PARAMS: 422,
+                  Code.INVALID_REQUEST: 422, Code.CONFLICT: 409,
                   Code.TOO_LARGE: 413, Code.UNAVAILABLE: 503, Code.NO_CAPACITY: 503,
                   Code.BUSY: 429}
 

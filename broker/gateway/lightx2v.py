@@ -53,8 +53,8 @@ def task_params(task: TaskRequest, kind: str) -> dict:
 
 def task_status(job: Job, result_ready: bool) -> TaskStatus:
     state, error = job.state, job.error
-    if state == "queued":
-        status = "pending"
+    if state.startswith("queued:") and not any("started_ms" in s for s in job.stages.values()):
+        status = "pending"  # nothing has run yet; waiting between stages is processing
     elif state == "succeeded":
         status = "completed" if result_ready else "failed"
         if not result_ready:
@@ -159,7 +159,7 @@ async def queue_status(request: Request) -> Response:
         pending = queues.stages[0].depth
         active = queues.totals["active"]
         running = next((job.job_id for job in observer.jobs(50, active_only=True)
-                        if job.state != "queued"), None)
+                        if not job.state.startswith("queued:")), None)
         capacity = observer.config.ring.capacity
         return QueueStatus(is_processing=active > pending, current_task=running,
                            pending_count=pending, active_count=active, queue_size=capacity,

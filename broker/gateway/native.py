@@ -1,9 +1,13 @@
 """The native API: `/v1/jobs`, `/v1/queues`, `/metrics`, `/healthz`.
 
     POST   /v1/jobs                  submit {"params": {...}, "job_id"?, "priority"?}
-    GET    /v1/jobs?limit&before_ms  newest first; `active=true` for unfinished jobs only
+    GET    /v1/jobs?state&stage&since_ms&before_ms&limit
+                                     newest first, filtered (common/jobquery.py)
     GET    /v1/jobs/{id}             the job, its stages and denoise progress
     DELETE /v1/jobs/{id}             cancel
+    POST   /v1/jobs/{id}/retry       run an ended job again from the stage it ended in
+    GET    /v1/jobs/{id}/wait        the job once it ended, or after ?timeout_s (no polling)
+    GET    /v1/jobs/{id}/events      its transitions: waits, runs, retries, errors
     GET    /v1/jobs/{id}/result      the result file (?file=image|video|frames) or its JSON
     GET    /v1/queues                per stage: depth, oldest age, ring, in flight, workers
     GET    /v1/pipeline              the stages and the params schema (JSON Schema), defaults
@@ -18,16 +22,21 @@ import mimetypes
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
+from ...common import wire
 from ...common.errors import Code
+from ...common.jobquery import JobFilter
+from ...common.wire import TERMINAL_STATES
 from .http import HTTPError, Op, Param, in_thread, json_response, query_int, read_json
 from .schema import (
-    Cancelled, ErrorBody, Job, JobList, Queues, Submitted, SubmitRequest, Workers,
+    Cancelled, ErrorBody, Job, JobEvents, JobList, Queues, Retried, Submitted, SubmitRequest,
+    Workers,
 )
 
 JOB_ID_PARAM = Param("job_id", "path", {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,64}$"},
                      required=True)
 MAX_PAGE = 1000
 MAX_MS = 2**62
+MAX_WAIT_S = 600
 
 
 def _state(request: Request):
@@ -44,15 +53,17 @@ async def submit(request: Request) -> Response:
 
 
 async def list_jobs(request: Request) -> Response:
-    limit = query_int(request, "limit", 50, 1, MAX_PAGE)
-    before_ms = query_int(request, "before_ms", None, 0, MAX_MS)
     active = request.query_params.get("active", "false")
     if active not in ("true", "false"):
         raise HTTPError(400, Code.BAD_REQUEST, f"active must be true or false, got {active[:20]!r}")
-    jobs = await in_thread(_state(request).observer.jobs, limit + 1, before_ms, active == "true")
-    more = len(jobs) > limit
-    jobs = jobs[:limit]
-    return json_response(JobList(jobs=jobs, next_before_ms=jobs[-1].created_ms if more else None))
+    query = JobFilter(
+        state=request.query_params.get("state", "active" if active == "true" else ""),
+        stage=request.query_params.get("stage", ""),
+        since_ms=query_int(request, "since_ms", 0, 0, MAX_MS),
+        before_ms=query_int(request, "before_ms", 0, 0, MAX_MS),
+        limit=query_int(request, "limit", 50, 1, MAX_PAGE))
+    jobs, next_before_ms = await in_thread(_state(request).observer.find, query)
+    return json_response(JobList(jobs=jobs, next_before_ms=next_before_ms or None))
 
 
 async def get_job(request: Request) -> Response:
@@ -65,11 +76,35 @@ async def cancel_job(request: Request) -> Response:
     return json_response(Cancelled(job_id=job_id, cancelled=result.cancelled, state=result.state))
 
 
+async def retry_job(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    result = await in_thread(_state(request).observer.call, wire.Retry(job_id=job_id))
+    return json_response(Retried(job_id=job_id, retried=result.retried, state=result.state))
+
+
+async def wait_job(request: Request) -> Response:
+    """The job once it has ended, or as it is after `timeout_s` (at most MAX_WAIT_S)."""
+    job_id = request.path_params["job_id"]
+    timeout_s = query_int(request, "timeout_s", 30, 0, MAX_WAIT_S)
+    app = _state(request)
+    job = await _job(request)
+    if job.state not in TERMINAL_STATES and timeout_s:
+        await app.waiters.wait(job_id, timeout_s, lambda: app.observer.ended(job_id))
+        job = await _job(request)
+    return json_response(job)
+
+
+async def job_events(request: Request) -> Response:
+    job = await _job(request)
+    events = await in_thread(_state(request).observer.events, job)
+    return json_response(JobEvents(job_id=job.job_id, events=events))
+
+
 async def job_result(request: Request) -> Response:
     job = await _job(request)
     if job.state != "succeeded":
         detail = f": {job.error}" if job.error else ""
-        raise HTTPError(409, "not_ready", f"job {job.job_id} is {job.state}{detail}")
+        raise HTTPError(409, Code.NOT_READY, f"job {job.job_id} is {job.state}{detail}")
     kind = request.query_params.get("file")
     path = _state(request).observer.result_file(job, kind)
     if path is None:
@@ -124,15 +159,31 @@ OPS = [
                   429: ErrorBody, **_ERRORS}),
     Op("GET", "/v1/jobs", list_jobs, "List jobs, newest first", "jobs",
        responses={200: JobList, **_ERRORS},
-       params=(Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
+       params=(Param("state", "query", {"type": "string", "maxLength": 80},
+                     "a state (failed, denoising, queued:denoise) or a group: queued, running, "
+                     "active, ended"),
+               Param("stage", "query", {"type": "string", "maxLength": 80},
+                     "the stage a job is in, or ended in"),
+               Param("since_ms", "query", {"type": "integer", "minimum": 0, "maximum": MAX_MS},
+                     "only jobs created at or after this (epoch ms)"),
                Param("before_ms", "query", {"type": "integer", "minimum": 0, "maximum": MAX_MS},
                      "only jobs created before this (the previous page's next_before_ms)"),
+               Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
                Param("active", "query", {"type": "string", "enum": ["true", "false"]},
-                     "only jobs not yet ended"))),
+                     "state=active"))),
     Op("GET", "/v1/jobs/{job_id}", get_job, "Get a job", "jobs",
        responses={200: Job, **_ERRORS}, params=(JOB_ID_PARAM,)),
     Op("DELETE", "/v1/jobs/{job_id}", cancel_job, "Cancel a job", "jobs",
        responses={200: Cancelled, **_ERRORS}, params=(JOB_ID_PARAM,)),
+    Op("POST", "/v1/jobs/{job_id}/retry", retry_job, "Run an ended job again", "jobs",
+       responses={200: Retried, 409: ErrorBody, **_ERRORS}, params=(JOB_ID_PARAM,)),
+    Op("GET", "/v1/jobs/{job_id}/wait", wait_job, "The job once it has ended", "jobs",
+       responses={200: Job, **_ERRORS},
+       params=(JOB_ID_PARAM, Param("timeout_s", "query",
+                                   {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_S},
+                                   "answer as the job is after this long (default 30)"))),
+    Op("GET", "/v1/jobs/{job_id}/events", job_events, "A job's transitions", "jobs",
+       responses={200: JobEvents, **_ERRORS}, params=(JOB_ID_PARAM,)),
     Op("GET", "/v1/jobs/{job_id}/result", job_result, "A finished job's result", "jobs",
        responses={200: ("image/png", "video/mp4", "application/octet-stream",
                         "application/json"), 409: ErrorBody, **_ERRORS},

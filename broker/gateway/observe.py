@@ -22,6 +22,7 @@ from ...common import wire
 from ...common.client import BrokerClient
 from ...common.config import DEFAULT_RESULTS_DIR, Config
 from ...common.errors import Code, RemoteError, StagepoolError, TransportError
+from ...common.jobquery import JobFilter, find
 from ...common.jobstore import JobStore, job_status
 from ...common.security import Keys
 from ...common.wire import TERMINAL_STATES
@@ -36,6 +37,7 @@ class Observer:
         self.broker_endpoint = broker_endpoint
         self.store = JobStore.from_config(config)
         self.stage_names = [stage.name for stage in config.pipeline.stages]
+        self.running_states = [stage.job_state() for stage in config.pipeline.stages]
         self.results_dirs = _results_dirs(config)
         self._local = threading.local()
         self._clients: list[BrokerClient] = []
@@ -126,19 +128,30 @@ class Observer:
         return [self.view(job_id, record)
                 for job_id, record in self.store.recent(limit, before_ms, active_only)]
 
+    def find(self, query: JobFilter) -> tuple[list[schema.Job], int]:
+        """`GET /v1/jobs`: the jobs that match, and the next page's before_ms (0: none)."""
+        query.check(self.stage_names, self.running_states)
+        found, next_before_ms = find(self.store, query, self.stage_names)
+        return [self.from_status(status) for status in found], next_before_ms
+
+    def ended(self, job_id: str) -> bool:
+        """Has the job ended (or gone: expired, purged)?"""
+        return (self.store.states([job_id])[0] or "succeeded") in TERMINAL_STATES
+
+    def events(self, job: schema.Job) -> list[schema.JobEvent]:
+        return [msgspec.convert(event, schema.JobEvent)
+                for event in self.store.history(job.job_id)]
+
     def view(self, job_id: str, record: dict[str, str]) -> schema.Job:
-        status = job_status(job_id, record, self.stage_names)
-        stage = record.get("stage", "")
-        progress = None
-        step = status.stages.get(stage, {}).get("step")
-        if step and status.state not in TERMINAL_STATES:
-            done, total = (int(x) for x in step.split("/"))
-            progress = done / total if total else None
+        return self.from_status(job_status(job_id, record, self.stage_names))
+
+    @staticmethod
+    def from_status(status: wire.JobStatus) -> schema.Job:
         return schema.Job(
-            job_id=job_id, state=status.state, stage=stage, pipeline=status.pipeline,
-            params=status.params, error=status.error, result=status.result,
-            created_ms=status.created_ms, updated_ms=status.updated_ms,
-            progress=progress, stages=status.stages,
+            job_id=status.job_id, state=status.state, stage=status.stage,
+            pipeline=status.pipeline, params=status.params, error=status.error,
+            result=status.result, created_ms=status.created_ms, updated_ms=status.updated_ms,
+            progress=status.progress, stages=status.stages,
         )
 
     def result_file(self, job: schema.Job, kind: str | None) -> Path | None:

@@ -45,7 +45,9 @@ class Submitted(Strict):
 
 class Job(Strict):
     job_id: str
-    state: str  # queued, a stage's state (e.g. denoising), succeeded, failed, cancelled, dead
+    # queued:<stage> (waiting for a worker of that stage), a stage's running state (e.g.
+    # denoising), or its end: succeeded, failed, cancelled, dead, expired
+    state: str
     stage: str  # the stage the job is in (or ended in)
     pipeline: str
     params: dict[str, Any]
@@ -53,7 +55,7 @@ class Job(Strict):
     result: Any
     created_ms: int
     updated_ms: int
-    progress: float | None  # the current stage's reported steps, 0..1
+    progress: float | None  # the running stage's reported steps, 0..1; 1 once succeeded
     stages: dict[str, dict[str, Any]]
 
     def files(self) -> dict[str, Any]:
@@ -65,6 +67,27 @@ class Job(Strict):
 class JobList(Strict):
     jobs: list[Job]
     next_before_ms: int | None  # pass as before_ms for the next page; null at the end
+
+
+class Retried(Strict):
+    job_id: str
+    retried: bool
+    state: str  # queued:<stage>: the stage it runs again from
+
+
+class JobEvent(Strict):
+    event: str  # submitted, started, finished, retried, rewound, rebuilt, revived, or its end
+    stage: str
+    attempt: str
+    worker: str
+    detail: str  # an error's text, a wait's reason
+    ts_ms: int
+    ms: int | None  # started: how long it waited; finished/succeeded: how long it ran
+
+
+class JobEvents(Strict):
+    job_id: str
+    events: list[JobEvent]  # oldest first, as far back as the events stream still holds
 
 
 class Cancelled(Strict):

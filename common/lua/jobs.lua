@@ -11,7 +11,8 @@
 --   5 {ns}:dead       list   dead-lettered ids
 --   5+i {ns}:job:<id> hash   the record of transition i
 --
--- ARGV[1] = events stream MAXLEN (approximate); then per transition: n (the count of items
+-- ARGV[1] = events stream MAXLEN (approximate), ARGV[2] = retention ms of an ended job's record
+-- (0: kept until purged); then per transition: n (the count of items
 -- that follow), command, job id, and the command's arguments, in the order of its struct in
 -- common/transitions.py (the one definition every caller builds from):
 --   submit   pipeline, params_json, first_stage, dispatch, priority, deadline_ms
@@ -24,12 +25,26 @@
 --            an "error" retry with a backoff waits in {ns}:delayed -> delayed, attempt, ms)
 --   due      (none; the job id is "" and not used) -> the delayed retries now due, each
 --            "stage attempt dispatch" after its job id, removed from {ns}:delayed
---   rewind   stage, attempt, worker, error, prev_stage, prev_state, prev_index, max_attempts
+--   rewind   stage, attempt, worker, error, prev_stage, prev_index, max_attempts
 --            (the stage's inputs are gone with their producer: run prev_stage again)
 --   progress stage, attempt, step, steps
 --   rebuild  stages (the stage names in pipeline order, each its own argument)
 --   cancel   (none)
 --   reject   error   (an ingress entry whose job id is valid but whose body is not)
+--   revive   (none) -> retry, attempt, dispatch, stage
+--            (an ended job (failed, dead, cancelled, expired) runs again from the stage it
+--            ended in, with a fresh attempt and its retries reset)
+--   purge    state, before_ms -> ok
+--            (an ended job in `state` ("": any) that ended before before_ms: deleted)
+--   trim     (none; the job id is "" and not used) -> ok, count
+--            (up to 1000 ids in `jobs`/`results` whose record has expired, forgotten)
+--
+-- A job's state names what is happening: `queued:<stage>` while it waits for a worker of that
+-- stage, the stage's running state (e.g. `denoising`) while one runs it, then its end.
+-- An ended job's record expires ARGV[2] ms after it ended (then `trim` forgets its id).
+-- Each transition is also appended to the job's own history, {ns}:log:<id> (a list of JSON
+-- objects: event, stage, attempt, worker, detail, ts_ms, ms; the newest 200), which expires
+-- with the record.
 --
 -- Record fields: id, pipeline, params, priority, deadline_ms, state, state_index, stage, created_ms,
 -- updated_ms, error, result, commits, and per stage S:
@@ -61,6 +76,7 @@
 
 local events, active, jobs, results, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local maxlen = ARGV[1]
+local retention_ms = tonumber(ARGV[2])
 local job, id  -- the record and id of the transition being run
 
 local t = redis.call('TIME')
@@ -71,11 +87,25 @@ local terminal = {succeeded = true, failed = true, cancelled = true, dead = true
 local queued_prefix = string.sub(active, 1, -7) .. 'queued:'
 local ended_channel = string.sub(active, 1, -7) .. 'ended'
 local delayed = string.sub(active, 1, -7) .. 'delayed'
+local log_prefix = string.sub(active, 1, -7) .. 'log:'
 
 local function event(name, stage, attempt, worker, detail, ms)
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'job', id, 'event', name,
     'stage', stage or '', 'attempt', attempt or '', 'worker', worker or '', 'detail', detail or '',
     'ts_ms', now_ms, 'ms', ms or '')
+  -- The job's own history, for its page: the same entry, kept (and expiring) with its record.
+  local log = log_prefix .. id
+  redis.call('RPUSH', log, cjson.encode({event = name, stage = stage or '',
+    attempt = attempt or '', worker = worker or '', detail = detail or '', ts_ms = now_ms,
+    ms = ms ~= '' and ms or nil}))
+  redis.call('LTRIM', log, -200, -1)
+end
+
+local function expire_record()
+  if retention_ms > 0 then
+    redis.call('PEXPIRE', job, retention_ms)
+    redis.call('PEXPIRE', log_prefix .. id, retention_ms)
+  end
 end
 
 local function enqueue(stage, keep_age)
@@ -102,6 +132,7 @@ local function finish_job(state, stage, attempt, worker, detail, ms)
   redis.call('HSET', job, 'state', state, 'updated_ms', now_ms)
   redis.call('ZREM', active, id)
   event(state, stage, attempt, worker, detail, ms)
+  expire_record()
   redis.call('PUBLISH', ended_channel, id .. ' ' .. state)
 end
 
@@ -127,14 +158,14 @@ function commands.submit(a)
   if state then return {'exists', state} end
   if deadline_ms > 0 then redis.call('HSET', job, 'deadline_ms', deadline_ms) end
   redis.call('HSET', job, 'id', id, 'pipeline', pipeline, 'params', params, 'priority', priority,
-    'state', 'queued', 'state_index', -1, 'stage', first, 'created_ms', now_ms,
+    'state', 'queued:' .. first, 'state_index', -1, 'stage', first, 'created_ms', now_ms,
     'updated_ms', now_ms, 'commits', 0, first .. '.attempt', '1', first .. '.retries', 0,
     first .. '.enqueued_ms', now_ms, first .. '.dispatch', dispatch)
   redis.call('ZADD', active, now_ms, id)
   redis.call('ZADD', jobs, now_ms, id)
   enqueue(first)
   event('submitted', first, '1')
-  return {'ok', 'queued'}
+  return {'ok', 'queued:' .. first}
 end
 
 function commands.start(a)
@@ -176,8 +207,8 @@ function commands.finish(a)
   redis.call('HINCRBY', job, next_stage .. '.retries', 0)
   local ran_ms = since(stage .. '.started_ms')
   redis.call('HSET', job, stage .. '.done', attempt, stage .. '.finished_ms', now_ms,
-    'stage', next_stage, 'updated_ms', now_ms, next_stage .. '.enqueued_ms', now_ms,
-    next_stage .. '.dispatch', dispatch)
+    'stage', next_stage, 'state', 'queued:' .. next_stage, 'updated_ms', now_ms,
+    next_stage .. '.enqueued_ms', now_ms, next_stage .. '.dispatch', dispatch)
   enqueue(next_stage)
   event('finished', stage, attempt, worker, '', ran_ms)
   return {'ok', tostring(next_attempt)}
@@ -223,6 +254,9 @@ function commands.retry(a)
   end
   local next_attempt = tostring(tonumber(attempt) + 1)
   redis.call('HSET', job, stage .. '.attempt', next_attempt, stage .. '.enqueued_ms', now_ms)
+  if redis.call('HGET', job, 'stage') == stage then
+    redis.call('HSET', job, 'state', 'queued:' .. stage)
+  end
   enqueue(stage)
   local backoff_ms = tonumber(a[8]) or 0
   if mode == 'error' and backoff_ms > 0 then
@@ -237,7 +271,7 @@ end
 
 function commands.rewind(a)
   local stage, attempt, worker, err = a[1], a[2], a[3], a[4]
-  local prev, prev_state, prev_index, max_attempts = a[5], a[6], a[7], tonumber(a[8])
+  local prev, prev_index, max_attempts = a[5], a[6], tonumber(a[7])
   local refused = fence(stage, attempt, true)
   if refused then return refused end
   local dispatch = redis.call('HGET', job, prev .. '.dispatch')
@@ -253,7 +287,7 @@ function commands.rewind(a)
   end
   local prev_attempt = redis.call('HINCRBY', job, prev .. '.attempt', 1)
   redis.call('HDEL', job, prev .. '.done')
-  redis.call('HSET', job, 'state', prev_state, 'state_index', prev_index, 'stage', prev,
+  redis.call('HSET', job, 'state', 'queued:' .. prev, 'state_index', prev_index, 'stage', prev,
     prev .. '.enqueued_ms', now_ms)
   dequeue(stage)
   enqueue(prev)
@@ -268,8 +302,8 @@ function commands.progress(a)
   if not f[1] then return {'missing'} end
   if terminal[f[1]] then return {'terminal', f[1]} end
   if f[2] ~= attempt then return {'stale'} end
+  -- The step lives in the record only: a stream entry per step would crowd out transitions.
   redis.call('HSET', job, stage .. '.step', step .. '/' .. steps, 'updated_ms', now_ms)
-  event('progress', stage, attempt, '', step .. '/' .. steps)
   return {'ok'}
 end
 
@@ -308,7 +342,8 @@ function commands.rebuild(a)
       if not dispatch then return {'missing'} end
       -- A new attempt fences off any worker still running the old one on the lost ring.
       local next_attempt = redis.call('HINCRBY', job, stage .. '.attempt', 1)
-      redis.call('HSET', job, stage .. '.enqueued_ms', now_ms, 'updated_ms', now_ms)
+      redis.call('HSET', job, stage .. '.enqueued_ms', now_ms, 'updated_ms', now_ms,
+        'state', 'queued:' .. stage)
       enqueue(stage, true)  -- still waiting since before the restart: keep its age
       event('rebuilt', stage, tostring(next_attempt))
       return {'retry', tostring(next_attempt), dispatch, stage}
@@ -333,11 +368,68 @@ function commands.reject(a)
     'updated_ms', now_ms)
   redis.call('ZADD', jobs, now_ms, id)
   event('failed', '', '', '', err)
+  expire_record()
   return {'ok', 'failed'}
 end
 
+function commands.revive(a)
+  local f = redis.call('HMGET', job, 'state', 'stage', 'created_ms')
+  local state, stage = f[1], f[2]
+  if not state then return {'missing'} end
+  if not terminal[state] or state == 'succeeded' then return {'refused', state} end
+  local dispatch = stage and redis.call('HGET', job, stage .. '.dispatch')
+  if not dispatch then return {'refused', state} end  -- rejected at the door: never dispatched
+  local next_attempt = redis.call('HINCRBY', job, stage .. '.attempt', 1)
+  redis.call('PERSIST', job)
+  redis.call('PERSIST', log_prefix .. id)
+  redis.call('HDEL', job, 'error', 'deadline_ms', stage .. '.step')
+  redis.call('HSET', job, 'state', 'queued:' .. stage, stage .. '.retries', 0,
+    stage .. '.enqueued_ms', now_ms, 'updated_ms', now_ms)
+  redis.call('ZADD', active, f[3], id)
+  redis.call('LREM', dead, 0, id)
+  enqueue(stage)
+  event('revived', stage, tostring(next_attempt), '', state)
+  return {'retry', tostring(next_attempt), dispatch, stage}
+end
+
+function commands.purge(a)
+  local want, before_ms = a[1], tonumber(a[2])
+  local f = redis.call('HMGET', job, 'state', 'updated_ms')
+  if not f[1] then
+    redis.call('ZREM', jobs, id)
+    redis.call('ZREM', results, id)
+    return {'missing'}
+  end
+  if not terminal[f[1]] or (want ~= '' and f[1] ~= want)
+      or (tonumber(f[2]) or 0) >= before_ms then
+    return {'kept', f[1]}
+  end
+  redis.call('DEL', job, log_prefix .. id)
+  redis.call('ZREM', jobs, id)
+  redis.call('ZREM', results, id)
+  redis.call('LREM', dead, 0, id)
+  return {'ok'}
+end
+
+function commands.trim(a)
+  if retention_ms <= 0 then return {'ok', 0} end
+  local job_prefix = string.sub(active, 1, -7) .. 'job:'
+  local removed = 0
+  -- Only a job created before now - retention can have ended and expired since.
+  local old = redis.call('ZRANGEBYSCORE', jobs, '-inf', now_ms - retention_ms, 'LIMIT', 0, 1000)
+  for _, member in ipairs(old) do
+    if redis.call('EXISTS', job_prefix .. member) == 0 then
+      redis.call('ZREM', jobs, member)
+      redis.call('ZREM', results, member)
+      redis.call('LREM', dead, 0, member)
+      removed = removed + 1
+    end
+  end
+  return {'ok', removed}
+end
+
 local replies = {}
-local i, key = 2, 6
+local i, key = 3, 6
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   local cmd = ARGV[i + 1]
