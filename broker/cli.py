@@ -12,6 +12,11 @@
     stagepool status ID [--json]
     stagepool wait ID [--timeout S]
     stagepool cancel ID
+    stagepool jobs [--state S] [--stage S] [--since 1h] [--limit N] [--json]
+    stagepool result ID [-o FILE]           the result file, local or through the gateway
+    stagepool retry ID                      an ended job again, from the stage it ended in
+    stagepool purge --older-than 7d [--state S]
+    stagepool env                           export lines: eval "$(stagepool env)"
     stagepool queues [--json]
     stagepool check --config FILE           the pipeline file checked, nothing started
     stagepool keys generate DIR             CURVE keys for binds beyond loopback
@@ -33,18 +38,20 @@ from pathlib import Path
 import msgspec
 
 from ..common import config as config_mod
+from ..common import locate
 from ..common.addresses import redact
 from ..common.client import BrokerClient
 from ..common.errors import ConfigError, RemoteError, StagepoolError
 from ..stages.check import check
 from .client_commands import (
-    broker_endpoint, cmd_cancel, cmd_queues, cmd_status, cmd_submit,
+    broker_endpoint, cluster_config, cmd_cancel, cmd_queues, cmd_status, cmd_submit,
     cmd_wait, cmd_workers, follow_with_progress,
 )
+from .job_commands import add_parsers as add_job_parsers
 
 log = logging.getLogger("stagepool")
 
-DEFAULT_STATE_DIR = ".stagepool"
+DEFAULT_STATE_DIR = locate.DEFAULT_STATE_DIR
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -88,11 +95,11 @@ def cmd_gateway(args) -> int:
 def cmd_top(args) -> int:
     from .top import run_top
 
-    config = config_mod.load(args.config)
-    info = Path(args.state_dir) / "cluster.json"
-    if info.exists() and not os.environ.get("STAGEPOOL_REDIS_URL"):
-        config = config_mod.load(args.config, env={
-            **os.environ, "STAGEPOOL_REDIS_URL": json.loads(info.read_text())["redis_url"]})
+    config = cluster_config(args)
+    info = locate.running(args.state_dir)
+    if info and not os.environ.get("STAGEPOOL_REDIS_URL"):
+        config = msgspec.structs.replace(
+            config, redis=msgspec.structs.replace(config.redis, url=info["redis_url"]))
     return run_top(config, broker_endpoint(args), args.interval, args.once)
 
 
@@ -239,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(fn=fn)
         p.add_argument("--config", default=None, help="pipeline config (TOML)")
-        p.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+        p.add_argument("--state-dir", default=os.environ.get("STAGEPOOL_STATE_DIR",
+                                                             DEFAULT_STATE_DIR))
         p.add_argument("--broker", default=None, help="broker control endpoint")
         return p
 
@@ -302,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", cmd_check, "check a pipeline file (kinds, options, model directories)")
     p.add_argument("--no-models", action="store_true",
                    help="skip the model directories (a host that loads none)")
+    add_job_parsers(add)
     p = add("keys", cmd_keys, "CURVE keys for binds beyond loopback (common/security.py)")
     p.add_argument("action", choices=["generate"])
     p.add_argument("dir", help="where to write server.key*, client.key* (secrets 0600)")

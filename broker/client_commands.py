@@ -1,9 +1,11 @@
 """The CLI's commands that talk to a running deployment: submit, status, wait, cancel,
-workers, queues (broker/cli.py has the parser and the commands that run processes).
+workers, queues (jobs.py: jobs, result, retry, purge, env; broker/cli.py has the parser and
+the commands that run processes).
 
 They find the broker from --broker, then STAGEPOOL_BROKER_ENDPOINT, then the `cluster.json`
-that `stagepool up` writes in its state dir, then --config's broker.endpoint; and use the
-deployment's keys where --config or the environment names them.
+that `stagepool up` writes in its state dir (common/locate.py), then --config's
+broker.endpoint; and use the deployment's keys where its config or the environment names
+them.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import msgspec
 
 from ..common import config as config_mod
+from ..common import locate
 from ..common.client import BrokerClient
 from ..common.errors import ConfigError
-from ..common.wire import TERMINAL_STATES
+from ..common.wire import TERMINAL_STATES, public
 
 
 def broker_endpoint(args) -> str:
@@ -27,21 +29,24 @@ def broker_endpoint(args) -> str:
         return args.broker
     if os.environ.get("STAGEPOOL_BROKER_ENDPOINT"):
         return os.environ["STAGEPOOL_BROKER_ENDPOINT"]
-    info = Path(args.state_dir) / "cluster.json"
-    if info.exists():
-        return json.loads(info.read_text())["broker"]
+    info = locate.running(args.state_dir)
+    if info:
+        return info["broker"]
     return config_mod.load(getattr(args, "config", None)).broker.endpoint
 
 
-def _client(args) -> BrokerClient:
-    """A client of the broker, with the keys of --config's security.keys_dir (or the
-    environment's) where it has them."""
-    keys = None
-    if getattr(args, "config", None):
-        from ..common.security import Keys
+def cluster_config(args):
+    """--config, else the file the running cluster was started with, else the defaults."""
+    path = getattr(args, "config", None) or (locate.running(args.state_dir) or {}).get("config")
+    return config_mod.load(path)
 
-        keys = Keys.from_config(config_mod.load(args.config))
-    return BrokerClient(broker_endpoint(args), keys=keys)
+
+def _client(args) -> BrokerClient:
+    """A client of the broker, with the keys of the cluster's security.keys_dir (or the
+    environment's) where it has them."""
+    from ..common.security import Keys
+
+    return BrokerClient(broker_endpoint(args), keys=Keys.from_config(cluster_config(args)))
 
 
 def follow_with_progress(client: BrokerClient, job_id: str, config, timeout_s: float):
@@ -103,7 +108,7 @@ def cmd_submit(args) -> int:
         submitted = client.submit(params, job_id=args.job_id, priority=args.priority,
                                   deadline_ms=deadline_ms)
     if args.json:
-        print(msgspec.json.encode(submitted).decode())
+        print(json.dumps(public(submitted)))
     else:
         print(submitted.job_id)
     return 0
@@ -113,9 +118,11 @@ def cmd_status(args) -> int:
     with _client(args) as client:
         status = client.status(args.job_id)
     if args.json:
-        print(msgspec.json.encode(status).decode())
+        print(json.dumps(public(status)))
     else:
-        print(f"{status.job_id} {status.state}" + (f" ({status.error})" if status.error else ""))
+        progress = f" {status.progress:.0%}" if status.progress is not None else ""
+        print(f"{status.job_id} {status.state}{progress}"
+              + (f" ({status.error})" if status.error else ""))
     return 0
 
 
@@ -167,7 +174,7 @@ def cmd_queues(args) -> int:
     with _client(args) as client:
         queues = client.queues()
     if args.json:
-        print(msgspec.json.encode(queues).decode())
+        print(json.dumps(public(queues)))
         return 0
     print(f"{'stage':<12}{'depth':>8}{'backlog':>9}{'in flight':>11}{'workers':>9}")
     for q in queues.queues:

@@ -209,6 +209,7 @@ class Cluster:
         info = {
             "redis_url": self.redis_url, "broker": endpoint, "gateway": gateway,
             "namespace": self.config.redis.namespace, "pid": os.getpid(),
+            "config": str(Path(self.config_path).resolve()) if self.config_path else None,
             "children": {c.name: c.process.pid for c in self.children},
         }
         self._write_info(info)

@@ -16,7 +16,7 @@ from rich.text import Text
 from ..common.config import Config
 from ..common.errors import StagepoolError
 from .gateway.observe import Observer
-from .gateway.schema import Job, Queues
+from ..common.httpwire import Job, Queues
 
 _RECENT = 12
 _STATE_STYLE = {"succeeded": "green", "failed": "red", "dead": "red", "expired": "red", "cancelled": "yellow",

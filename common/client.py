@@ -116,6 +116,17 @@ class BrokerClient:
     def cancel(self, job_id: str) -> wire.CancelResult:
         return self.call(wire.Cancel(job_id=job_id))
 
+    def retry(self, job_id: str) -> wire.RetryResult:
+        return self.call(wire.Retry(job_id=job_id))
+
+    def jobs(self, state: str = "", stage: str = "", since_ms: int = 0, before_ms: int = 0,
+             limit: int = 50) -> wire.JobList:
+        return self.call(wire.ListJobs(state=state, stage=stage, since_ms=since_ms,
+                                       before_ms=before_ms, limit=limit))
+
+    def purge(self, older_than_s: float, state: str = "") -> wire.Purged:
+        return self.call(wire.Purge(older_than_s=older_than_s, state=state), timeout_s=120)
+
     def queues(self) -> wire.Queues:
         return self.call(wire.GetQueues())
 

@@ -29,7 +29,7 @@ from ..pipeline import describe as describe_pipeline
 from .http import BearerAuth, Op, error_response, wrap
 from .metrics import Metrics
 from .observe import Observer
-from .schema import ErrorBody
+from ...common.httpwire import ErrorBody
 from .waiters import Waiters
 
 log = logging.getLogger("stagepool.gateway")

@@ -24,7 +24,7 @@ from ...common.errors import (
     Code, PayloadTooLarge, ProtocolError, RemoteError, StagepoolError, StoreUnavailable,
     TransportError,
 )
-from .schema import ErrorBody
+from ...common.httpwire import ErrorBody
 
 log = logging.getLogger("stagepool.gateway")
 

@@ -27,7 +27,7 @@ from starlette.responses import Response
 from ...common.errors import Code, RemoteError
 from .http import HTTPError, Op, in_thread, json_response, read_json
 from .native import JOB_ID_PARAM, job_result
-from .schema import (
+from ...common.httpwire import (
     ErrorBody, Job, QueueStatus, StopTaskResponse, TaskRequest, TaskResponse, TaskStatus,
 )
 

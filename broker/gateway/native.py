@@ -27,7 +27,7 @@ from ...common.errors import Code
 from ...common.jobquery import JobFilter
 from ...common.wire import TERMINAL_STATES
 from .http import HTTPError, Op, Param, in_thread, json_response, query_int, read_json
-from .schema import (
+from ...common.httpwire import (
     Cancelled, ErrorBody, Job, JobEvents, JobList, Queues, Retried, Submitted, SubmitRequest,
     Workers,
 )

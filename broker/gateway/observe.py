@@ -26,7 +26,7 @@ from ...common.jobquery import JobFilter, find
 from ...common.jobstore import JobStore, job_status
 from ...common.security import Keys
 from ...common.wire import TERMINAL_STATES
-from . import schema
+from ...common import httpwire as schema
 
 log = logging.getLogger(__name__)
 

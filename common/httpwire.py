@@ -1,4 +1,6 @@
-"""HTTP bodies: msgspec structs, decoded strictly; the OpenAPI components come from them.
+"""The gateway's HTTP bodies, as the ZMQ wire's are in wire.py: msgspec structs, decoded
+strictly, shared by the gateway (broker/gateway/), whose OpenAPI components come from them,
+and the client library (api.py).
 
 The native API (`/v1/jobs`, `/v1/queues`) refuses unknown fields. The LightX2V-compatible
 bodies accept and ignore them, as LightX2V's own server (pydantic defaults) does, so its
@@ -11,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from ...common.wire import WorkerInfo
+from .wire import WorkerInfo
 
 Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -77,12 +79,12 @@ class Retried(Strict):
 
 class JobEvent(Strict):
     event: str  # submitted, started, finished, retried, rewound, rebuilt, revived, or its end
-    stage: str
-    attempt: str
-    worker: str
-    detail: str  # an error's text, a wait's reason
     ts_ms: int
-    ms: int | None  # started: how long it waited; finished/succeeded: how long it ran
+    stage: str = ""
+    attempt: str = ""
+    worker: str = ""
+    detail: str = ""  # an error's text
+    ms: int | None = None  # started: how long it waited; finished/succeeded: how long it ran
 
 
 class JobEvents(Strict):
