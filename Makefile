@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := redis-server libibverbs1 ibverbs-providers librdmacm1 libnuma1 python3-pyverbs
-TEST_DEB_PACKAGES := chromium  # the dashboard's browser test (driven by Playwright)
+TEST_DEB_PACKAGES := chromium nodejs npm  # the dashboard's browser test (Playwright); docs/wire.md's Node example
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from stagepool.common.config import TransferConfig  # noqa: E402
 from stagepool.common.transfer import Exchange, PullStatus  # noqa: E402
 from stagepool.common.transfer.base import Endpoint  # noqa: E402
-from stagepool.common.wire import TensorDesc  # noqa: E402
+from stagepool.common.dispatch import TensorDesc  # noqa: E402
 
 SIZES = [64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
 QUICK_SIZES = [64 << 10, 1 << 20, 16 << 20, 64 << 20]

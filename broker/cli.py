@@ -54,11 +54,24 @@ log = logging.getLogger("stagepool")
 DEFAULT_STATE_DIR = locate.DEFAULT_STATE_DIR
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-    )
+def _setup_logging(verbose: bool, log_format: str | None) -> None:
+    """Text for people, or one JSON object per line (python-json-logger) for machines: a
+    record's `extra` fields (the attempt line's job, stage, outcome, ...) become its keys.
+    `--log-format` is passed to every process `up` starts through STAGEPOOL_LOG_FORMAT."""
+    if log_format:
+        os.environ["STAGEPOOL_LOG_FORMAT"] = log_format
+    handler = logging.StreamHandler()
+    if os.environ.get("STAGEPOOL_LOG_FORMAT", "text") == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter(
+            "%(asctime)s %(levelname)s %(process)d %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "process": "pid",
+                           "name": "logger"}))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 def _parse_workers(items: list[str], config) -> dict[str, int]:
@@ -240,6 +253,8 @@ def cmd_pipeline(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagepool", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="log lines as text (default) or JSON objects; up passes it on")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_text):
@@ -319,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.log_format)
     try:
         return args.fn(args)
     except (StagepoolError, RemoteError) as exc:

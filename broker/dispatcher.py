@@ -17,7 +17,7 @@ import threading
 import msgspec
 
 from ..common.ring import Ring, lanes
-from ..common.wire import decode_dispatch, encode_dispatch
+from ..common.dispatch import decode_dispatch, encode_dispatch
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from ..common import transitions as tx
 from ..common.jobstore import JobStore
 from ..common.ring import Ring, lanes
 from ..common.ring.cells import WRITING
-from ..common.wire import decode_dispatch
+from ..common.dispatch import decode_dispatch
 from .dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)

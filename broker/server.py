@@ -31,12 +31,13 @@ from ..common import transitions as tx
 from ..common.addresses import endpoint_host, is_local
 from ..common import wire
 from ..common.config import Config
+from ..common.dispatch import Dispatch, encode_dispatch
 from ..common.errors import Busy, Code, ProtocolError, StagepoolError
 from ..common.jobstore import JobStore
 from ..common.security import Keys, require, serve_curve
 from ..common.ring import lanes
 from ..common.wire import (
-    Cancel, Codec, Dispatch, Error, GetQueues, GetStatus, GetWorkers, Heartbeat, HeartbeatAck,
+    Cancel, Codec, Error, GetQueues, GetStatus, GetWorkers, Heartbeat, HeartbeatAck,
     Hello, ListJobs, Purge, QueueInfo, Queues, Register, Registered, Retry, Submit, Submitted,
     Unregister,
     Rewind, RewindResult, VerbsAccept, VerbsConnect, Welcome, Ack,
@@ -201,7 +202,7 @@ class Broker:
         schemas.check_time_limit(params, self._longest_limit_s)
         priority = wire.check_priority(request.priority)
         deadline_ms = wire.check_deadline(request.deadline_ms)
-        dispatch = wire.encode_dispatch(Dispatch(job_id, 1, first, priority, deadline_ms))
+        dispatch = encode_dispatch(Dispatch(job_id, 1, first, priority, deadline_ms))
         return tx.Submit(job_id, name, params_json, first, dispatch, priority, deadline_ms)
 
     # -- control socket ----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Wire schemas: every ZMQ control message and the ring's `Dispatch` record.
+"""Wire schemas: every ZMQ control message (the ring's record, `Dispatch`, and the workers'
+`Release` notice are in dispatch.py).
 
 Messages are tagged msgspec Structs (`{"type": "submit", ...}` in JSON, the same map in
 msgpack). A socket has one decoder for the union it accepts and matches on the decoded type.
@@ -344,45 +345,10 @@ def public(message: Message) -> dict[str, Any]:
 
 def schema_hash() -> str:
     """A short hash of the message schemas: peers with different schemas refuse each other."""
-    info = msgspec.json.encode(msgspec.json.schema(tuple[Request, Reply, Dispatch]))
+    from .dispatch import Dispatch, Release  # they use this module's base and decode errors
+
+    info = msgspec.json.encode(msgspec.json.schema(tuple[Request, Reply, Dispatch, Release]))
     return hashlib.sha256(info).hexdigest()[:16]
-
-
-# -- the ring record -------------------------------------------------------------------------
-
-
-class Release(Message, tag="release"):
-    """Worker to worker (PUSH to the producer's notice socket): free the outputs held as `key`."""
-
-    key: str
-
-
-class TensorDesc(msgspec.Struct, array_like=True, omit_defaults=True):
-    """Where a producer holds one tensor; the consumer pulls it (common/transfer)."""
-
-    name: str
-    dtype: str
-    shape: list[int]
-    nbytes: int
-    address: int = 0
-    checksum: int = 0
-
-
-class Dispatch(msgspec.Struct, array_like=True, omit_defaults=True):
-    """One ring slot's payload: what a consumer needs to start the job's next stage.
-
-    Never params or tensors: the params live in Redis (`start` returns them), the tensors in
-    the producer's memory. `deadline_ms` is wall-clock epoch milliseconds (0: none); it
-    crosses hosts, so it cannot be monotonic.
-    """
-
-    job_id: str
-    attempt: int
-    stage: Stage
-    priority: int = 0
-    deadline_ms: int = 0
-    endpoint: str = ""
-    tensors: list[TensorDesc] = []
 
 
 # What decoding hostile bytes can raise besides msgspec's own errors: invalid UTF-8 in a
@@ -440,22 +406,6 @@ class Codec:
 
     def encode(self, message: Any, as_json: bool = False) -> bytes:
         return self._json.encode(message) if as_json else self._msgpack.encode(message)
-
-
-_dispatch_encoder = msgspec.msgpack.Encoder()
-_dispatch_decoder = msgspec.msgpack.Decoder(Dispatch)
-
-
-def encode_dispatch(dispatch: Dispatch) -> bytes:
-    return _dispatch_encoder.encode(dispatch)
-
-
-def decode_dispatch(payload: bytes) -> Dispatch:
-    try:
-        return _dispatch_decoder.decode(payload)
-    except DECODE_ERRORS as exc:
-        raise ProtocolError(f"undecodable dispatch record: {type(exc).__name__}: "
-                            f"{str(exc)[:200]}") from None
 
 
 def check_job_id(job_id: str) -> str:

@@ -19,7 +19,7 @@ import logging
 
 from ..common.errors import StagepoolError
 from ..common.ring import Ring, lanes
-from ..common.wire import Dispatch, decode_dispatch
+from ..common.dispatch import Dispatch, decode_dispatch
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import msgspec
 from ..common import transitions as tx
 from ..common.config import Config
 from ..common.jobstore import Outcome
-from ..common.wire import Dispatch, encode_dispatch
+from ..common.dispatch import Dispatch, encode_dispatch
 from .session import Session
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ from ..common.config import Config
 from ..common.jobstore import JobStore
 from ..common.security import Keys
 from ..common.transfer import Exchange, Failure, FailureKind, PoolFull, PullStatus
-from ..common.wire import TERMINAL_STATES, Dispatch, TensorDesc
+from ..common.dispatch import Dispatch, TensorDesc
+from ..common.wire import TERMINAL_STATES
 
 log = logging.getLogger(__name__)
 

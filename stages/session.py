@@ -28,6 +28,7 @@ from ..common import wire
 from ..common.addresses import as_seen_from, endpoint_host, redact
 from ..common.client import BrokerClient
 from ..common.config import Config
+from ..common.dispatch import Dispatch
 from ..common.errors import RemoteError, StagepoolError, StoreUnavailable
 from ..common.jobstore import JobStore
 from ..common.security import Keys
@@ -129,7 +130,7 @@ class Session:
         self.worker_id = f"{self.worker_id.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:6]}"
         self.reattach.set()
 
-    def rewind(self, dispatch: wire.Dispatch, error: str, dead_peer: str = "") -> str:
+    def rewind(self, dispatch: Dispatch, error: str, dead_peer: str = "") -> str:
         """Ask the broker to run the previous stage again (our inputs died with it), and to
         tell every worker about the producer we found dead."""
         with self._client() as client:

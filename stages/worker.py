@@ -43,7 +43,7 @@ from ..common.addresses import endpoint_host, route_to
 from ..common.config import Config
 from ..common.errors import RemoteError, StagepoolError, StageStopped, TransportError
 from ..common.ring import Ring, lanes
-from ..common.wire import Dispatch, encode_dispatch
+from ..common.dispatch import Dispatch, encode_dispatch
 from . import base, claims
 from .commits import Commits, Ran, handed_on
 from .families.params import job_time_limit_s
@@ -191,10 +191,11 @@ class Worker:
     def _attempt(self, dispatch: Dispatch, started: float, outcome: str,
                  level: int = logging.INFO, exc_info: bool = False) -> None:
         """The one log line of each stage attempt: job, stage, attempt, worker, time, outcome."""
-        log.log(level, "attempt job=%s stage=%s attempt=%d worker=%s ran_ms=%.0f outcome=%s",
-                dispatch.job_id, self.stage_config.name, dispatch.attempt,
-                self.session.worker_id, (time.monotonic() - started) * 1e3, outcome,
-                exc_info=exc_info)
+        fields = {"job": dispatch.job_id, "stage": self.stage_config.name,
+                  "attempt": dispatch.attempt, "worker": self.session.worker_id,
+                  "ran_ms": round((time.monotonic() - started) * 1e3), "outcome": outcome}
+        log.log(level, "attempt " + " ".join(f"{k}={v}" for k, v in fields.items()),
+                exc_info=exc_info, extra=fields)  # keys of their own in --log-format json
 
     def _run(self, dispatch: Dispatch, params_json: bytes, cell: int) -> Ran | None:
         """Pull the inputs and run the stage; None when the attempt ended here."""

@@ -40,7 +40,7 @@ def work(spec, cell: int, redis_url: str, namespace: str, work_s: float,
     unlease; exit after `idle_exit_s` without dispatches."""
     from stagepool.common import transitions as tx
     from stagepool.common.jobstore import JobStore
-    from stagepool.common.wire import decode_dispatch
+    from stagepool.common.dispatch import decode_dispatch
 
     ring = attach(*spec)
     store = JobStore(redis_url, namespace)

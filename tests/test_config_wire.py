@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from stagepool.common import config, wire
+from stagepool.common import dispatch as dispatch_mod
 from stagepool.common.errors import ConfigError, PayloadTooLarge, ProtocolError
 
 
@@ -45,16 +46,16 @@ def test_max_batch_must_fit_the_ring_lease_cells(tmp_path):
 
 
 def test_dispatch_records_round_trip_and_fit_a_default_slot():
-    dispatch = wire.Dispatch("j" * 64, 3, "denoise", 1, 0, "host:1234", [
-        wire.TensorDesc("prompt_embeds", "bfloat16", [1, 512, 4096], 4194304, 1 << 40, 123)])
-    payload = wire.encode_dispatch(dispatch)
-    assert wire.decode_dispatch(payload) == dispatch
+    dispatch = dispatch_mod.Dispatch("j" * 64, 3, "denoise", 1, 0, "host:1234", [
+        dispatch_mod.TensorDesc("prompt_embeds", "bfloat16", [1, 512, 4096], 4194304, 1 << 40, 123)])
+    payload = dispatch_mod.encode_dispatch(dispatch)
+    assert dispatch_mod.decode_dispatch(payload) == dispatch
     assert len(payload) < 1024 - 16
 
 
 def test_a_garbage_dispatch_is_a_protocol_error():
     with pytest.raises(ProtocolError, match="undecodable dispatch"):
-        wire.decode_dispatch(b"\x93\x01")
+        dispatch_mod.decode_dispatch(b"\x93\x01")
 
 
 def test_the_codec_decodes_json_and_msgpack_into_the_same_message():

@@ -26,7 +26,7 @@ def cluster(tmp_path_factory, tiny_models):
     tmp = tmp_path_factory.mktemp("gateway-models")
     redis_server = RedisServer(tmp / "redis")
     cluster = Cluster(tmp, redis_server.url, f"m{uuid.uuid4().hex[:8]}", workers=1,
-                      models=tiny_models["tiny"], lease_ms=30000)
+                      models=tiny_models["tiny"], lease_ms=30000, max_attempts=2)
     yield cluster
     cluster.stop()
     redis_server.stop()
@@ -186,40 +186,83 @@ def test_transfer_counters_reach_the_metrics(http):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
                                              "(make setup installs it as root)")
-def test_dashboard_in_chromium_updates_chart_and_rows_and_previews_results(
+def test_dashboard_in_chromium_filters_opens_job_pages_cancels_and_retries(
         cluster, http, tmp_path):
+    """Driven as an operator would: running jobs first with their steps, the workers panel,
+    throughput per stage, a failed job found by its filter with its error's text, its page
+    (timeline, events, params), cancel and retry buttons, search by id to a result preview,
+    and charts that survive a reload. Screenshots are left in the test's tmp dir."""
     from playwright.sync_api import sync_playwright
 
+    def submit(params, job_id=None):
+        body = {"params": {"prompt": "dash", **params}, **({"job_id": job_id} if job_id else {})}
+        return http.post("/v1/jobs", json=body).json()["job_id"]
+
+    failed = submit({"time_limit_s": 0.001, "infer_steps": 3}, "dash-failed")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
         errors = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(cluster.gateway + "/")
         page.wait_for_selector("#stages tbody tr[data-stage='denoise']")
-        assert page.locator("#stages tbody tr[data-stage='decode']").get_attribute(
-            "data-workers") == "1"
-        points_before = int(page.locator("#chart").get_attribute("data-points"))
+        page.wait_for_selector("#workers tbody tr[data-stage='decode']")
+        assert page.locator("#workers tbody tr").count() == 3
 
-        ids = [http.post("/v1/jobs", json={"params": {"prompt": f"dash {i}", "seed": i,
-                                                      "infer_steps": 30}}).json()["job_id"]
-               for i in range(40)]
-        # The chart sees the queue: its peak goes above zero.
+        ids = [submit({"seed": i, "infer_steps": 40}) for i in range(8)]
+        # Running jobs come first, with their step progress.
         page.wait_for_function(
-            "Number(document.getElementById('chart').dataset.max) > 0", timeout=60_000)
-        # The newest job shows as a row and later as succeeded, with its image previewed.
-        row = page.locator(f"#jobs tbody tr[data-job='{ids[-1]}']")
-        row.wait_for(timeout=30_000)
-        page.wait_for_selector(f"#jobs tbody tr[data-job='{ids[-1]}'][data-state='succeeded']",
-                               timeout=180_000)
+            "(() => { const row = document.querySelector('#jobs tbody tr');"
+            " return row && ['encoding', 'denoising', 'decoding'].includes(row.dataset.state); })()",
+            timeout=60_000)
+        page.wait_for_selector("#workers tbody tr[data-busy='1']", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "overview.png"), full_page=True)
+
+        # Cancel the last one from its row, find it by the filter, retry it from there.
+        victim = ids[-1]
+        page.locator(f"#jobs tbody tr[data-job='{victim}'] button[data-action='cancel']").click()
+        page.select_option("#filter-state", "cancelled")
+        page.wait_for_selector(f"#jobs tbody tr[data-job='{victim}'][data-state='cancelled']")
+        page.locator(f"#jobs tbody tr[data-job='{victim}'] button[data-action='retry']").click()
+        deadline = time.monotonic() + 120
+        while http.get(f"/v1/jobs/{victim}").json()["state"] != "succeeded":
+            assert time.monotonic() < deadline, "the retried job never succeeded"
+            time.sleep(0.2)
+
+        # The failed job: its filter, its error's text in the row, then its page.
+        page.select_option("#filter-state", "failed")
+        row = page.locator(f"#jobs tbody tr[data-job='{failed}']")
+        row.wait_for(timeout=60_000)
+        assert "time limit" in row.inner_text()
+        row.locator("a").click()
+        page.wait_for_selector(f"#job-title[data-state='failed'][data-job='{failed}']")
+        assert "time limit" in page.locator("#job-error").inner_text()
+        page.wait_for_selector("#job-events tr[data-event='retried']")
+        assert "time limit" in page.locator("#job-events tr[data-event='failed'] td.detail").inner_text()
+        assert page.locator("#timeline .lane[data-stage='denoise'] .run").count() == 1
+        assert '"time_limit_s": 0.001' in page.locator("#job-params").inner_text()
+        page.screenshot(path=str(tmp_path / "job-failed.png"), full_page=True)
+
+        # Search by id: a succeeded job's page previews its image.
+        page.fill("#search-id", ids[0])
+        page.press("#search-id", "Enter")
+        page.wait_for_selector(f"#job-title[data-state='succeeded'][data-job='{ids[0]}']",
+                               timeout=120_000)
         page.wait_for_function(
-            f"(() => {{ const img = document.querySelector(\"tr[data-job='{ids[-1]}'] "
-            f"img.preview\"); return img && img.complete && img.naturalWidth > 0; }})()",
-            timeout=30_000)
-        points_after = int(page.locator("#chart").get_attribute("data-points"))
-        assert points_after > points_before  # the chart kept sampling
+            "(() => { const img = document.querySelector('#job-result img');"
+            " return img && img.complete && img.naturalWidth > 0; })()", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "job-succeeded.png"), full_page=True)
+
+        # Back to the overview after a reload: the history is the gateway's, not the page's.
+        page.goto(cluster.gateway + "/")
+        page.reload()
+        page.wait_for_function("Number(document.getElementById('chart').dataset.points) >= 2",
+                               timeout=15_000)
+        page.wait_for_function(
+            "Number(document.querySelector(\"#stages tr[data-stage='denoise']\")"
+            ".dataset.donePerMin) > 0", timeout=15_000)
         assert page.locator("#broker").inner_text() == "broker up"
-        page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
         browser.close()
-    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    for name in ("overview.png", "job-failed.png", "job-succeeded.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
     assert errors == []

@@ -21,7 +21,7 @@ from stagepool.broker.reaper import Reaper
 from stagepool.common import transitions as tx
 from stagepool.common.config import Config
 from stagepool.common.jobstore import JobStore
-from stagepool.common.wire import Dispatch, encode_dispatch
+from stagepool.common.dispatch import Dispatch, encode_dispatch
 from tests import ring_procs
 
 from .conftest import wait_ended

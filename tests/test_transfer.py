@@ -13,7 +13,7 @@ import torch
 from stagepool.common.config import TransferConfig
 from stagepool.common.transfer import Exchange, FailureKind, PoolFull, PullStatus
 from stagepool.common.transfer.pool import ALIGN_BYTES, Pool
-from stagepool.common.wire import TensorDesc
+from stagepool.common.dispatch import TensorDesc
 
 BACKENDS = ["local", "mooncake"]
 SIZES = [1, 7, 4096, 1 << 20, 16 << 20]  # bench/transfer.py goes to 256 MiB

@@ -180,3 +180,31 @@ def test_check_passes_a_good_file_and_up_refuses_workers_for_a_stage_it_lacks(tm
     up = subprocess.run([*UP, "--config", str(config), "--state-dir", str(tmp_path / "state"),
                          "--workers", "denoize=4"], capture_output=True, text=True, timeout=60)
     assert up.returncode != 0 and "no stage 'denoize'" in up.stderr
+
+
+def test_json_logs_reach_every_process_and_the_attempt_line_has_its_fields(tmp_path):
+    import json
+
+    config = _config(tmp_path)
+    with open(tmp_path / "up.log", "ab") as log:
+        up = subprocess.Popen([sys.executable, "-m", "stagepool.broker.cli", "--log-format",
+                               "json", "up", "--config", str(config), "--state-dir",
+                               str(tmp_path / "state")],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        info = _info(tmp_path, up)
+        with BrokerClient(info["broker"]) as client:
+            client.submit({"prompt": "p"}, job_id="json-1")
+            deadline = time.monotonic() + 30
+            while client.status("json-1").state != "succeeded":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        logs = tmp_path / "state" / "logs"
+        lines = [json.loads(line) for name in ("broker.log", "encode-0.log", "decode-0.log")
+                 for line in (logs / name).read_text().splitlines()]  # every line is JSON
+        attempts = [r for r in lines if r["message"].startswith("attempt ")]
+        assert {(r["job"], r["stage"], r["outcome"]) for r in attempts} == {
+            ("json-1", "encode", "committed"), ("json-1", "decode", "committed")}
+        assert all(r["level"] and r["pid"] and r["logger"] for r in lines)
+    finally:
+        _stop(up)

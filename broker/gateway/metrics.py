@@ -8,12 +8,14 @@ Two sources, so that any gateway replica reports every worker and stage:
     histograms of enqueue-to-start and stage run time, counters of retries, rewinds and ended
     jobs. jobs.lua puts the durations in the events, so the tail does no lookups. Like any
     counter they start at zero when the gateway starts; use rate() and sum one replica.
+    The same tail keeps the dashboard's history (history.py).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from prometheus_client import (
     CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest,
@@ -21,6 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ...common.errors import StagepoolError
+from . import history
 from ...common.wire import TERMINAL_STATES
 from .observe import Observer
 
@@ -39,6 +42,7 @@ class Metrics:
     def __init__(self, observer: Observer):
         disable_created_metrics()  # `_created` series are noise for dashboards
         self.observer = observer
+        self.history = history.History(observer.stage_names)
         self.registry = CollectorRegistry(auto_describe=False)
         labels = ["stage"]
         self.queue_wait = Histogram(
@@ -180,10 +184,25 @@ class Metrics:
     # -- the events tail ---------------------------------------------------------------
 
     def _tail(self) -> None:
-        last_id: bytes | str = "$"
+        """Follow the events stream. It starts the history's window back, so the dashboard's
+        history comes back with a restarted gateway; events from before this gateway's start
+        feed the history only (counters start at zero, as counters do). Queue depth is
+        sampled into the history every bucket."""
         store = self.observer.store
+        started_ms = None
+        last_id: bytes | str = "$"
+        next_sample = 0.0
         while not self._stop.is_set():
             try:
+                if started_ms is None:
+                    started_ms = store.now_ms()
+                    last_id = f"{started_ms - history.WINDOW_S * 1000}-0"
+                if time.monotonic() >= next_sample:
+                    next_sample = time.monotonic() + history.BUCKET_S / 2
+                    depths = store.queue_stats(self.observer.stage_names)
+                    self.history.depth(store.now_ms(), {
+                        stage: depth for stage, (depth, _) in
+                        zip(self.observer.stage_names, depths)})
                 events = store.read_events(last_id, _TAIL_BATCH, _TAIL_BLOCK_MS)
             except StagepoolError as exc:
                 log.warning("events tail: %s; retrying", exc)
@@ -192,15 +211,21 @@ class Metrics:
             for entry_id, fields in events:
                 last_id = entry_id
                 try:
-                    self.observe(fields)
+                    self.observe(fields, live=int(entry_id.split(b"-")[0]) >= started_ms)
                 except (ValueError, KeyError):
                     log.warning("events tail: skipped a malformed event %r", entry_id)
 
-    def observe(self, fields: dict[bytes, bytes]) -> None:
-        """Update the series from one event of the stream."""
+    def observe(self, fields: dict[bytes, bytes], live: bool = True) -> None:
+        """Update the history, and (for an event after our start) the series, from one event
+        of the stream."""
         name = fields.get(b"event", b"").decode()
         stage = fields.get(b"stage", b"").decode()
         ms = fields.get(b"ms", b"")
+        ts_ms = fields.get(b"ts_ms", b"")
+        if ts_ms:
+            self.history.event(int(ts_ms), name, stage, int(ms) if ms else None)
+        if not live:
+            return
         if name == "submitted":
             self.submitted.inc()
         elif name == "started" and ms:

@@ -13,6 +13,8 @@
     GET    /v1/pipeline              the stages and the params schema (JSON Schema), defaults
     GET    /v1/workers               every worker: stage, host, pid, device, busy, its jobs
                                      and step, jobs done, last heartbeat, GPU memory and use
+    GET    /v1/history               per stage over the last hour: attempts done and failed,
+                                     run time, queue depth (the dashboard's charts)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ...common import wire
 from ...common.errors import Code
 from ...common.jobquery import JobFilter
 from ...common.wire import TERMINAL_STATES
+from .history import HistoryView
 from .http import HTTPError, Op, Param, in_thread, json_response, query_int, read_json
 from ...common.httpwire import (
     Cancelled, ErrorBody, Job, JobEvents, JobList, Queues, Retried, Submitted, SubmitRequest,
@@ -134,6 +137,10 @@ async def workers(request: Request) -> Response:
     return json_response(Workers(workers=listing.workers))
 
 
+async def history(request: Request) -> Response:
+    return json_response(_state(request).metrics.history.view())
+
+
 async def metrics(request: Request) -> Response:
     text = await in_thread(_state(request).metrics.render)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -195,6 +202,8 @@ OPS = [
        responses={200: ("application/json",)}),
     Op("GET", "/v1/workers", workers, "Every live worker, its jobs and its GPU", "queues",
        responses={200: Workers, 503: ErrorBody}),
+    Op("GET", "/v1/history", history, "Per stage over the last hour: done, failed, depth",
+       "queues", responses={200: HistoryView}),
     Op("GET", "/metrics", metrics, "Prometheus metrics", "operations",
        responses={200: ("text/plain",), 503: ErrorBody}),
     Op("GET", "/healthz", healthz, "Liveness", "operations", responses={200: ("application/json",)},

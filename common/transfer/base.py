@@ -25,7 +25,7 @@ import time
 
 import msgspec
 
-from ..wire import TensorDesc
+from ..dispatch import TensorDesc
 
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
             "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8}

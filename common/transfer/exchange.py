@@ -30,7 +30,8 @@ from ..addresses import LOOPBACK
 from ..config import TransferConfig
 from ..security import Keys, connect_curve, require, serve_curve
 from ..errors import TransferError
-from ..wire import DECODE_ERRORS, Release, TensorDesc
+from ..dispatch import Release, TensorDesc
+from ..wire import DECODE_ERRORS
 from .base import Endpoint, Failure, FailedPull, FailureKind, Pull, host_identity
 from .local import LocalBackend
 from .pool import ALIGN_BYTES, Pool, PoolFull, dtype_name

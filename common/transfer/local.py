@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..wire import TensorDesc
+from ..dispatch import TensorDesc
 from ._checksum import checksum
 from .base import Backend, Endpoint, Failure, FailedPull, FailureKind, Pull, PullStatus, \
     check_descs, host_identity

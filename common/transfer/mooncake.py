@@ -27,7 +27,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import TransferError
-from ..wire import TensorDesc
+from ..dispatch import TensorDesc
 from .base import Backend, Endpoint, Failure, FailedPull, FailureKind, Pull, PullStatus, \
     check_descs
 from .pool import Pool, PoolFull
