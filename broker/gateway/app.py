@@ -133,7 +133,7 @@ def openapi(config: Config) -> dict[str, Any]:
         if op.params:
             entry["parameters"] = [
                 {"name": p.name, "in": p.where, "required": p.required or p.where == "path",
-                 "schema": p.schema, **({"description": p.description} if p.description else {})}
+                 "schema": p.schema(config) if callable(p.schema) else p.schema, **({"description": p.description} if p.description else {})}
                 for p in op.params]
         if op.body is not None:
             entry["requestBody"] = {"required": False, "content": {

@@ -35,7 +35,7 @@ _encoder = msgspec.json.Encoder()
 class Param:
     name: str
     where: str  # "path" | "query"
-    schema: dict
+    schema: dict | Callable[[Any], dict]  # or made from the deployment's config
     description: str = ""
     required: bool = False
 

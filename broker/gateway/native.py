@@ -26,7 +26,7 @@ from starlette.responses import FileResponse, Response
 
 from ...common import wire
 from ...common.errors import Code
-from ...common.jobquery import JobFilter
+from ...common.jobquery import GROUPS, JobFilter
 from ...common.wire import TERMINAL_STATES
 from .history import HistoryView
 from .http import HTTPError, Op, Param, in_thread, json_response, query_int, read_json
@@ -166,10 +166,14 @@ OPS = [
                   429: ErrorBody, **_ERRORS}),
     Op("GET", "/v1/jobs", list_jobs, "List jobs, newest first", "jobs",
        responses={200: JobList, **_ERRORS},
-       params=(Param("state", "query", {"type": "string", "maxLength": 80},
+       params=(Param("state", "query", lambda config: {"type": "string", "enum": [
+                         *GROUPS, *sorted(TERMINAL_STATES),
+                         *(f"queued:{s.name}" for s in config.pipeline.stages),
+                         *(s.job_state() for s in config.pipeline.stages)]},
                      "a state (failed, denoising, queued:denoise) or a group: queued, running, "
                      "active, ended"),
-               Param("stage", "query", {"type": "string", "maxLength": 80},
+               Param("stage", "query", lambda config: {
+                         "type": "string", "enum": [s.name for s in config.pipeline.stages]},
                      "the stage a job is in, or ended in"),
                Param("since_ms", "query", {"type": "integer", "minimum": 0, "maximum": MAX_MS},
                      "only jobs created at or after this (epoch ms)"),

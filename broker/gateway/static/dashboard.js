@@ -54,7 +54,7 @@ async function act(kind, jobId) {
 function actions(job) {
   const buttons = [];
   if (!ENDED.has(job.state)) buttons.push(el("button", { class: "cancel", "data-action": "cancel", onclick: () => act("cancel", job.job_id) }, "cancel"));
-  else if (job.state !== "succeeded") buttons.push(el("button", { class: "retry", "data-action": "retry", onclick: () => act("retry", job.job_id) }, "retry"));
+  else if (job.state !== "succeeded" && job.stage) buttons.push(el("button", { class: "retry", "data-action": "retry", onclick: () => act("retry", job.job_id) }, "retry"));
   return el("span", { class: "actions" }, ...buttons);
 }
 
@@ -68,7 +68,9 @@ function drawChart() {
   const points = (history ? history.points.filter(p => Object.keys(p.depth).length) : [])
     .map(p => ({ ts: p.ts_ms, depth: p.depth }));
   if (live.ts) points.push({ ts: live.ts, depth: live.depth });
-  const t1 = live.ts || Date.now(), t0 = t1 - (history ? history.window_s * 1000 : 3600e3);
+  // From the oldest point (at least the last 10 minutes) to now, at most the history's window.
+  const t1 = live.ts || Date.now(), window = history ? history.window_s * 1000 : 3600e3;
+  const t0 = Math.max(t1 - window, Math.min(points.length ? points[0].ts : t1, t1 - 600e3));
   let top = 4;
   for (const p of points) for (const s of stageNames) top = Math.max(top, p.depth[s] || 0);
   ctx.strokeStyle = "#26303b"; ctx.fillStyle = "#7b8794"; ctx.font = "11px sans-serif";
@@ -77,7 +79,7 @@ function drawChart() {
     ctx.beginPath(); ctx.moveTo(pad, y); ctx.lineTo(w - 4, y); ctx.stroke();
     ctx.fillText(String(Math.round(top * i / 4)), 2, y + 4);
   }
-  ctx.fillText("-60 min", pad, h - 8); ctx.fillText("now", w - 30, h - 8);
+  ctx.fillText(`-${Math.round((t1 - t0) / 60e3)} min`, pad, h - 8); ctx.fillText("now", w - 30, h - 8);
   stageNames.forEach((stage, i) => {
     ctx.strokeStyle = COLORS[i % COLORS.length]; ctx.lineWidth = 2; ctx.beginPath();
     points.forEach((p, j) => {
@@ -228,8 +230,8 @@ async function jobPage(jobId) {
   const [job, events] = await Promise.all([api(path), api(`${path}/events`)]);
   const nowMs = Date.now();
   const title = document.getElementById("job-title");
-  title.replaceChildren(`job ${job.job_id} `, el("span", { class: `pill state state-${job.state.split(":")[0]}`, id: "job-state" }, job.state),
-    job.progress !== null && !ENDED.has(job.state) ? el("span", { class: "muted" }, ` ${Math.round(job.progress * 100)}%`) : null);
+  title.replaceChildren(...[`job ${job.job_id} `, el("span", { class: `pill state state-${job.state.split(":")[0]}`, id: "job-state" }, job.state),
+    job.progress !== null && !ENDED.has(job.state) ? el("span", { class: "muted" }, ` ${Math.round(job.progress * 100)}%`) : null].filter(x => x !== null));
   title.dataset.job = job.job_id; title.dataset.state = job.state;
   document.getElementById("job-actions").replaceChildren(actions(job));
   document.getElementById("job-error").textContent = job.error;
