@@ -5,13 +5,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := redis-server libibverbs1 ibverbs-providers librdmacm1 libnuma1 python3-pyverbs
 TEST_DEB_PACKAGES := chromium nodejs npm  # the dashboard's browser test (Playwright); docs/wire.md's Node example
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
-# Install the Debian packages in $(1) that are missing (as root; otherwise warn).
+# Install the Debian packages in $(1) that are missing (as root; otherwise warn): the test
+# suite's own (the runtime's are deploy/install.sh's).
 define deb_install
 	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -24,15 +24,8 @@ endef
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints.txt common/ring/_atomics.c common/transfer/_checksum.c
-	$(call deb_install,$(DEB_PACKAGES))
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,models,transfer]'
-	@# pyverbs comes from Debian (python3-pyverbs), built for CPython 3.11: link it in.
-	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	if [ -d /usr/lib/python3/dist-packages/pyverbs ]; then \
-	  ln -sfn /usr/lib/python3/dist-packages/pyverbs $$site/pyverbs; fi
+$(STAMP): pyproject.toml setup.py constraints.txt deploy/install.sh common/ring/_atomics.c common/transfer/_checksum.c
+	VENV=$(VENV) PYTHON=$(PYTHON) deploy/install.sh   # the images run the same script
 	touch $(STAMP)
 
 demo: setup

@@ -1,7 +1,7 @@
 """The `stagepool` command.
 
-    stagepool up --config FILE [--workers STAGE=N ...] [--redis-url URL] [--state-dir DIR]
-                                            one per state dir; Ctrl-C stops it in order
+    stagepool up --config FILE [--workers STAGE=N ...] [--autoscale] [--redis-url URL]
+                 [--state-dir DIR]          one per state dir; Ctrl-C stops it in order
     stagepool demo [--config FILE]          a local cluster, one job through every stage
     stagepool broker --config FILE
     stagepool worker --stage S --config FILE [--transport auto|shm|tcp|verbs] [--gpu ID]
@@ -83,6 +83,10 @@ def _parse_workers(items: list[str], config) -> dict[str, int]:
             raise SystemExit(f"--workers takes STAGE=N, got {item!r}")
         if stage not in names:
             raise SystemExit(f"--workers {item}: no stage {stage!r} (stages: {', '.join(names)})")
+        policy = config.stage(stage).autoscale
+        if policy and not policy.min <= int(count) <= policy.max:
+            raise SystemExit(f"--workers {item}: outside the stage's autoscale range "
+                             f"[{policy.min}, {policy.max}]")
         workers[stage] = int(count)
     return workers
 
@@ -109,6 +113,9 @@ def cmd_top(args) -> int:
     from .top import run_top
 
     config = cluster_config(args)
+    if config is None:
+        raise ConfigError("top needs the pipeline: run it where `stagepool up` runs (its state "
+                          "dir), or give --config")
     info = locate.running(args.state_dir)
     if info and not os.environ.get("STAGEPOOL_REDIS_URL"):
         config = msgspec.structs.replace(
@@ -198,7 +205,8 @@ def cmd_up(args) -> int:
     _ensure_tiny_models(config)
     check(config)
     cluster = Cluster(config, args.config, Path(args.state_dir), workers,
-                      redis_url=args.redis_url, gateway=not args.no_gateway)
+                      redis_url=args.redis_url, gateway=not args.no_gateway,
+                      autoscale=args.autoscale)
     info = cluster.start()
     print(f"stagepool up: broker {info['broker']}, redis {redact(info['redis_url'])}, "
           f"gateway {info['gateway'] or 'off'}, state in {args.state_dir}", flush=True)
@@ -270,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", action="append", default=[], metavar="STAGE=N")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--no-gateway", action="store_true", help="run without the HTTP gateway")
+    p.add_argument("--autoscale", action="store_true",
+                   help="size every stage's pool from its queue (a stage's own `autoscale` "
+                        "policy, else min its workers, max four times that)")
     p = add("demo", cmd_demo, "local cluster, one job through all stages, result written")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--prompt", default="a lighthouse at dawn, oil painting")

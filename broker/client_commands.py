@@ -36,9 +36,10 @@ def broker_endpoint(args) -> str:
 
 
 def cluster_config(args):
-    """--config, else the file the running cluster was started with, else the defaults."""
+    """--config, else the file the running cluster was started with; None without either
+    (a client needs only addresses and keys, which the environment may give)."""
     path = getattr(args, "config", None) or (locate.running(args.state_dir) or {}).get("config")
-    return config_mod.load(path)
+    return config_mod.load(path) if path else None
 
 
 def _client(args) -> BrokerClient:
@@ -46,7 +47,9 @@ def _client(args) -> BrokerClient:
     environment's) where it has them."""
     from ..common.security import Keys
 
-    return BrokerClient(broker_endpoint(args), keys=Keys.from_config(cluster_config(args)))
+    config = cluster_config(args)
+    return BrokerClient(broker_endpoint(args),
+                        keys=Keys.from_config(config) if config else None)
 
 
 def follow_with_progress(client: BrokerClient, job_id: str, config, timeout_s: float):

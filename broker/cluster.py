@@ -10,6 +10,7 @@ Lifecycle:
   3. supervise: a child that dies is started again (with backoff), so a killed worker is
      replaced while the broker recovers its job; one that fails at start (an error exit
      within START_WINDOW_S) twice in a row stops the cluster, its last log lines printed;
+     autoscaled stages gain workers and drain them by their queue (autoscale.py);
   4. stop (SIGINT or SIGTERM), in order: intake first (the gateway), then the workers drain
      their current job (after worker.drain_timeout_s a second signal stops a running stage at
      its next step, and its job is re-queued), then the broker, then Redis (a clean shutdown:
@@ -32,8 +33,9 @@ from pathlib import Path
 
 import redis
 
-from ..common.config import Config
+from ..common.config import AutoscaleConfig, Config
 from ..common.errors import ConfigError
+from .autoscale import Autoscaler, PoolScaler
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +126,14 @@ def host_gpus() -> list[str]:
 
 
 class Child:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path,
+                 stage: str = ""):
         self.name = name
         self.argv = argv
         self.env = env
         self.log_path = log_path
+        self.stage = stage  # a worker's; "" for the broker and the gateway
+        self.retiring = False  # drained by the autoscaler: not restarted when it exits
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self.started_at = 0.0
@@ -161,7 +166,9 @@ class Child:
 class Cluster:
     def __init__(self, config: Config, config_path: str | None, state_dir: Path,
                  workers: dict[str, int], redis_url: str | None = None, persist: bool = True,
-                 gateway: bool = True):
+                 gateway: bool = True, autoscale: bool = False):
+        """`autoscale`: every stage without an `autoscale` policy of its own gets the default
+        (min its workers, max four times that)."""
         self.config = config
         self.config_path = config_path
         self.state_dir = state_dir
@@ -171,6 +178,12 @@ class Cluster:
         self.gateway = gateway
         self.redis_process: subprocess.Popen | None = None
         self.children: list[Child] = []
+        policies = {s.name: s.autoscale or AutoscaleConfig(
+                        min=workers.get(s.name, s.workers), max=4 * workers.get(s.name, s.workers))
+                    for s in config.pipeline.stages if s.autoscale or autoscale}
+        self.scaling = PoolScaler(self, Autoscaler(policies)) if policies else None
+        self._worker_env: dict[str, str] = {}
+        self._worker_index: dict[str, int] = {}
         self._stop = False
         self._hurry = False
         self._lock = None
@@ -195,15 +208,16 @@ class Cluster:
             gateway = f"http://{self.config.gateway.host}:{gateway_port}"
             self.children.append(Child("gateway", base + ["gateway", "--port", str(gateway_port)]
                                        + config_args, env, logs / "gateway.log"))
+        self._worker_env = env
+        self._devices = {s.name: host_gpus() if s.devices == ["all"] else s.devices
+                         for s in self.config.pipeline.stages}
         for stage in self.config.pipeline.stages:
-            devices = host_gpus() if stage.devices == ["all"] else stage.devices
-            for i in range(self.workers.get(stage.name, stage.workers)):
-                name = f"{stage.name}-{i}"
-                argv = base + ["worker", "--stage", stage.name] + config_args
-                placed = env
-                if devices:  # one GPU per worker, round robin over the stage's GPUs
-                    placed = dict(env, CUDA_VISIBLE_DEVICES=devices[i % len(devices)])
-                self.children.append(Child(name, argv, placed, logs / f"{name}.log"))
+            count = self.workers.get(stage.name, stage.workers)
+            if self.scaling and stage.name in self.scaling.policies:
+                policy = self.scaling.policies[stage.name]
+                count = max(policy.min, min(policy.max, count))
+            for _ in range(count):
+                self.add_worker(stage.name, start=False)
         for child in self.children:
             child.start()
         info = {
@@ -214,6 +228,27 @@ class Cluster:
         }
         self._write_info(info)
         return info
+
+    def add_worker(self, stage: str, start: bool = True) -> Child:
+        """One more worker for `stage`, named `<stage>-<i>`, on the stage's next GPU."""
+        i = self._worker_index.get(stage, 0)
+        self._worker_index[stage] = i + 1
+        name = f"{stage}-{i}"
+        argv = [sys.executable, "-m", "stagepool.broker.cli", "worker", "--stage", stage]
+        argv += ["--config", self.config_path] if self.config_path else []
+        devices = self._devices.get(stage)
+        env = self._worker_env
+        if devices:  # one GPU per worker, round robin over the stage's GPUs
+            env = dict(env, CUDA_VISIBLE_DEVICES=devices[i % len(devices)])
+        child = Child(name, argv, env, self.state_dir / "logs" / f"{name}.log", stage=stage)
+        self.children.append(child)
+        if start:
+            child.start()
+        return child
+
+    def pool(self, stage: str) -> list[Child]:
+        """The stage's workers that are not leaving."""
+        return [c for c in self.children if c.stage == stage and not c.retiring]
 
     def _write_info(self, info: dict) -> None:
         info["children"] = {c.name: c.process.pid for c in self.children if c.process}
@@ -227,9 +262,15 @@ class Cluster:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         while not self._stop and not (until and until()):
-            changed = False
-            for child in self.children:
+            changed = self.scaling.tick(info) if self.scaling else False
+            for child in list(self.children):
                 if child.process.poll() is None:
+                    continue
+                if child.retiring:  # drained on purpose: gone, not restarted
+                    log.info("%s drained and left (exit %s)", child.name,
+                             child.process.returncode)
+                    self.children.remove(child)
+                    changed = True
                     continue
                 code = child.process.returncode
                 since = time.monotonic() - child.started_at
@@ -261,6 +302,8 @@ class Cluster:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self._stop = True
+        if self.scaling:
+            self.scaling.close()
         by_name = {"gateway": [], "broker": [], "workers": []}
         for child in self.children:
             by_name[child.name if child.name in by_name else "workers"].append(child)

@@ -18,6 +18,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from ..common import config as config_mod
 from ..common import locate
 from ..common.errors import ConfigError
 from ..common.wire import public
@@ -85,7 +86,8 @@ def cmd_result(args) -> int:
         from ..common.api import Client
 
         gateway = args.gateway or locate.gateway_url(args.state_dir)
-        with Client(gateway, token=cluster_config(args).gateway.token or None) as http:
+        config = cluster_config(args)
+        with Client(gateway, token=config.gateway.token or None if config else None) as http:
             http.result(args.job_id, target, file=kind)
     print(target)
     return 0
@@ -112,7 +114,7 @@ def cmd_env(args) -> int:
     if info is None and not args.config:
         raise ConfigError(f"no cluster running in {locate.state_dir(args.state_dir)} "
                           "(start one with `stagepool up`, or name --state-dir or --config)")
-    config = cluster_config(args)
+    config = cluster_config(args) or config_mod.Config()
     info = info or {}
     values = {
         "STAGEPOOL_STATE_DIR": str(locate.state_dir(args.state_dir).resolve()),

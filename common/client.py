@@ -31,6 +31,9 @@ class BrokerClient:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # A send with no connection up (a handshake refused, a broker restarting) waits at
+        # most this long instead of forever.
+        self._sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         connect_curve(self._sock, keys if keys is not None else Keys.from_env())
         self._sock.connect(endpoint)
         self._rid = 0
@@ -78,7 +81,10 @@ class BrokerClient:
             frame = self._codec.encode(request)
         except OverflowError:  # an int beyond 64 bits: JSON carries it, and the broker speaks it
             frame = self._codec.encode(request, as_json=True)
-        self._sock.send(frame)
+        try:
+            self._sock.send(frame)
+        except zmq.Again:
+            raise TransportError(f"broker at {self.endpoint} not reachable (send timed out)") from None
         return self._rid
 
     def submit(self, params: dict[str, Any] | None = None, job_id: str | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -18,6 +18,22 @@ from .errors import ConfigError
 
 ENV_PREFIX = "STAGEPOOL_"
 DEFAULT_RESULTS_DIR = ".stagepool/results"  # where decode writes (a stage's `results_dir`)
+
+
+class AutoscaleConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """A stage's pool sized from its queue by `stagepool up` (broker/autoscale.py), as KEDA
+    sizes it on Kubernetes (deploy/k8s/components/keda)."""
+
+    min: Annotated[int, msgspec.Meta(ge=0)] = 1
+    max: Annotated[int, msgspec.Meta(ge=1)] = 4
+    # Jobs per worker, waiting plus running: 1 gives every queued job a worker (up to max);
+    # 2 lets one wait behind each running job.
+    target_depth: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    cooldown_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0  # below target this long: one fewer
+
+    def __post_init__(self):
+        if self.min > self.max:
+            raise ValueError(f"autoscale min ({self.min}) > max ({self.max})")
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -50,6 +66,9 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True):
     # each time, at most retry_backoff_max_s: a CUDA OOM or a peer's hiccup gets time to pass.
     retry_backoff_s: float = 1.0
     retry_backoff_max_s: float = 60.0
+    # Sized from its queue by `stagepool up` between min and max (None: `workers`, fixed;
+    # `up --autoscale` gives every stage the default policy).
+    autoscale: AutoscaleConfig | None = None
     options: dict[str, Any] = {}
 
     def job_state(self) -> str:

@@ -21,6 +21,7 @@ import redis
 
 from .errors import StoreUnavailable
 from .keys import INGRESS_GROUP, Keys
+from .redisurl import connect
 from .transitions import Transition
 from .wire import TERMINAL_STATES, JobStatus
 
@@ -67,10 +68,8 @@ class JobStore:
         self.url = url
         self.events_maxlen = events_maxlen
         self.retention_ms = int(retention_s * 1000)
-        self.redis = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-            health_check_interval=30,
-        )
+        self.redis = connect(url, socket_timeout=socket_timeout_s,
+                             socket_connect_timeout=socket_timeout_s, health_check_interval=30)
         self._script = self.redis.register_script(_script_source())
 
     @classmethod
@@ -214,6 +213,11 @@ class JobStore:
             pipe.hincrbyfloat(self.keys.transfer, field + "seconds", seconds)
             pipe.hincrby(self.keys.transfer, field + "ops", int(ops))
         pipe.execute()
+
+    @_translate
+    def autoscale_state(self) -> dict[str, int]:
+        """`stagepool up`'s autoscaler: <stage>|workers, <stage>|up, <stage>|down."""
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.keys.autoscale).items()}
 
     @_translate
     def transfer_totals(self) -> dict[tuple[str, str, str], dict[str, float]]:

@@ -15,6 +15,7 @@ using different namespaces.
     {ns}:queued:<S>   zset   jobs waiting for a worker of stage S, scored by enqueue ms
     {ns}:transfer     hash   transfer counters the workers add to: <stage>|<phase>|<backend>|<n>
     {ns}:ended        pub/sub channel: "<id> <state>" as each job ends (wait without polling)
+    {ns}:autoscale    hash   `stagepool up`'s autoscaled pools: <stage>|workers, <stage>|up, |down
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Keys:
         self.transfer = self.prefix + "transfer"
         self.ended = self.prefix + "ended"
         self.delayed = self.prefix + "delayed"  # retries waiting out their backoff
+        self.autoscale = self.prefix + "autoscale"  # `up`'s pools: <stage>|workers, |up, |down
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"

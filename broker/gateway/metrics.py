@@ -133,7 +133,24 @@ class Metrics:
             families.append(recovered)
         families.extend(self._transfer_families())
         families.extend(self._worker_families())
+        families.extend(self._autoscale_families())
         return families
+
+    def _autoscale_families(self) -> list:
+        """`stagepool up`'s autoscaled pools (broker/autoscale.py), where it runs."""
+        workers = GaugeMetricFamily("stagepool_autoscale_workers",
+                                    "Workers the local autoscaler keeps for the stage",
+                                    labels=["stage"])
+        decisions = CounterMetricFamily("stagepool_autoscale_decisions",
+                                        "Pool changes by the local autoscaler",
+                                        labels=["stage", "direction"])
+        for field, value in sorted(self.observer.store.autoscale_state().items()):
+            stage, _, what = field.rpartition("|")
+            if what == "workers":
+                workers.add_metric([stage], value)
+            elif what in ("up", "down"):
+                decisions.add_metric([stage, what], value)
+        return [workers, decisions]
 
     def _worker_families(self) -> list:
         """Per worker (from the broker's registry): busy, jobs done, and its GPU's figures."""
