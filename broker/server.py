@@ -32,7 +32,8 @@ from ..common.addresses import endpoint_host, is_local
 from ..common import wire
 from ..common.config import Config
 from ..common.dispatch import Dispatch, encode_dispatch
-from ..common.errors import Busy, Code, ProtocolError, StagepoolError
+from ..common.blobs import BlobStore
+from ..common.errors import Busy, Code, InvalidParams, ProtocolError, StagepoolError
 from ..common.jobstore import JobStore
 from ..common.security import Keys, require, serve_curve
 from ..common.ring import lanes
@@ -88,6 +89,8 @@ class Broker:
         self._stage_names = [s.name for s in config.pipeline.stages]
         # The jobs' params schema (their family's): every submit is checked against it.
         self.params_schema = pipeline_schema(config.pipeline.stages)
+        self.takes_images = schemas.takes_images(self.params_schema)
+        self.blobs = BlobStore(self.store, config.inputs.ttl_s)  # image-conditioned inputs
         self._longest_limit_s = max(s.time_limit_s for s in config.pipeline.stages)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -198,7 +201,12 @@ class Broker:
         first = self._stage_names[0]
         params_json = wire.check_params(params)
         if self.params_schema is not None:
+            if "image" in params and not self.takes_images:
+                raise InvalidParams(f"image: pipeline {name!r} takes no image (it is "
+                                    "text-only); nothing was queued")
             schemas.check(self.params_schema, params)
+            if self.takes_images:
+                self.blobs.check(params["image"], self.config.inputs)
         schemas.check_time_limit(params, self._longest_limit_s)
         priority = wire.check_priority(request.priority)
         deadline_ms = wire.check_deadline(request.deadline_ms)

@@ -154,6 +154,19 @@ class TransferConfig(msgspec.Struct, forbid_unknown_fields=True):
     put_wait_s: float = 30.0  # a full pool waits this long for releases before failing
 
 
+class InputsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Input files of image-conditioned jobs (common/blobs.py): stored once in Redis."""
+
+    ttl_s: float = 86400.0  # a stored input expires this long after it was stored
+    max_bytes: int = 20 << 20
+    max_pixels: int = 4096 * 4096
+    # LightX2V's `image_path` as a server path: only a file under this directory ("": off).
+    dir: str = ""
+    # `image_path` as an http(s) URL, fetched by the gateway: off unless the operator allows it.
+    allow_urls: bool = False
+    url_timeout_s: float = 10.0
+
+
 class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):
     """The HTTP gateway (broker/gateway): API, /metrics, dashboard."""
 
@@ -181,6 +194,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     transfer: TransferConfig = msgspec.field(default_factory=TransferConfig)
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
+    inputs: InputsConfig = msgspec.field(default_factory=InputsConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
 
     def stage(self, name: str) -> StageConfig:

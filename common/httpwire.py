@@ -146,6 +146,7 @@ class TaskRequest(msgspec.Struct, forbid_unknown_fields=False):
     target_video_length: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 81
     seed: Seed | None = None  # random when not given, as in LightX2V
     audio_path: str = ""
+    lora_name: str = ""
     video_duration: int = 5
     aspect_ratio: Annotated[str, msgspec.Meta(pattern=r"^([1-9][0-9]{0,3}:[1-9][0-9]{0,3})?$")] = ""
     # "W:H", e.g. "16:9": the family's default area at that ratio (when target_shape is empty)

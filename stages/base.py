@@ -36,6 +36,8 @@ class JobContext:
     params: dict[str, Any]
     inputs: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[int, int], None] = lambda step, steps: None
+    # The bytes of an input file the job's params name (`blob:<sha256>`, common/blobs.py).
+    read_input: Callable[[str], bytes] = lambda ref: b""
 
 
 @dataclass

@@ -87,7 +87,15 @@ class EncodeStage(ModelStage):
     role = "encode"
 
     def call(self, job: JobContext) -> StageOutput:
-        return StageOutput(tensors=self.family.encode(job.params))
+        params = job.params
+        if isinstance(params.get("image"), str):  # the stored input, checked at the door
+            import io
+
+            from PIL import Image
+
+            with Image.open(io.BytesIO(job.read_input(params["image"]))) as image:
+                params = {**params, "image": image.convert("RGB")}
+        return StageOutput(tensors=self.family.encode(params))
 
 
 class DenoiseStage(ModelStage):

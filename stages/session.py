@@ -30,6 +30,7 @@ from ..common.client import BrokerClient
 from ..common.config import Config
 from ..common.dispatch import Dispatch
 from ..common.errors import RemoteError, StagepoolError, StoreUnavailable
+from ..common.blobs import BlobStore
 from ..common.jobstore import JobStore
 from ..common.security import Keys
 from ..common.ring import Ring, lanes, open_memory
@@ -122,6 +123,10 @@ class Session:
                     f" (the broker offers {redact(offered)}; set this worker's own with "
                     "--redis-url or STAGEPOOL_REDIS_URL)")
             raise StoreUnavailable(f"cannot reach Redis at {redact(url)}{hint}: {exc}") from None
+
+    def blobs(self) -> BlobStore:
+        """The deployment's stored inputs (a job's conditioning image), in our Redis."""
+        return BlobStore(self.store, self.config.inputs.ttl_s)
 
     def renew(self) -> None:
         """Take a fresh identity (and so fresh cells) at the next attach, leaving our current

@@ -218,6 +218,7 @@ class Worker:
         self._run_deadline = time.monotonic() + limit_s
         job = base.JobContext(job_id=dispatch.job_id, attempt=dispatch.attempt, params=params,
                               inputs=pull.tensors if pull else {},
+                              read_input=self.session.blobs().get,
                               progress=self._progress_reporter(dispatch, cell,
                                                                self._run_deadline, limit_s))
         try:

@@ -13,7 +13,7 @@ import torch
 
 from stagepool.stages.families import Family
 from stagepool.stages.families.qwen_image import QwenImageFamily
-from stagepool.stages.families.wan import WanFamily
+from stagepool.stages.families.wan import WanFamily, WanI2VFamily
 
 
 def monolithic(family: Family, params: dict[str, Any]):
@@ -22,6 +22,18 @@ def monolithic(family: Family, params: dict[str, Any]):
                   width=p["width"], num_inference_steps=int(p["infer_steps"]),
                   max_sequence_length=p["max_sequence_length"],
                   generator=family.generator(p), output_type="np")
+    if isinstance(family, WanI2VFamily):
+        from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+        from transformers import CLIPVisionModel
+
+        pipe = WanImageToVideoPipeline.from_pretrained(
+            family.model_path, dtype=family.dtype, vae=_vae(AutoencoderKLWan, family),
+            image_encoder=CLIPVisionModel.from_pretrained(
+                family.model_path, subfolder="image_encoder", dtype=torch.float32))
+        pipe.to(family.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**common, image=p["image"], num_frames=p["num_frames"],
+                    guidance_scale=p["guidance_scale"]).frames[0]
     if isinstance(family, WanFamily):
         from diffusers import AutoencoderKLWan, WanPipeline
 

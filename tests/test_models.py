@@ -32,7 +32,20 @@ CASES = {
                    {"prompt": "a bowl of fruit", "negative_prompt": "blurry", "seed": 11,
                     "height": 32, "width": 32, "infer_steps": 4, "max_sequence_length": 64}),
     "tiny-qwen-image": ("tiny-qwen-image", "qwen-image", {"prompt": "a pear", "seed": 5}),
+    # Image-to-video: the encode stage sees the conditioning frame (a PIL image by then).
+    "tiny-i2v": ("tiny-i2v", "tiny-i2v", {"prompt": "a fox turns its head", "seed": 9,
+                                          "width": 48, "image": "gradient"}),
 }
+
+
+def conditioning_image(width: int = 48, height: int = 32, shift: int = 0):
+    """A deterministic RGB image (a colour gradient; `shift` moves it)."""
+    from PIL import Image
+
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    rgb = np.concatenate([x + 0 * y, y + 0 * x, ((x + y + shift / 10) % 1)], axis=2)
+    return Image.fromarray((rgb * 255).astype("uint8"))
 
 
 def _hand_over(producer: Exchange, consumer: Exchange, key: str, tensors: dict) -> dict:
@@ -46,6 +59,8 @@ def _hand_over(producer: Exchange, consumer: Exchange, key: str, tensors: dict) 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_three_stage_split_equals_the_monolithic_pipeline(case, tiny_models):
     family, model_dir, params = CASES[case]
+    if params.get("image") == "gradient":
+        params = {**params, "image": conditioning_image()}
     path = str(tiny_models[model_dir])
     encode, denoise, decode = (families.create(family, path, DEVICE) for _ in range(3))
     encode.load("encode")

@@ -30,7 +30,10 @@ from .http import BearerAuth, Op, error_response, wrap
 from .metrics import Metrics
 from .observe import Observer
 from ...common.httpwire import ErrorBody
+from .inputs import Inputs
 from .waiters import Waiters
+from ...stages.families import pipeline_schema
+from ...stages.families.params import takes_images
 
 log = logging.getLogger("stagepool.gateway")
 
@@ -61,6 +64,10 @@ def create_app(config: Config, observer: Observer, metrics: Metrics,
     app.state.waiters = waiters or Waiters(observer.store)
     app.state.max_body_bytes = config.gateway.max_body_kb << 10
     app.state.pipeline = describe_pipeline(config)
+    schema = pipeline_schema(config.pipeline.stages)
+    app.state.inputs = Inputs(config, observer.store,
+                              takes_images(schema) if schema is not None else None,
+                              config.pipeline.name)
     if config.gateway.token:
         app.add_middleware(BearerAuth, token=config.gateway.token, public=is_public)
     return app
@@ -123,6 +130,14 @@ def openapi(config: Config) -> dict[str, Any]:
     """The OpenAPI 3.1 document, from the route table and the msgspec structs."""
     types = sorted({t for op in OPS for t in _types(op)}, key=lambda t: repr(t))
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    # What this deployment cannot serve is refused (422): the spec says so per deployment.
+    task = components["TaskRequest"]["properties"]
+    refused = ["audio_path", "lora_name"]
+    if not takes_images(pipeline_schema(config.pipeline.stages)):
+        refused.append("image_path")
+    for field in refused:
+        task[field] = {**task[field], "maxLength": 0,
+                       "description": "refused (422): this deployment has none"}
     paths: dict[str, dict] = {}
     for op in OPS:
         entry: dict[str, Any] = {

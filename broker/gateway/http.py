@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...common.errors import (
-    Code, PayloadTooLarge, ProtocolError, RemoteError, StagepoolError, StoreUnavailable,
+    Code, InvalidParams, PayloadTooLarge, ProtocolError, RemoteError, StagepoolError, StoreUnavailable,
     TransportError,
 )
 from ...common.httpwire import ErrorBody
@@ -133,7 +133,8 @@ def wrap(handler: Callable) -> Callable:
             log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
             return error_response(exc.status, exc.code, exc.message)
         except (ProtocolError, PayloadTooLarge) as exc:
-            status = 413 if isinstance(exc, PayloadTooLarge) else 400
+            status = (413 if isinstance(exc, PayloadTooLarge)
+                      else 422 if isinstance(exc, InvalidParams) else 400)
             log.info("%s %s -> %d %s", request.method, request.url.path, status, exc)
             return error_response(status, exc.code, str(exc))
         except RemoteError as exc:

@@ -11,8 +11,10 @@
 Request fields map onto the families' params: prompt, negative_prompt, seed (random when not
 given, as LightX2V does), infer_steps, guidance_scale, fps; target_shape [h, w] -> height and
 width ([n]: square); target_video_length -> num_frames (video; images have one frame); aspect_ratio is
-passed on for the family to size the output by. Fields with no stagepool meaning (image_path,
-audio_path, use_prompt_enhancer, ...) are accepted and ignored, as are unknown ones.
+passed on for the family to size the output by; image_path (base64, a path under inputs.dir,
+a URL where allowed) -> params.image, stored (inputs.py). What the deployment cannot serve is
+refused with 422, never run without it: an image for a text-only pipeline, an audio_path, a
+lora_name. Other fields (use_prompt_enhancer, ...) and unknown ones are accepted and ignored.
 
 `completed` means the job succeeded and its result file exists where the gateway serves it.
 """
@@ -94,6 +96,14 @@ async def _create(request: Request, kind: str) -> Response:
     app = request.app.state
     task = await read_json(request, TaskRequest, app.max_body_bytes)
     params = task_params(task, kind)
+    if task.audio_path:
+        raise HTTPError(422, Code.INVALID_PARAMS, "audio_path: this deployment has no audio "
+                        "model; the request is refused rather than run without its audio")
+    if task.lora_name:
+        raise HTTPError(422, Code.INVALID_PARAMS, f"lora_name: no LoRA is configured on this "
+                        f"deployment ({task.lora_name!r} cannot be applied)")
+    if task.image_path:
+        params["image"] = await in_thread(app.inputs.store, task.image_path, "image_path")
     submitted = await in_thread(app.observer.submit, params, task.task_id, 0)
     return json_response(TaskResponse(task_id=submitted.job_id, task_status="pending",
                                       save_result_path=task.save_result_path or submitted.job_id))

@@ -49,7 +49,12 @@ def _state(request: Request):
 async def submit(request: Request) -> Response:
     app = _state(request)
     body = await read_json(request, SubmitRequest, app.max_body_bytes)
-    submitted = await in_thread(app.observer.submit, body.params, body.job_id, body.priority,
+    params = body.params
+    if isinstance(params.get("image"), str) and app.inputs.takes_images is not None:
+        # base64, a URL, a path: stored and checked, then named in the params
+        params = {**params, "image": await in_thread(app.inputs.store, params["image"],
+                                                      "params.image")}
+    submitted = await in_thread(app.observer.submit, params, body.job_id, body.priority,
                                 body.deadline_ms)
     status = 202 if submitted.via == "ingress" else 201 if submitted.created else 200
     return json_response(submitted, status, {"Location": f"/v1/jobs/{submitted.job_id}"})

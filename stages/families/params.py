@@ -22,6 +22,10 @@ Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
 Ratio = Annotated[str, msgspec.Meta(pattern=r"^([1-9][0-9]{0,3}:[1-9][0-9]{0,3})?$")]
 SequenceLength = Annotated[int, msgspec.Meta(ge=1, le=512)]
+# An input file stored beside the jobs (common/blobs.py): the gateway stores uploads, an
+# ingress client SETs its own.
+BlobRef = Annotated[str, msgspec.Meta(pattern=r"^blob:[0-9a-f]{64}$",
+                                      description="an input stored in Redis: blob:<sha256 hex>")]
 
 
 class Params(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,6 +56,22 @@ class WanParams(Params):
     def __post_init__(self):
         if (self.num_frames - 1) % 4:
             raise ValueError(f"num_frames must be 4k+1 (1, 5, ... 81), got {self.num_frames}")
+
+
+class WanI2VParams(WanParams, kw_only=True):
+    """Wan2.1 image-to-video: the conditioning frame (required), then the T2V knobs."""
+
+    image: BlobRef
+
+
+class TinyWanI2VParams(WanI2VParams, kw_only=True):
+    """The tiny Wan image-to-video model: toy defaults."""
+
+    height: Side = 32
+    width: Side = 32
+    num_frames: Annotated[int, msgspec.Meta(ge=1, le=257)] = 5
+    infer_steps: Steps = 4
+    max_sequence_length: SequenceLength = 32
 
 
 class TinyWanParams(WanParams):
@@ -116,4 +136,13 @@ def job_time_limit_s(params: dict[str, Any], stage_limit_s: float) -> float:
 
 
 def defaults(schema: type[Params]) -> dict[str, Any]:
-    return msgspec.structs.asdict(schema())
+    """The fields a job may leave out, with their values (a required one, such as an i2v
+    family's `image`, has none)."""
+    return {f.name: f.default_factory() if f.default_factory is not msgspec.NODEFAULT
+            else f.default for f in msgspec.structs.fields(schema)
+            if f.required is False}
+
+
+def takes_images(schema: type[Params] | None) -> bool:
+    """Whether the pipeline's jobs take a conditioning image (a text-only one refuses it)."""
+    return schema is not None and "image" in {f.name for f in msgspec.structs.fields(schema)}

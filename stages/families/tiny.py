@@ -5,6 +5,8 @@
                   AutoencoderKLWan, UniPC flow scheduler): the `tiny` family, the default
   DIR/qwen-image  a Qwen-Image text-to-image model (Qwen2.5-VL encoder,
                   QwenImageTransformer2DModel, AutoencoderKLQwenImage)
+  DIR/tiny-i2v    a Wan2.1 image-to-video model (the text-to-video parts plus a CLIP vision
+                  encoder, and a transformer conditioned on its features and the first frame)
 in the Diffusers directory layout (model_index.json plus one folder per component), the same
 layout the real checkpoints use, so every stage loads them with `from_pretrained`. Sizes follow
 diffusers' own fast tests. Tokenizers are byte-level BPEs trained in memory on a few lines of
@@ -108,7 +110,41 @@ def build_qwen_image(path: Path) -> None:
                       transformer=transformer).save_pretrained(path)
 
 
-BUILDERS = {"tiny": build_wan, "qwen-image": build_qwen_image}
+def build_wan_i2v(path: Path) -> None:
+    """Wan2.1 image-to-video at toy size: the text-to-video parts, plus a CLIP vision encoder
+    and a transformer that takes its features (image_dim) and the conditioning channels."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, \
+        WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, \
+        UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(["<pad>", "</s>", "<unk>"], 400, eos="</s>", pad="<pad>",
+                           append_eos=True)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
+    # in_channels: 16 noise + 4 first-frame mask + 16 conditioning latents
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36,
+        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        image_dim=4, added_kv_proj_dim=24)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=3.0)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, intermediate_size=16, patch_size=1))
+    WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+        scheduler=scheduler, image_encoder=image_encoder,
+        image_processor=CLIPImageProcessor(crop_size=32, size=32)).save_pretrained(path)
+
+
+BUILDERS = {"tiny": build_wan, "qwen-image": build_qwen_image, "tiny-i2v": build_wan_i2v}
 
 
 def init_tiny(root: str | Path, *, force: bool = False) -> dict[str, Path]:

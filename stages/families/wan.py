@@ -108,3 +108,141 @@ def _scheduler(path: str):
 def _maybe(inputs: Tensors, name: str, device):
     tensor = inputs.get(name)
     return None if tensor is None else tensor.to(device)
+
+
+class WanI2VFamily(WanFamily):
+    """Wan2.1 image-to-video: WanImageToVideoPipeline split at its seams.
+
+    encode: the text encoder, the CLIP image encoder and the VAE encoder on the conditioning
+            frame -> prompt_embeds (+ negative), image_embeds, and `condition` (the frame's
+            latents behind the first-frame mask), exactly as the pipeline prepares them
+    denoise: the pipeline's own loop, handed the encode stage's image features in place of
+             its image encoders (which this stage does not load); its noise is drawn as the
+             pipeline draws it, so the split equals the monolithic pipeline
+    decode: as text-to-video
+    """
+
+    name = "wan2.1-i2v"
+    Params = schemas.WanI2VParams
+
+    def load(self, stage: str) -> None:
+        import torch
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import (
+            AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel,
+        )
+
+        path = self.model_path
+        parts: dict[str, Any] = {"tokenizer": None, "text_encoder": None, "transformer": None,
+                                 "vae": None, "scheduler": None, "image_processor": None,
+                                 "image_encoder": None}
+        if stage == "encode":
+            parts["tokenizer"] = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+            parts["text_encoder"] = UMT5EncoderModel.from_pretrained(
+                path, subfolder="text_encoder", dtype=self.dtype).to(self.device)
+            parts["image_processor"] = CLIPImageProcessor.from_pretrained(
+                path, subfolder="image_processor")
+            parts["image_encoder"] = CLIPVisionModel.from_pretrained(
+                path, subfolder="image_encoder", dtype=torch.float32).to(self.device)
+        if stage in ("encode", "decode"):
+            parts["vae"] = AutoencoderKLWan.from_pretrained(
+                path, subfolder="vae", dtype=torch.float32).to(self.device)
+        if stage == "denoise":
+            parts["transformer"] = WanTransformer3DModel.from_pretrained(
+                path, subfolder="transformer", dtype=self.dtype).to(self.device)
+            parts["scheduler"] = _scheduler(path)
+        self.pipe = _SplitI2VPipeline(**parts)
+        self.pipe.set_progress_bar_config(disable=True)
+        if stage == "denoise":  # the VAE's shape, from its config alone (no weights here)
+            vae = json.loads((Path(path) / "vae" / "config.json").read_text())
+            self.pipe.use_vae_config(vae)
+
+    def encode(self, params: dict[str, Any]) -> Tensors:
+        import torch
+
+        out = super().encode(params)
+        p = self.params(params)
+        image = p["image"]  # a PIL image: the stage opened the stored input
+        pipe = self.pipe
+        with torch.no_grad():
+            out["image_embeds"] = pipe.encode_image(image, self.device)
+            frame = pipe.video_processor.preprocess(image, height=p["height"], width=p["width"])
+            frame = frame.to(self.device, dtype=torch.float32)
+            shape_only = torch.zeros(1)  # the noise is drawn in denoise, as the pipeline does
+            _, condition = pipe.prepare_latents(
+                frame, 1, pipe.vae.config.z_dim, p["height"], p["width"], p["num_frames"],
+                torch.float32, self.device, None, latents=shape_only)
+        out["condition"] = condition
+        return out
+
+    def denoise(self, params: dict[str, Any], inputs: Tensors,
+                progress: Callable[[int, int], None]) -> Tensors:
+        import torch
+
+        p = self.params(params)
+        steps = int(p["infer_steps"])
+        self.pipe.given = {"image_embeds": inputs["image_embeds"].to(self.device),
+                           "condition": inputs["condition"].to(self.device)}
+        placeholder = torch.zeros(1, 3, p["height"], p["width"])  # the frame is in `condition`
+        latents = self.pipe(
+            image=placeholder,
+            prompt_embeds=inputs["prompt_embeds"].to(self.device),
+            negative_prompt_embeds=_maybe(inputs, "negative_prompt_embeds", self.device),
+            height=p["height"], width=p["width"], num_frames=p["num_frames"],
+            num_inference_steps=steps, guidance_scale=p["guidance_scale"],
+            generator=self.generator(p), output_type="latent",
+            callback_on_step_end=self.step_callback(progress, steps),
+        ).frames
+        return {"latents": latents}
+
+
+class TinyWanI2VFamily(WanI2VFamily):
+    """Wan2.1 image-to-video at toy size (`stagepool models init-tiny`)."""
+
+    name = "tiny-i2v"
+    Params = schemas.TinyWanI2VParams
+
+
+def _split_i2v_pipeline():
+    from diffusers import WanImageToVideoPipeline
+    from diffusers.utils.torch_utils import randn_tensor
+
+    class SplitI2VPipeline(WanImageToVideoPipeline):
+        """WanImageToVideoPipeline whose denoise stage takes its image features as given:
+        `given` holds the encode stage's image_embeds and condition."""
+
+        given: dict[str, Any] = {}
+
+        def use_vae_config(self, vae: dict) -> None:
+            from types import SimpleNamespace
+
+            downsample = vae.get("temperal_downsample", [False, True, True])
+            # Not a module: the pipeline reads the VAE's z_dim only (the loop never runs it).
+            object.__setattr__(self, "vae", SimpleNamespace(config=SimpleNamespace(**vae)))
+            self.vae_scale_factor_temporal = 2 ** sum(downsample)
+            self.vae_scale_factor_spatial = 2 ** len(downsample)
+
+        def encode_image(self, image, device=None):
+            if "image_embeds" in self.given:
+                return self.given["image_embeds"]
+            return super().encode_image(image, device)
+
+        def prepare_latents(self, image, batch_size, num_channels_latents=16, height=480,
+                            width=832, num_frames=81, dtype=None, device=None, generator=None,
+                            latents=None, last_image=None):
+            if "condition" not in self.given:
+                return super().prepare_latents(image, batch_size, num_channels_latents, height,
+                                               width, num_frames, dtype, device, generator,
+                                               latents, last_image)
+            shape = (batch_size, num_channels_latents,
+                     (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+                     height // self.vae_scale_factor_spatial,
+                     width // self.vae_scale_factor_spatial)
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            return noise, self.given["condition"].to(device=device, dtype=dtype)
+
+    return SplitI2VPipeline
+
+
+def _SplitI2VPipeline(**parts):  # noqa: N802 - a class made on first use (diffusers is lazy)
+    return _split_i2v_pipeline()(**parts)

@@ -1,0 +1,71 @@
+"""A job's input image as the gateway receives it, stored once (common/blobs.py) and named in
+the job's params as `blob:<sha256>`.
+
+Accepted forms: a blob reference already stored, base64 (a `data:image/...;base64,` URL or
+bare), an http(s) URL only where `inputs.allow_urls` (off by default: a server fetches no
+arbitrary URL), a path only under `inputs.dir` (never an arbitrary server path). Each is
+checked (size, decodes as an image, pixel limit) before anything is queued; a pipeline that
+takes no image refuses one (422), never running the job as text-to-X instead.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ...common.blobs import BLOB_REF, BlobStore, check_image, decode_base64, read_under
+from ...common.config import Config
+from ...common.errors import InvalidParams
+
+_BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]{64,}$")  # bare base64 (a path has a dot or is short)
+
+
+class Inputs:
+    def __init__(self, config: Config, store, takes_images: bool | None, pipeline: str):
+        """`takes_images`: None for a pipeline without a params schema (no model family),
+        whose params pass unchecked."""
+        self.settings = config.inputs
+        self.blobs = BlobStore(store, config.inputs.ttl_s)
+        self.takes_images = takes_images
+        self.pipeline = pipeline
+
+    def refuse_image(self, field: str) -> None:
+        if not self.takes_images:
+            raise InvalidParams(f"{field}: pipeline {self.pipeline!r} takes no image (it is "
+                                "text-only); send image-conditioned jobs to an image-to-X "
+                                "pipeline (for example family wan2.1-i2v)")
+
+    def store(self, value: str, field: str = "image") -> str:
+        """The blob reference of `value`, stored and checked (blocking: call in a thread)."""
+        self.refuse_image(field)
+        if BLOB_REF.match(value):
+            data = self.blobs.get(value)
+        elif value.startswith(("http://", "https://")):
+            data = self._fetch(value, field)
+        elif value.startswith("data:") or _BASE64.match(value):
+            data = decode_base64(value, field)
+        else:
+            data = read_under(self.settings.dir, value, field)
+        s = self.settings
+        check_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, field=field)
+        return self.blobs.put(data)
+
+    def _fetch(self, url: str, field: str) -> bytes:
+        import httpx
+
+        if not self.settings.allow_urls:
+            raise InvalidParams(f"{field}: URLs are off on this deployment (inputs.allow_urls); "
+                                "send the image itself (base64 or a multipart upload)")
+        limit = self.settings.max_bytes
+        try:
+            with httpx.stream("GET", url, timeout=self.settings.url_timeout_s,
+                              follow_redirects=False) as response:
+                response.raise_for_status()
+                chunks, size = [], 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise InvalidParams(f"{field}: {url} is over {limit} bytes")
+                    chunks.append(chunk)
+        except httpx.HTTPError as exc:
+            raise InvalidParams(f"{field}: could not fetch {url}: {exc}") from None
+        return b"".join(chunks)
