@@ -177,7 +177,7 @@ max_batch = {max_batch}
 DEVICE = os.environ.get("STAGEPOOL_TEST_DEVICE", "cpu")
 
 MODEL_STAGE = """kind = "{kind}"
-options = {{ family = "tiny", model_path = "{model_path}", threads = 1, results_dir = "{results_dir}", device = "{device}" }}
+options = {{ family = "{family}", model_path = "{model_path}", threads = 1, results_dir = "{results_dir}", device = "{device}" }}
 """
 
 
@@ -194,7 +194,7 @@ class Cluster:
 
     def __init__(self, tmp_path, redis_url, namespace, workers=2, sleep_ms=0, models=None,
                  lease_ms=1000, transfer="auto", token="", max_batch=1, stage_extra="",
-                 worker_extra="", max_attempts=5):
+                 worker_extra="", max_attempts=5, family="tiny", extra=""):
         """`models`: a tiny model directory -> the model stages on it, else no-op stages.
         `stage_extra` and `worker_extra`: more TOML lines for every stage and for [worker]."""
         import json
@@ -208,11 +208,12 @@ class Cluster:
                                    max_attempts=max_attempts) + stage_extra
             if models is not None:
                 stages += MODEL_STAGE.format(kind=name, model_path=models, device=DEVICE,
+                                             family=family,
                                              results_dir=tmp_path / "results")
         self.config_path = tmp_path / "pipeline.toml"
         self.config_path.write_text(TEST_PIPELINE.format(
             stages=stages, namespace=namespace, transfer=transfer, token=token,
-            worker_extra=worker_extra))
+            worker_extra=worker_extra) + extra)
         self.state_dir = tmp_path / "state"
         self.log = open(tmp_path / "up.log", "wb")
         self.process = subprocess.Popen(

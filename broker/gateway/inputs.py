@@ -45,6 +45,11 @@ class Inputs:
             data = decode_base64(value, field)
         else:
             data = read_under(self.settings.dir, value, field)
+        return self.store_bytes(data, field)
+
+    def store_bytes(self, data: bytes, field: str = "image") -> str:
+        """An uploaded file, checked and stored: its blob reference."""
+        self.refuse_image(field)
         s = self.settings
         check_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, field=field)
         return self.blobs.put(data)

@@ -2,6 +2,7 @@
 
     POST   /v1/tasks/image/          TaskRequest -> {"task_id", "task_status", ...}
     POST   /v1/tasks/video/
+    POST   /v1/tasks/{image,video}/form  the same as a multipart form, the image as image_file
     GET    /v1/tasks/                every recent task's status
     GET    /v1/tasks/{id}/status     pending | processing | completed | failed | cancelled
     GET    /v1/tasks/{id}/result     the image or video file (404 until completed)
@@ -22,6 +23,8 @@ lora_name. Other fields (use_prompt_enhancer, ...) and unknown ones are accepted
 from __future__ import annotations
 
 import random
+
+import msgspec
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -95,6 +98,55 @@ def _status_of(observer, job_id: str) -> TaskStatus | None:
 async def _create(request: Request, kind: str) -> Response:
     app = request.app.state
     task = await read_json(request, TaskRequest, app.max_body_bytes)
+    return await _submit(app, task, kind)
+
+
+async def _create_form(request: Request, kind: str) -> Response:
+    """LightX2V's multipart routes: the TaskRequest's fields as form fields, the image as an
+    `image_file` upload (stored like any input, never written where the client says)."""
+    app = request.app.state
+    limit = app.inputs.settings.max_bytes
+    try:
+        form = await request.form(max_files=2, max_fields=64, max_part_size=limit)
+    except Exception as exc:  # starlette's MultiPartException and parser errors
+        raise HTTPError(400, Code.BAD_REQUEST, f"not a multipart form: {exc}") from None
+    fields, upload = {}, None
+    try:
+        for name, value in form.multi_items():
+            if name == "image_file" and hasattr(value, "read"):
+                upload = await value.read(limit + 1)
+            elif isinstance(value, str) and name in _TASK_FIELDS:
+                fields[name] = _form_value(name, value)
+    finally:
+        await form.close()
+    try:
+        task = msgspec.convert(fields, TaskRequest, strict=False)
+    except msgspec.ValidationError as exc:
+        raise HTTPError(422, Code.INVALID_REQUEST, f"invalid form: {exc}") from None
+    if upload is not None:
+        if task.image_path:
+            raise HTTPError(422, Code.INVALID_PARAMS, "give image_file or image_path, not both")
+        task = msgspec.structs.replace(
+            task, image_path=await in_thread(app.inputs.store_bytes, upload, "image_file"))
+    return await _submit(app, task, kind)
+
+
+def _form_value(name: str, value: str):
+    """A form field as its TaskRequest type: lists (target_shape) come as JSON or "h,w"."""
+    if name == "target_shape":
+        text = value.strip().strip("[]")
+        try:
+            return [int(x) for x in text.replace(",", " ").split()] if text else []
+        except ValueError:
+            raise HTTPError(422, Code.INVALID_REQUEST,
+                            f"target_shape: expected [height, width], got {value[:40]!r}") from None
+    return value
+
+
+_TASK_FIELDS = set(TaskRequest.__struct_fields__)
+
+
+async def _submit(app, task: TaskRequest, kind: str) -> Response:
     params = task_params(task, kind)
     if task.audio_path:
         raise HTTPError(422, Code.INVALID_PARAMS, "audio_path: this deployment has no audio "
@@ -115,6 +167,14 @@ async def create_image(request: Request) -> Response:
 
 async def create_video(request: Request) -> Response:
     return await _create(request, "video")
+
+
+async def create_image_form(request: Request) -> Response:
+    return await _create_form(request, "image")
+
+
+async def create_video_form(request: Request) -> Response:
+    return await _create_form(request, "video")
 
 
 async def list_tasks(request: Request) -> Response:
@@ -187,6 +247,11 @@ OPS = [
        body=TaskRequest, responses=_CREATE),
     Op("POST", "/v1/tasks/video/", create_video, "Create a video task (LightX2V)", "lightx2v",
        body=TaskRequest, responses=_CREATE),
+    Op("POST", "/v1/tasks/image/form", create_image_form,
+       "Create an image task from a multipart form (LightX2V)", "lightx2v", responses=_CREATE),
+    Op("POST", "/v1/tasks/video/form", create_video_form,
+       "Create a video task from a multipart form, image_file uploaded (LightX2V)", "lightx2v",
+       responses=_CREATE),
     Op("GET", "/v1/tasks/", list_tasks, "Recent tasks (LightX2V)", "lightx2v",
        responses={200: list[TaskStatus], 503: ErrorBody}),
     Op("GET", "/v1/tasks/queue/status", queue_status, "Queue status (LightX2V)", "lightx2v",

@@ -1,0 +1,160 @@
+"""Image-conditioned jobs through the three stages (the tiny Wan2.1 image-to-video model): the
+image reaches the encode stage from every way in, changes the output, and every bad input is
+refused at the door with its reason and nothing queued."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+
+from stagepool.common.jobstore import JobStore
+
+from .conftest import Cluster, RedisServer
+from .test_models import conditioning_image
+
+pytestmark = pytest.mark.cluster
+
+INPUTS = """
+[inputs]
+max_pixels = 1000000
+"""
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_models):
+    tmp = tmp_path_factory.mktemp("inputs")
+    redis_server = RedisServer(tmp / "redis")
+    cluster = Cluster(tmp, redis_server.url, f"i{uuid.uuid4().hex[:8]}", workers=1,
+                      models=tiny_models["tiny-i2v"], family="tiny-i2v", lease_ms=30000,
+                      extra=INPUTS)
+    cluster.redis_url = redis_server.url
+    yield cluster
+    cluster.stop()
+    redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def http(cluster):
+    client = httpx.Client(base_url=cluster.gateway, timeout=60)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if all(q["workers"] == 1 for q in client.get("/v1/queues").json()["stages"]):
+                break
+        except (httpx.HTTPError, KeyError, TypeError):
+            pass
+        assert time.monotonic() < deadline, "the cluster never came up"
+        time.sleep(0.2)
+    yield client
+    client.close()
+
+
+def _frames(http, job_id: str) -> np.ndarray:
+    job = http.get(f"/v1/jobs/{job_id}/wait", params={"timeout_s": 120}).json()
+    assert job["state"] == "succeeded", job
+    return np.load(job["result"]["files"]["frames"])
+
+
+def test_an_image_reaches_encode_from_json_multipart_and_the_ingress_stream(cluster, http):
+    a, b = png(conditioning_image()), png(conditioning_image(shift=5))
+    params = {"prompt": "a fox turns its head", "seed": 4, "width": 48, "save_npy": True}
+    # JSON, base64 as a data URL
+    body = {"params": {**params, "image": "data:image/png;base64," + base64.b64encode(a).decode()},
+            "job_id": "json-a"}
+    assert http.post("/v1/jobs", json=body).status_code == 201
+    # The same seed, another image
+    body = {"params": {**params, "image": base64.b64encode(b).decode()}, "job_id": "json-b"}
+    assert http.post("/v1/jobs", json=body).status_code == 201
+    # LightX2V's multipart route, the image uploaded as image_file
+    form = {"prompt": params["prompt"], "seed": "4", "task_id": "form-a", "infer_steps": "4",
+            "target_shape": "32,48", "target_video_length": "5"}
+    created = http.post("/v1/tasks/video/form", data=form,
+                        files={"image_file": ("a.png", a, "image/png")})
+    assert created.status_code == 200, created.text
+    # Any language: store the image (SET with an expiry), then XADD the job naming it.
+    store = JobStore(cluster.redis_url, cluster.info["namespace"])
+    digest = hashlib.sha256(a).hexdigest()
+    store.redis.set(f"{store.keys.prefix}blob:{digest}", a, ex=3600)
+    store.redis.xadd(store.keys.ingress, {"job": json.dumps(
+        {"job_id": "xadd-a", "params": {**params, "image": f"blob:{digest}"}})})
+    frames = {job_id: _frames(http, job_id) for job_id in ("json-a", "json-b", "xadd-a")}
+    task = http.get("/v1/tasks/form-a/status").json()
+    deadline = time.monotonic() + 120
+    while task["status"] not in ("completed", "failed"):
+        assert time.monotonic() < deadline, task
+        time.sleep(0.1)
+        task = http.get("/v1/tasks/form-a/status").json()
+    assert task["status"] == "completed", task
+    assert frames["json-a"].shape == (5, 32, 48, 3)
+    assert np.array_equal(frames["json-a"], frames["xadd-a"])  # same image, same seed
+    assert not np.array_equal(frames["json-a"], frames["json-b"])  # the image was used
+    store.close()
+
+
+def test_bad_inputs_are_refused_at_the_door_with_their_reason_and_nothing_queued(cluster, http):
+    jobs_before = http.get("/v1/queues").json()["totals"]["jobs"]
+    params = {"prompt": "p", "width": 48}
+    huge = png(conditioning_image(width=1200, height=1000))  # 1.2 M pixels > 1 M
+    cases = {
+        "not an image": {"params": {**params, "image": base64.b64encode(b"%PDF-1.4 " * 20).decode()}},
+        "over the pixel limit": {"params": {**params, "image": base64.b64encode(huge).decode()}},
+        "a path outside the input dir": {"params": {**params, "image": "/etc/passwd"}},
+        "a URL while URLs are off": {"params": {**params, "image": "http://127.0.0.1:1/x.png"}},
+        "no image at all": {"params": params},
+        "an unstored blob": {"params": {**params, "image": "blob:" + "0" * 64}},
+    }
+    reasons = {}
+    for name, body in cases.items():
+        response = http.post("/v1/jobs", json=body)
+        assert response.status_code == 422, (name, response.text)
+        reasons[name] = response.json()["message"]
+    assert "not an image" in reasons["not an image"]
+    assert "pixels > the limit" in reasons["over the pixel limit"]
+    assert "server paths are off" in reasons["a path outside the input dir"]
+    assert "URLs are off" in reasons["a URL while URLs are off"]
+    assert "missing required field `image`" in reasons["no image at all"]
+    assert "no such input" in reasons["an unstored blob"]
+    for field, value in (("audio_path", "a.wav"), ("lora_name", "anime")):
+        response = http.post("/v1/tasks/video/", json={"prompt": "p", field: value})
+        assert response.status_code == 422 and field in response.json()["message"]
+    assert http.get("/v1/queues").json()["totals"]["jobs"] == jobs_before
+
+
+def test_a_text_only_pipeline_refuses_an_image_instead_of_ignoring_it(tmp_path, tiny_models):
+    redis_server = RedisServer(tmp_path / "redis")
+    cluster = Cluster(tmp_path, redis_server.url, f"t{uuid.uuid4().hex[:8]}", workers=1,
+                      models=tiny_models["tiny"], lease_ms=30000)
+    try:
+        with httpx.Client(base_url=cluster.gateway, timeout=30) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client.get("/healthz").raise_for_status()
+                    break
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+            image = base64.b64encode(png(conditioning_image())).decode()
+            refused = client.post("/v1/tasks/image/", json={"prompt": "p", "image_path": image})
+            assert refused.status_code == 422
+            assert "takes no image" in refused.json()["message"]
+            native = client.post("/v1/jobs", json={"params": {"prompt": "p", "image": image}})
+            assert native.status_code == 422 and "takes no image" in native.json()["message"]
+            assert client.get("/v1/queues").json()["totals"]["jobs"] == 0
+    finally:
+        cluster.stop()
+        redis_server.stop()
