@@ -166,14 +166,28 @@ TaskStatusName = Literal["pending", "processing", "completed", "failed", "cancel
 
 
 class TaskStatus(Strict):
+    """LightX2V's task status (its fields and formats), plus stage and progress."""
+
     task_id: str
     status: TaskStatusName
     stage: str
     progress: float | None
-    error: str
-    start_time: float | None  # unix seconds
-    end_time: float | None
-    save_result_path: str
+    error: str | None  # null unless it failed or was cancelled
+    error_type: str  # the exception class a failure names ("ValueError"), "" otherwise
+    start_time: str | None  # ISO 8601, local time, as LightX2V's server reports it
+    end_time: str | None
+    save_result_path: str  # the result's name under the results directory
+
+
+class ServiceStatus(Strict):
+    service_status: Literal["idle", "busy"]
+    current_task: str | None
+    active_tasks: list[str]
+    pending_tasks: int
+    queue_size: int
+    total_tasks: int
+    completed_tasks: int
+    failed_tasks: int  # dead-lettered
 
 
 class StopTaskResponse(Strict):

@@ -78,8 +78,11 @@ def test_lightx2v_image_and_video_tasks_end_with_their_files(http):
     status, seen = task_status(http, body["task_id"])
     assert status["status"] == "completed", status
     assert seen[0] in ("pending", "processing") and seen[-1] == "completed"
-    assert status["save_result_path"].endswith(".png") and status["end_time"] >= \
-        status["start_time"] > 0
+    # LightX2V's shapes: a relative result name, ISO times, no error
+    image_name = status["save_result_path"]
+    assert image_name == f"{body['task_id']}.png"
+    assert status["end_time"] >= status["start_time"] > "2026"
+    assert status["error"] is None and status["error_type"] == ""
     png = http.get(f"/v1/tasks/{body['task_id']}/result")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
@@ -102,12 +105,46 @@ def test_lightx2v_image_and_video_tasks_end_with_their_files(http):
     result = http.get(f"/v1/jobs/{wide['task_id']}").json()["result"]
     assert (result["height"], result["width"]) == (32, 48)  # 16:9 at the tiny default 32x32 area
 
-    listed = {t["task_id"]: t["status"] for t in http.get("/v1/tasks/").json()}
-    assert listed[body["task_id"]] == listed[video["task_id"]] == "completed"
+    listed = http.get("/v1/tasks/").json()  # an object keyed by task id, as theirs
+    assert listed[body["task_id"]]["status"] == listed[video["task_id"]]["status"] == "completed"
+    download = http.get(f"/v1/files/download/{image_name}")
+    assert download.status_code == 200 and download.content == png.content
+    assert http.get("/v1/files/download/../../etc/passwd").status_code in (403, 404)
     done = http.delete(f"/v1/tasks/{body['task_id']}").json()
     assert done["stop_status"] == "do_nothing"
     assert http.get("/v1/tasks/nope/status").status_code == 404
     assert http.get("/v1/tasks/nope/result").status_code == 404
+
+
+def test_lightx2v_service_sync_legacy_and_stop_all_routes_answer_as_theirs(cluster, http):
+    """The request bodies LightX2V's scripts send, the shapes its server answers."""
+    assert http.get("/health").json() == {"status": "healthy"}
+    meta = http.get("/v1/service/metadata").json()
+    assert meta["model_cls"] == "tiny" and meta["nproc_per_node"] >= 3
+    # Its multi-server scripts wait for `idle` between tasks.
+    deadline = time.monotonic() + 60
+    while http.get("/v1/service/status").json()["service_status"] != "idle":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    status = http.get("/v1/service/status").json()
+    assert set(status) >= {"service_status", "current_task", "active_tasks", "pending_tasks",
+                           "queue_size", "total_tasks", "completed_tasks", "failed_tasks"}
+    # The sync route answers the PNG itself.
+    sync = http.post("/v1/tasks/image/sync", params={"timeout_seconds": 120},
+                     json={"prompt": "a pear", "seed": 2, "infer_steps": 2})
+    assert sync.status_code == 200 and sync.content[:8] == b"\x89PNG\r\n\x1a\n"
+    # The legacy route takes the pipeline's type (the tiny one makes images).
+    legacy = http.post("/v1/tasks/", json={"prompt": "a plum", "infer_steps": 2}).json()
+    assert legacy["task_status"] == "pending"
+    status, _ = task_status(http, legacy["task_id"])
+    assert status["status"] == "completed" and status["save_result_path"].endswith(".png")
+    # Stop every running task at once.
+    slow = [http.post("/v1/tasks/image/", json={"prompt": f"s{i}", "infer_steps": 400}).json()
+            for i in range(3)]
+    stopped = http.delete("/v1/tasks/all/running").json()
+    assert stopped["stop_status"] == "success"
+    for task in slow:
+        assert task_status(http, task["task_id"])[0]["status"] == "cancelled"
 
 
 def test_bad_params_are_refused_at_every_door_and_reach_no_worker(cluster, http):

@@ -33,7 +33,7 @@ from ...common.httpwire import ErrorBody
 from .inputs import Inputs
 from .waiters import Waiters
 from ...stages.families import pipeline_schema
-from ...stages.families.params import takes_images
+from ...stages.families.params import defaults, takes_images
 
 log = logging.getLogger("stagepool.gateway")
 
@@ -46,7 +46,7 @@ _PUBLIC_PATHS = {"/", "/openapi.json", "/favicon.ico"} | {op.path for op in OPS 
 def create_app(config: Config, observer: Observer, metrics: Metrics,
                waiters: Waiters | None = None) -> Starlette:
     by_path: dict[str, dict[str, Op]] = {}
-    for op in OPS:
+    for op in served(config):
         by_path.setdefault(op.path, {})[op.method] = op
     routes = [Route(path, _dispatch(ops), methods=list(ops)) for path, ops in by_path.items()]
     spec = msgspec.json.encode(openapi(config))
@@ -68,9 +68,17 @@ def create_app(config: Config, observer: Observer, metrics: Metrics,
     app.state.inputs = Inputs(config, observer.store,
                               takes_images(schema) if schema is not None else None,
                               config.pipeline.name)
+    # LightX2V's legacy POST /v1/tasks/: a video where the pipeline's jobs default to frames
+    app.state.pipeline_makes_video = (schema is not None
+                                      and defaults(schema).get("num_frames", 1) > 1)
     if config.gateway.token:
         app.add_middleware(BearerAuth, token=config.gateway.token, public=is_public)
     return app
+
+
+def served(config: Config) -> list[Op]:
+    """The routes this deployment serves (one it cannot serve is absent, from the spec too)."""
+    return [op for op in OPS if op.when is None or op.when(config)]
 
 
 def _dispatch(ops: dict[str, Op]):
@@ -128,7 +136,7 @@ def serve(config: Config, broker_endpoint: str, host: str | None = None,
 
 def openapi(config: Config) -> dict[str, Any]:
     """The OpenAPI 3.1 document, from the route table and the msgspec structs."""
-    types = sorted({t for op in OPS for t in _types(op)}, key=lambda t: repr(t))
+    types = sorted({t for op in served(config) for t in _types(op)}, key=lambda t: repr(t))
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     # What this deployment cannot serve is refused (422): the spec says so per deployment.
     task = components["TaskRequest"]["properties"]
@@ -139,7 +147,7 @@ def openapi(config: Config) -> dict[str, Any]:
         task[field] = {**task[field], "maxLength": 0,
                        "description": "refused (422): this deployment has none"}
     paths: dict[str, dict] = {}
-    for op in OPS:
+    for op in served(config):
         entry: dict[str, Any] = {
             "summary": op.summary, "tags": [op.tag],
             "operationId": f"{op.handler.__name__}_{op.tag}",
@@ -156,7 +164,7 @@ def openapi(config: Config) -> dict[str, Any]:
         if config.gateway.token and not op.public:
             entry["security"] = [{"bearer": []}]
             entry["responses"]["401"] = _response(401, ErrorBody)
-        paths.setdefault(op.path, {})[op.method.lower()] = entry
+        paths.setdefault(op.path.replace(":path}", "}"), {})[op.method.lower()] = entry
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "stagepool gateway", "version": "1",

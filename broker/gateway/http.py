@@ -53,6 +53,7 @@ class Op:
     responses: dict[int, Any] = field(default_factory=dict)  # status -> struct | media types
     params: tuple[Param, ...] = ()
     public: bool = False  # served without the bearer token
+    when: Callable[[Any], bool] | None = None  # served only where this holds of the config
 
 
 class HTTPError(Exception):

@@ -22,19 +22,24 @@ lora_name. Other fields (use_prompt_enhancer, ...) and unknown ones are accepted
 
 from __future__ import annotations
 
+import mimetypes
 import random
+from datetime import datetime
+from pathlib import Path
 
 import msgspec
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 
 from ...common.errors import Code, RemoteError
-from .http import HTTPError, Op, in_thread, json_response, read_json
+from .http import HTTPError, Op, Param, in_thread, json_response, query_int, read_json
 from .native import JOB_ID_PARAM, job_result
 from ...common.httpwire import (
-    ErrorBody, Job, QueueStatus, StopTaskResponse, TaskRequest, TaskResponse, TaskStatus,
+    ErrorBody, Job, QueueStatus, ServiceStatus, StopTaskResponse, TaskRequest, TaskResponse,
+    TaskStatus,
 )
+from ...common.wire import TERMINAL_STATES
 
 _SECONDS = 1000.0
 
@@ -56,7 +61,7 @@ def task_params(task: TaskRequest, kind: str) -> dict:
     return params
 
 
-def task_status(job: Job, result_ready: bool) -> TaskStatus:
+def task_status(job: Job, result_ready: bool, results_dirs: list[Path]) -> TaskStatus:
     state, error = job.state, job.error
     if state.startswith("queued:") and not any("started_ms" in s for s in job.stages.values()):
         status = "pending"  # nothing has run yet; waiting between stages is processing
@@ -75,11 +80,35 @@ def task_status(job: Job, result_ready: bool) -> TaskStatus:
     ended = status in ("completed", "failed", "cancelled")
     files = job.files()
     return TaskStatus(
-        task_id=job.job_id, status=status, stage=job.stage, progress=job.progress, error=error,
-        start_time=started_ms / _SECONDS if started_ms else None,
-        end_time=job.updated_ms / _SECONDS if ended else None,
-        save_result_path=next(iter(files.values()), "") if status == "completed" else "",
+        task_id=job.job_id, status=status, stage=job.stage, progress=job.progress,
+        error=error or None, error_type=_error_type(error) if status == "failed" else "",
+        start_time=_when(started_ms), end_time=_when(job.updated_ms) if ended else None,
+        save_result_path=(relative_result(results_dirs, next(iter(files.values()), ""))
+                          if status == "completed" else ""),
     )
+
+
+def _when(ms: int | None) -> str | None:
+    """A time as LightX2V's server reports it: ISO 8601, local, no zone."""
+    return datetime.fromtimestamp(ms / _SECONDS).isoformat() if ms else None
+
+
+def _error_type(error: str) -> str:
+    """The exception class an error names (`ValueError: ...`), as LightX2V reports it."""
+    head = error.split(":", 1)[0].strip()
+    return head if head.isidentifier() else "RuntimeError" if error else ""
+
+
+def relative_result(dirs: list, path: str) -> str:
+    """A result file's name under the results directory that holds it (what LightX2V's
+    `save_result_path` is, and `/v1/files/download/{name}` serves); never a server path."""
+    if not path:
+        return ""
+    resolved = Path(path).resolve()
+    for root in dirs:
+        if resolved.is_relative_to(root):
+            return str(resolved.relative_to(root))
+    return resolved.name
 
 
 def _ready(observer, job: Job) -> bool:
@@ -92,7 +121,8 @@ def _ready(observer, job: Job) -> bool:
 
 def _status_of(observer, job_id: str) -> TaskStatus | None:
     job = observer.job(job_id)
-    return None if job is None else task_status(job, _ready(observer, job))
+    return (None if job is None
+            else task_status(job, _ready(observer, job), observer.results_dirs))
 
 
 async def _create(request: Request, kind: str) -> Response:
@@ -177,11 +207,123 @@ async def create_video_form(request: Request) -> Response:
     return await _create_form(request, "video")
 
 
+async def create_task(request: Request) -> Response:
+    """The legacy route: the task type is the pipeline's (video where its jobs default to
+    several frames, else image)."""
+    app = request.app.state
+    return await _create(request, "video" if app.pipeline_makes_video else "image")
+
+
+async def create_image_sync(request: Request) -> Response:
+    """Submit, wait for the end (woken by it, at most `timeout_seconds`), answer the PNG, as
+    LightX2V's does: 504 after cancelling on a timeout, 409 cancelled, 500 failed (413 for a
+    ValueError)."""
+    app = request.app.state
+    timeout_s = query_int(request, "timeout_seconds", 600, 1, 3600)
+    task = await read_json(request, TaskRequest, app.max_body_bytes)
+    created = msgspec.json.decode((await _submit(app, task, "image")).body)
+    job_id = created["task_id"]
+    observer = app.observer
+    await app.waiters.wait(job_id, timeout_s, lambda: observer.ended(job_id))
+    job = await in_thread(observer.job, job_id)
+    if job is None or job.state not in TERMINAL_STATES:
+        await in_thread(observer.cancel, job_id)
+        raise HTTPError(504, "timeout", f"Task {job_id} timed out after {timeout_s} seconds")
+    if job.state == "cancelled":
+        raise HTTPError(409, Code.CONFLICT, job.error or "Task cancelled")
+    if job.state != "succeeded":
+        status = 413 if _error_type(job.error) == "ValueError" else 500
+        raise HTTPError(status, "failed", job.error or f"Task {job.state}")
+    path = observer.result_file(job, "image")
+    if path is None or not path.is_file():
+        raise HTTPError(500, "failed", f"Task {job_id} completed but its image is not here")
+    return FileResponse(path, media_type="image/png", filename="result.png",
+                        content_disposition_type="inline")
+
+
+def makes_images(config) -> bool:
+    """A pipeline whose jobs make one image by default (the sync route's)."""
+    from ...stages.families import pipeline_schema
+    from ...stages.families.params import defaults
+
+    schema = pipeline_schema(config.pipeline.stages)
+    return schema is not None and defaults(schema).get("num_frames", 1) == 1
+
+
+async def stop_all(request: Request) -> Response:
+    observer = request.app.state.observer
+
+    def cancel_all() -> int:
+        cancelled = 0
+        for job_id in list(observer.store.active_ids()):
+            try:
+                cancelled += observer.cancel(job_id).cancelled
+            except RemoteError:
+                pass  # ended meanwhile
+        return cancelled
+
+    count = await in_thread(cancel_all)
+    return json_response(StopTaskResponse(stop_status="success",
+                                          reason=f"All tasks stopped successfully ({count})."))
+
+
+async def service_status(request: Request) -> Response:
+    """What LightX2V's multi-server scripts poll: `service_status` idle or busy."""
+    observer = request.app.state.observer
+
+    def gather() -> ServiceStatus:
+        running = [j.job_id for j in observer.jobs(100, active_only=True)
+                   if not j.state.startswith("queued:")]
+        totals = observer.store.totals()
+        queues = observer.queues()
+        return ServiceStatus(
+            service_status="busy" if running else "idle",
+            current_task=running[0] if running else None, active_tasks=running,
+            pending_tasks=queues.stages[0].depth, queue_size=observer.config.ring.capacity,
+            total_tasks=totals["jobs"], completed_tasks=totals["results"],
+            failed_tasks=totals["dead"])
+
+    return json_response(await in_thread(gather))
+
+
+async def service_metadata(request: Request) -> Response:
+    config = request.app.state.observer.config
+    model_stages = [s for s in config.pipeline.stages if "family" in s.options]
+    main = next((s for s in model_stages if s.kind == "denoise"), None)
+    return json_response({
+        "nproc_per_node": sum(s.workers for s in config.pipeline.stages),
+        "model_cls": main.options["family"] if main else config.pipeline.name,
+        "model_path": main.options.get("model_path", "") if main else "",
+        "pipeline": config.pipeline.name,
+        "stages": [s.name for s in config.pipeline.stages],
+    })
+
+
+async def download(request: Request) -> Response:
+    """A result by its name under a results directory (a task's `save_result_path`); 403 for
+    anything outside them."""
+    observer = request.app.state.observer
+    name = request.path_params["file_path"]
+    for root in observer.results_dirs:
+        target = (root / name).resolve()
+        if not target.is_relative_to(root):
+            raise HTTPError(403, "forbidden", "Access to this file is not allowed")
+        if target.is_file():
+            media = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+            return FileResponse(target, media_type=media, filename=target.name)
+    raise HTTPError(404, Code.NOT_FOUND, f"File not found: {name}")
+
+
+async def health(request: Request) -> Response:
+    return json_response({"status": "healthy"})
+
+
 async def list_tasks(request: Request) -> Response:
     observer = request.app.state.observer
 
-    def statuses():
-        return [task_status(job, _ready(observer, job)) for job in observer.jobs(100)]
+    def statuses():  # as LightX2V's: an object keyed by task id
+        return {job.job_id: task_status(job, _ready(observer, job), observer.results_dirs)
+                for job in observer.jobs(100)}
 
     return json_response(await in_thread(statuses))
 
@@ -253,7 +395,29 @@ OPS = [
        "Create a video task from a multipart form, image_file uploaded (LightX2V)", "lightx2v",
        responses=_CREATE),
     Op("GET", "/v1/tasks/", list_tasks, "Recent tasks (LightX2V)", "lightx2v",
-       responses={200: list[TaskStatus], 503: ErrorBody}),
+       responses={200: dict[str, TaskStatus], 503: ErrorBody}),
+    Op("POST", "/v1/tasks/", create_task, "Create a task of the pipeline's type (LightX2V)",
+       "lightx2v", body=TaskRequest, responses=_CREATE),
+    Op("POST", "/v1/tasks/image/sync", create_image_sync,
+       "Create an image task and answer its PNG when done (LightX2V)", "lightx2v",
+       body=TaskRequest, responses={200: ("image/png",), 400: ErrorBody, 409: ErrorBody,
+                                    413: ErrorBody,
+                                    422: ErrorBody, 500: ErrorBody, 504: ErrorBody},
+       params=(Param("timeout_seconds", "query",
+                     {"type": "integer", "minimum": 1, "maximum": 3600}),),
+       when=makes_images),
+    Op("DELETE", "/v1/tasks/all/running", stop_all, "Stop every task (LightX2V)", "lightx2v",
+       responses={200: StopTaskResponse, 503: ErrorBody}),
+    Op("GET", "/v1/service/status", service_status, "Service status (LightX2V)", "lightx2v",
+       responses={200: ServiceStatus, 503: ErrorBody}),
+    Op("GET", "/v1/service/metadata", service_metadata, "Service metadata (LightX2V)",
+       "lightx2v", responses={200: ("application/json",)}),
+    Op("GET", "/v1/files/download/{file_path:path}", download, "A result file (LightX2V)",
+       "lightx2v", responses={200: ("application/octet-stream",), 403: ErrorBody,
+                              404: ErrorBody},
+       params=(Param("file_path", "path", {"type": "string"}, required=True),)),
+    Op("GET", "/health", health, "Liveness (LightX2V)", "lightx2v",
+       responses={200: ("application/json",)}, public=True),
     Op("GET", "/v1/tasks/queue/status", queue_status, "Queue status (LightX2V)", "lightx2v",
        responses={200: QueueStatus, 503: ErrorBody}),
     Op("GET", "/v1/tasks/{job_id}/status", get_status, "Task status (LightX2V)", "lightx2v",
