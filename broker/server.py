@@ -90,6 +90,7 @@ class Broker:
         # The jobs' params schema (their family's): every submit is checked against it.
         self.params_schema = pipeline_schema(config.pipeline.stages)
         self.takes_images = schemas.takes_images(self.params_schema)
+        self.loras = schemas.configured_loras(config.pipeline.stages)
         self.blobs = BlobStore(self.store, config.inputs.ttl_s)  # image-conditioned inputs
         self._longest_limit_s = max(s.time_limit_s for s in config.pipeline.stages)
 
@@ -207,6 +208,7 @@ class Broker:
             schemas.check(self.params_schema, params)
             if self.takes_images:
                 self.blobs.check(params["image"], self.config.inputs)
+            schemas.check_lora(params, self.loras)
         schemas.check_time_limit(params, self._longest_limit_s)
         priority = wire.check_priority(request.priority)
         deadline_ms = wire.check_deadline(request.deadline_ms)

@@ -49,4 +49,11 @@ def check(config: Config, models: bool | set[str] = True) -> None:
             raise ConfigError(f"{where}.options.model_path: no Diffusers model at "
                               f"{str(path)!r} for the {family_name} family (`stagepool models "
                               "init-tiny DIR` builds the tiny ones)")
+        loras = getattr(options, "loras", [])
+        if loras and not options.lora_dir:
+            raise ConfigError(f"{where}.options.loras: set lora_dir, where they are")
+        for name in loras if wanted else ():
+            if not (Path(options.lora_dir) / f"{name}.safetensors").is_file():
+                raise ConfigError(f"{where}.options.loras: no {name}.safetensors in "
+                                  f"{options.lora_dir!r}")
 

@@ -8,6 +8,8 @@ Config (`[[pipeline.stages]]`): `kind = "encode" | "denoise" | "decode"` and opt
               with `devices` (or `stagepool worker --gpu`) each worker sees its GPU as cuda
   dtype       "float32" | "bfloat16" | "float16"
   results_dir where decode writes its files (default: config.DEFAULT_RESULTS_DIR)
+  lora_dir, loras  denoise: the LoRAs a job may pick by `lora_name` (<lora_dir>/<name>.safetensors,
+              loaded on first use, a few kept at once)
 
 Per job:
   encode   params -> prompt embeddings (held in the worker's pool for denoise to pull)
@@ -42,6 +44,10 @@ class ModelOptions(msgspec.Struct, forbid_unknown_fields=True):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: Annotated[int, msgspec.Meta(ge=1)] | None = None
     results_dir: str = DEFAULT_RESULTS_DIR
+    # The denoise stage's LoRAs: `lora_dir/<name>.safetensors` for each name in `loras`; a
+    # job picks one by `lora_name` (the broker refuses any other).
+    lora_dir: str = ""
+    loras: list[str] = []
 
 
 class ModelStage(Stage):
@@ -62,6 +68,7 @@ class ModelStage(Stage):
             torch.set_num_threads(int(opts["threads"]))
         self.family = families.create(opts.get("family", "tiny"), opts.get("model_path") or "",
                                       device, opts.get("dtype", "float32"))
+        self.family.lora_dir = opts.get("lora_dir", "")
         self.family.load(self.role)
         self.device = str(self.family.device)
 

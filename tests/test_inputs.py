@@ -116,6 +116,8 @@ def test_bad_inputs_are_refused_at_the_door_with_their_reason_and_nothing_queued
         "a URL while URLs are off": {"params": {**params, "image": "http://127.0.0.1:1/x.png"}},
         "no image at all": {"params": params},
         "an unstored blob": {"params": {**params, "image": "blob:" + "0" * 64}},
+        "an unknown LoRA": {"params": {**params, "lora_name": "anime", "image":
+                                       base64.b64encode(png(conditioning_image())).decode()}},
     }
     reasons = {}
     for name, body in cases.items():
@@ -128,6 +130,7 @@ def test_bad_inputs_are_refused_at_the_door_with_their_reason_and_nothing_queued
     assert "URLs are off" in reasons["a URL while URLs are off"]
     assert "missing required field `image`" in reasons["no image at all"]
     assert "no such input" in reasons["an unstored blob"]
+    assert "no LoRA is configured" in reasons["an unknown LoRA"]
     for field, value in (("audio_path", "a.wav"), ("lora_name", "anime")):
         response = http.post("/v1/tasks/video/", json={"prompt": "p", field: value})
         assert response.status_code == 422 and field in response.json()["message"]

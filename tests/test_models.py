@@ -197,3 +197,46 @@ def _held_waiting(store: JobStore, job_ids: list[str]) -> int:
         if "encode.done" in record and "denoise.started" not in record:
             count += 1
     return count
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_models, tmp_path_factory):
+    """A LoRA for the tiny Wan transformer (random, non-zero), saved as diffusers saves one."""
+    from diffusers import WanPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = WanPipeline.from_pretrained(str(tiny_models["tiny"]))
+    torch.manual_seed(3)
+    pipe.transformer.add_adapter(LoraConfig(
+        r=4, lora_alpha=4, init_lora_weights=False,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="ink")
+    directory = tmp_path_factory.mktemp("loras")
+    WanPipeline.save_lora_weights(
+        directory, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer,
+                                                         adapter_name="ink"),
+        weight_name="ink.safetensors")
+    return directory
+
+
+def test_a_jobs_lora_is_loaded_on_first_use_and_the_split_equals_the_monolithic(
+        tiny_models, tiny_lora):
+    path = str(tiny_models["tiny"])
+    encode, denoise, decode = (families.create("tiny", path, DEVICE) for _ in range(3))
+    for family, stage in ((encode, "encode"), (denoise, "denoise"), (decode, "decode")):
+        family.lora_dir = str(tiny_lora)
+        family.load(stage)
+    plain = {"prompt": "a heron", "seed": 8}
+    inked = {**plain, "lora_name": "ink"}
+
+    def split(params):
+        embeds = encode.encode(params)
+        return decode.decode(params, denoise.denoise(params, embeds, lambda i, n: None)).cpu().numpy()
+
+    with_lora = split(inked)
+    without = split(plain)  # the adapter is turned off for a job without one
+    again = split(inked)  # and on again, from the worker's cache
+    assert float(np.abs(with_lora - np.asarray(monolithic(encode, inked))).max()) == 0.0
+    assert float(np.abs(without - np.asarray(monolithic(encode, plain))).max()) == 0.0
+    assert not np.array_equal(with_lora, without)  # the LoRA was applied
+    assert np.array_equal(with_lora, again)

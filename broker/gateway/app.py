@@ -33,7 +33,7 @@ from ...common.httpwire import ErrorBody
 from .inputs import Inputs
 from .waiters import Waiters
 from ...stages.families import pipeline_schema
-from ...stages.families.params import defaults, takes_images
+from ...stages.families.params import configured_loras, defaults, takes_images
 
 log = logging.getLogger("stagepool.gateway")
 
@@ -68,6 +68,7 @@ def create_app(config: Config, observer: Observer, metrics: Metrics,
     app.state.inputs = Inputs(config, observer.store,
                               takes_images(schema) if schema is not None else None,
                               config.pipeline.name)
+    app.state.loras = configured_loras(config.pipeline.stages)
     # LightX2V's legacy POST /v1/tasks/: a video where the pipeline's jobs default to frames
     app.state.pipeline_makes_video = (schema is not None
                                       and defaults(schema).get("num_frames", 1) > 1)
@@ -140,9 +141,11 @@ def openapi(config: Config) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     # What this deployment cannot serve is refused (422): the spec says so per deployment.
     task = components["TaskRequest"]["properties"]
-    refused = ["audio_path", "lora_name"]
+    refused = ["audio_path"]
     if not takes_images(pipeline_schema(config.pipeline.stages)):
         refused.append("image_path")
+    if not configured_loras(config.pipeline.stages):
+        refused.append("lora_name")
     for field in refused:
         task[field] = {**task[field], "maxLength": 0,
                        "description": "refused (422): this deployment has none"}

@@ -40,6 +40,7 @@ from ...common.httpwire import (
     TaskStatus,
 )
 from ...common.wire import TERMINAL_STATES
+from ...stages.families.params import check_lora
 
 _SECONDS = 1000.0
 
@@ -181,9 +182,9 @@ async def _submit(app, task: TaskRequest, kind: str) -> Response:
     if task.audio_path:
         raise HTTPError(422, Code.INVALID_PARAMS, "audio_path: this deployment has no audio "
                         "model; the request is refused rather than run without its audio")
-    if task.lora_name:
-        raise HTTPError(422, Code.INVALID_PARAMS, f"lora_name: no LoRA is configured on this "
-                        f"deployment ({task.lora_name!r} cannot be applied)")
+    if task.lora_name:  # the broker refuses one the deployment does not serve
+        check_lora({"lora_name": task.lora_name}, app.loras)
+        params["lora_name"] = task.lora_name
     if task.image_path:
         params["image"] = await in_thread(app.inputs.store, task.image_path, "image_path")
     submitted = await in_thread(app.observer.submit, params, task.task_id, 0)

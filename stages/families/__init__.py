@@ -93,6 +93,30 @@ class Family(abc.ABC):
         std = 1.0 / torch.tensor(vae.config.latents_std).view(shape)
         return latents / std.to(latents) + mean.to(latents)
 
+    lora_dir = ""  # where the denoise stage's LoRAs are (`<name>.safetensors`); "": none
+    LORA_CACHE = 4  # adapters kept loaded at once; the least recently used goes first
+
+    def use_lora(self, name: str) -> None:
+        """Make `name` the only active LoRA of the denoise pipeline (loading it the first
+        time, diffusers' `load_lora_weights`), or none for "". The broker has checked the
+        name against the stage's `loras`."""
+        pipe = self.pipe
+        loaded: list[str] = self.__dict__.setdefault("_loras", [])
+        if not name:
+            if loaded:
+                pipe.disable_lora()
+            return
+        if name in loaded:
+            loaded.remove(name)
+        else:
+            if len(loaded) >= self.LORA_CACHE:
+                pipe.delete_adapters(loaded.pop(0))
+            pipe.load_lora_weights(self.lora_dir, weight_name=f"{name}.safetensors",
+                                   adapter_name=name)
+        loaded.append(name)
+        pipe.set_adapters([name])
+        pipe.enable_lora()
+
     def generator(self, params: dict[str, Any]):
         import torch
 

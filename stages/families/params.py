@@ -52,6 +52,8 @@ class WanParams(Params):
     infer_steps: Steps = 50
     guidance_scale: Annotated[float, msgspec.Meta(ge=0.0, le=30.0)] = 5.0
     max_sequence_length: SequenceLength = 512
+    # One of the denoise stage's `loras` (its options), applied for this job; "": none.
+    lora_name: Annotated[str, msgspec.Meta(max_length=128)] = ""
 
     def __post_init__(self):
         if (self.num_frames - 1) % 4:
@@ -125,6 +127,24 @@ def check_time_limit(params: dict[str, Any], longest_s: float) -> None:
     if limit > longest_s:
         raise InvalidParams(f"invalid params: time_limit_s = {limit:g} is above this "
                             f"deployment's longest stage limit ({longest_s:g} s)")
+
+
+def configured_loras(stages: list) -> list[str]:
+    """The LoRAs a pipeline's stages serve (their options' `loras`)."""
+    return sorted({name for stage in stages for name in stage.options.get("loras", [])})
+
+
+def check_lora(params: dict[str, Any], loras: list[str]) -> None:
+    """A job's `lora_name` must be one this deployment's denoise stage serves."""
+    name = params.get("lora_name")
+    if not name:
+        return
+    if not loras:
+        raise InvalidParams(f"lora_name: no LoRA is configured on this deployment ({name!r} "
+                            "cannot be applied)")
+    if name not in loras:
+        raise InvalidParams(f"lora_name: {name!r} is not one of this deployment's LoRAs "
+                            f"({', '.join(loras)})")
 
 
 def job_time_limit_s(params: dict[str, Any], stage_limit_s: float) -> float:

@@ -66,7 +66,7 @@ class WanFamily(Family):
                 progress: Callable[[int, int], None]) -> Tensors:
         p = self.params(params)
         steps = int(p["infer_steps"])
-
+        self.use_lora(p.get("lora_name", ""))
         latents = self.pipe(
             prompt_embeds=inputs["prompt_embeds"].to(self.device),
             negative_prompt_embeds=_maybe(inputs, "negative_prompt_embeds", self.device),
@@ -181,6 +181,7 @@ class WanI2VFamily(WanFamily):
 
         p = self.params(params)
         steps = int(p["infer_steps"])
+        self.use_lora(p.get("lora_name", ""))
         self.pipe.given = {"image_embeds": inputs["image_embeds"].to(self.device),
                            "condition": inputs["condition"].to(self.device)}
         placeholder = torch.zeros(1, 3, p["height"], p["width"])  # the frame is in `condition`
