@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ...common.config import Config
-from . import lightx2v, native
+from . import lightx2v, lightx2v_service, native
 from ..pipeline import describe as describe_pipeline
 from .http import BearerAuth, Op, error_response, wrap
 from .metrics import Metrics
@@ -37,7 +37,7 @@ from ...stages.families.params import configured_loras, defaults, takes_images
 
 log = logging.getLogger("stagepool.gateway")
 
-OPS: list[Op] = [*native.OPS, *lightx2v.OPS]
+OPS: list[Op] = [*native.OPS, *lightx2v.OPS, *lightx2v_service.OPS]
 STATIC = resources.files("stagepool.broker.gateway").joinpath("static")
 _PUBLIC_PREFIXES = ("/static/",)
 _PUBLIC_PATHS = {"/", "/openapi.json", "/favicon.ico"} | {op.path for op in OPS if op.public}
