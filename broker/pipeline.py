@@ -50,6 +50,7 @@ def render(description: dict[str, Any]) -> str:
     for name, prop in root.get("properties", {}).items():
         kind = prop.get("type") or "/".join(
             str(p.get("type", p.get("const", "?"))) for p in prop.get("anyOf", [])) or "enum"
-        default = f" = {prop['default']!r}" if "default" in prop else ""
+        default = (f" = {prop['default']!r}" if "default" in prop
+                   else "  (required)" if name in root.get("required", []) else "")
         lines.append(f"  {name:<20} {kind}{default}")
     return "\n".join(lines)
