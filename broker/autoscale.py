@@ -95,6 +95,7 @@ class PoolScaler:
         self._next = 0.0
         self._store: JobStore | None = None
         self._client: BrokerClient | None = None
+        self._recorded: dict[str, int] = {}  # the pool sizes last written to Redis
 
     def tick(self, info: dict) -> bool:
         """One look at the queues, when due; True when a pool changed."""
@@ -137,8 +138,10 @@ class PoolScaler:
                 leaving.signal(signal.SIGTERM)  # drains: its job in hand finishes first
             self._record(f"{stage}|{decision.direction}")
             changed = True
-        self._store.redis.hset(self._store.keys.autoscale, mapping={
-            f"{stage}|workers": len(self.cluster.pool(stage)) for stage in stages})
+        sizes = {f"{stage}|workers": len(self.cluster.pool(stage)) for stage in stages}
+        if sizes != self._recorded:  # the gauge's source, written when a pool changed
+            self._store.redis.hset(self._store.keys.autoscale, mapping=sizes)
+            self._recorded = sizes
         return changed
 
     def _idlest(self, pool: list) -> object:
@@ -160,3 +163,4 @@ class PoolScaler:
         if self._store is not None:
             self._store.close()
             self._store = None
+        self._recorded = {}  # a new connection (Redis may have restarted): write again

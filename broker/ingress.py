@@ -22,6 +22,7 @@ import msgspec
 from ..common.errors import Busy, ProtocolError, StagepoolError, StoreUnavailable, TransportError
 from ..common import transitions as tx
 from ..common import wire
+from ..common.frames import DECODE_ERRORS
 from ..common.jobstore import JobStore
 from ..common.wire import JOB_ID
 
@@ -106,7 +107,7 @@ class Ingress:
                 raise ProtocolError("entry has no 'job' field")
             try:
                 job = _decoder.decode(raw)
-            except wire.DECODE_ERRORS as exc:
+            except DECODE_ERRORS as exc:
                 raise ProtocolError(f"bad job JSON: {type(exc).__name__}: "
                                     f"{str(exc)[:200]}") from None
             # Without an id, the entry's own: an entry read again (after a restart or an
@@ -139,7 +140,7 @@ class Ingress:
 def _salvage_job_id(raw: bytes | None) -> str:
     try:
         value = msgspec.json.decode(raw or b"")
-    except wire.DECODE_ERRORS:
+    except DECODE_ERRORS:
         return ""
     job_id = value.get("job_id") if isinstance(value, dict) else None
     return job_id if isinstance(job_id, str) and JOB_ID.match(job_id) else ""

@@ -1,4 +1,5 @@
-"""The broker's answers about jobs: status, cancel, retry, list and purge.
+"""The broker's door for jobs (every submit's params checked: `admit`) and its answers about
+them: status, cancel, retry, list and purge.
 
 A cancel also stops the running attempt at its next step, through its lease cell's stop word
 (no Redis read in the step loop). A retry revives an ended job at the stage it ended in with a
@@ -13,11 +14,14 @@ import logging
 
 from ..common import transitions as tx
 from ..common import wire
+from ..common.blobs import BlobStore
 from ..common.config import Config
-from ..common.errors import Code
+from ..common.errors import Code, InvalidParams
 from ..common.jobquery import JobFilter, find
 from ..common.jobstore import JobStore, job_status
 from ..common.wire import CancelResult, Error, JobList, Purged, RetryResult
+from ..stages.families import params as schemas
+from ..stages.families import pipeline_schema
 from .dispatcher import Dispatcher
 from .ringhost import RingHost
 
@@ -32,8 +36,30 @@ class JobDesk:
         self.store = store
         self.ringhost = ringhost
         self.dispatcher = dispatcher
+        self.config = config
         self.stage_names = [s.name for s in config.pipeline.stages]
         self.running_states = [s.job_state() for s in config.pipeline.stages]
+        # The jobs' params schema (their family's): every submit is checked against it.
+        self.params_schema = pipeline_schema(config.pipeline.stages)
+        self.takes_images = schemas.takes_images(self.params_schema)
+        self.loras = schemas.configured_loras(config.pipeline.stages)
+        self.blobs = BlobStore(store, config.inputs.ttl_s)  # image-conditioned jobs' inputs
+        self.longest_limit_s = max(s.time_limit_s for s in config.pipeline.stages)
+
+    def admit(self, params: dict) -> None:
+        """InvalidParams (naming the field) unless a job with `params` can run here: they fit
+        the family's schema, name a stored image within the limits where the pipeline takes
+        one (and none where it does not), a LoRA the denoise stage serves, a time limit some
+        stage allows. From ZMQ, HTTP or the ingress stream alike: no stage sees a bad job."""
+        if self.params_schema is not None:
+            if "image" in params and not self.takes_images:
+                raise InvalidParams(f"image: pipeline {self.config.pipeline.name!r} takes no "
+                                    "image (it is text-only); nothing was queued")
+            schemas.check(self.params_schema, params)
+            if self.takes_images:
+                self.blobs.check(params["image"], self.config.inputs)
+            schemas.check_lora(params, self.loras)
+        schemas.check_time_limit(params, self.longest_limit_s)
 
     def status(self, job_id: str):
         record = self.store.get(wire.check_job_id(job_id))

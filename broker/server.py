@@ -32,19 +32,17 @@ from ..common.addresses import endpoint_host, is_local
 from ..common import wire
 from ..common.config import Config
 from ..common.dispatch import Dispatch, encode_dispatch
-from ..common.blobs import BlobStore
-from ..common.errors import Busy, Code, InvalidParams, ProtocolError, StagepoolError
+from ..common.frames import Codec, looks_json, salvage_rid
+from ..common.errors import Busy, Code, ProtocolError, StagepoolError
 from ..common.jobstore import JobStore
 from ..common.security import Keys, require, serve_curve
 from ..common.ring import lanes
 from ..common.wire import (
-    Cancel, Codec, Error, GetQueues, GetStatus, GetWorkers, Heartbeat, HeartbeatAck,
+    Cancel, Error, GetQueues, GetStatus, GetWorkers, Heartbeat, HeartbeatAck,
     Hello, ListJobs, Purge, QueueInfo, Queues, Register, Registered, Retry, Submit, Submitted,
     Unregister,
     Rewind, RewindResult, VerbsAccept, VerbsConnect, Welcome, Ack,
 )
-from ..stages.families import params as schemas
-from ..stages.families import pipeline_schema
 from .dispatcher import Dispatcher
 from .ingress import Ingress
 from .jobs import JobDesk
@@ -87,12 +85,6 @@ class Broker:
         self._sock.bind(config.broker.endpoint)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stage_names = [s.name for s in config.pipeline.stages]
-        # The jobs' params schema (their family's): every submit is checked against it.
-        self.params_schema = pipeline_schema(config.pipeline.stages)
-        self.takes_images = schemas.takes_images(self.params_schema)
-        self.loras = schemas.configured_loras(config.pipeline.stages)
-        self.blobs = BlobStore(self.store, config.inputs.ttl_s)  # image-conditioned inputs
-        self._longest_limit_s = max(s.time_limit_s for s in config.pipeline.stages)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -201,15 +193,7 @@ class Broker:
                   else uuid.uuid4().hex)
         first = self._stage_names[0]
         params_json = wire.check_params(params)
-        if self.params_schema is not None:
-            if "image" in params and not self.takes_images:
-                raise InvalidParams(f"image: pipeline {name!r} takes no image (it is "
-                                    "text-only); nothing was queued")
-            schemas.check(self.params_schema, params)
-            if self.takes_images:
-                self.blobs.check(params["image"], self.config.inputs)
-            schemas.check_lora(params, self.loras)
-        schemas.check_time_limit(params, self._longest_limit_s)
+        self.jobs.admit(params)
         priority = wire.check_priority(request.priority)
         deadline_ms = wire.check_deadline(request.deadline_ms)
         dispatch = encode_dispatch(Dispatch(job_id, 1, first, priority, deadline_ms))
@@ -260,8 +244,7 @@ class Broker:
             request, as_json = self._codec.decode(frame)
         except StagepoolError as exc:
             log.warning("control: refused a request from %s: %s", identity.hex(), exc)
-            self._reply(identity, wire.error_reply(exc, wire.salvage_rid(frame)),
-                        wire.looks_json(frame))
+            self._reply(identity, wire.error_reply(exc, salvage_rid(frame)), looks_json(frame))
             return None
         return identity, request, as_json
 

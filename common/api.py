@@ -49,6 +49,16 @@ class _Call:
     params: dict[str, Any] = field(default_factory=dict)
     body: Any = None
     reply: type | None = None  # a struct to decode into; None: the raw bytes
+    timeout_s: float | None = None  # None: the client's
+
+    def request(self) -> dict[str, Any]:
+        """httpx's `request` arguments."""
+        has_body = self.body is not None
+        return dict(method=self.method, url=self.path, params=self.params,
+                    content=msgspec.json.encode(self.body) if has_body else None,
+                    headers={"Content-Type": "application/json"} if has_body else None,
+                    timeout=(self.timeout_s if self.timeout_s is not None
+                             else httpx.USE_CLIENT_DEFAULT))
 
     def read(self, response: httpx.Response):
         if response.status_code >= 400:
@@ -73,17 +83,44 @@ def _submit(params, job_id, priority, deadline_s) -> _Call:
     return _Call("POST", "/v1/jobs", body=body, reply=Submitted)
 
 
-def _jobs(state, stage, since_s, limit, before_ms) -> _Call:
+def _since_ms(since_s: float | None) -> int:
+    return int((time.time() - since_s) * 1000) if since_s else 0
+
+
+def _jobs(state, stage, since_ms, limit, before_ms) -> _Call:
     params: dict[str, Any] = {"limit": min(limit, 1000)}
     if state:
         params["state"] = state
     if stage:
         params["stage"] = stage
-    if since_s:
-        params["since_ms"] = int((time.time() - since_s) * 1000)
+    if since_ms:
+        params["since_ms"] = since_ms
     if before_ms:
         params["before_ms"] = before_ms
     return _Call("GET", "/v1/jobs", params=params, reply=JobList)
+
+
+def _wait(job_id: str, remaining_s: float) -> _Call:
+    """One parked /wait of at most _WAIT_SLICE_S (the HTTP timeout a little longer)."""
+    slice_s = int(max(0, min(_WAIT_SLICE_S, remaining_s)))
+    return _Call("GET", f"/v1/jobs/{job_id}/wait", params={"timeout_s": slice_s}, reply=Job,
+                 timeout_s=slice_s + 30)
+
+
+def _status(job_id: str) -> _Call:
+    return _Call("GET", f"/v1/jobs/{job_id}", reply=Job)
+
+
+def _cancel(job_id: str) -> _Call:
+    return _Call("DELETE", f"/v1/jobs/{job_id}", reply=Cancelled)
+
+
+def _retry(job_id: str) -> _Call:
+    return _Call("POST", f"/v1/jobs/{job_id}/retry", reply=Retried)
+
+
+def _events(job_id: str) -> _Call:
+    return _Call("GET", f"/v1/jobs/{job_id}/events", reply=JobEvents)
 
 
 def _result(job_id, file) -> _Call:
@@ -112,13 +149,9 @@ class Client:
         self._http = httpx.Client(base_url=self.url, headers=_headers(token),
                                   timeout=timeout_s)
 
-    def _do(self, call: _Call, timeout_s: float | None = None):
+    def _do(self, call: _Call):
         try:
-            response = self._http.request(
-                call.method, call.path, params=call.params,
-                content=msgspec.json.encode(call.body) if call.body is not None else None,
-                headers={"Content-Type": "application/json"} if call.body is not None else None,
-                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT)
+            response = self._http.request(**call.request())
         except httpx.HTTPError as exc:
             raise TransportError(f"gateway {self.url}: {exc}") from exc
         return call.read(response)
@@ -130,7 +163,7 @@ class Client:
         return self._do(_submit(params, job_id, priority, deadline_s))
 
     def status(self, job_id: str) -> Job:
-        return self._do(_Call("GET", f"/v1/jobs/{job_id}", reply=Job))
+        return self._do(_status(job_id))
 
     def wait(self, job_id: str, timeout_s: float = 600.0) -> Job:
         """The job once it has ended (any end: check `state`); TimeoutError after
@@ -138,10 +171,7 @@ class Client:
         deadline = time.monotonic() + timeout_s
         while True:
             remaining_s = deadline - time.monotonic()
-            slice_s = int(max(0, min(_WAIT_SLICE_S, remaining_s)))
-            job = self._do(_Call("GET", f"/v1/jobs/{job_id}/wait",
-                                 params={"timeout_s": slice_s}, reply=Job),
-                           timeout_s=slice_s + 30)
+            job = self._do(_wait(job_id, remaining_s))
             if job.state in TERMINAL_STATES:
                 return job
             if remaining_s <= 1:
@@ -155,15 +185,15 @@ class Client:
         return _write(data, path) if path is not None else data
 
     def cancel(self, job_id: str) -> Cancelled:
-        return self._do(_Call("DELETE", f"/v1/jobs/{job_id}", reply=Cancelled))
+        return self._do(_cancel(job_id))
 
     def retry(self, job_id: str) -> Retried:
         """Run an ended job (failed, dead, cancelled, expired) again from the stage it ended
         in; RemoteError(conflict) for a succeeded or running one."""
-        return self._do(_Call("POST", f"/v1/jobs/{job_id}/retry", reply=Retried))
+        return self._do(_retry(job_id))
 
     def events(self, job_id: str) -> JobEvents:
-        return self._do(_Call("GET", f"/v1/jobs/{job_id}/events", reply=JobEvents))
+        return self._do(_events(job_id))
 
     def jobs(self, *, state: str = "", stage: str = "", since_s: float | None = None,
              limit: int = 50) -> list[Job]:
@@ -171,9 +201,9 @@ class Client:
         (queued, running, active, ended), `stage` the stage they are in or ended in,
         `since_s` created in the last that many seconds; up to `limit`, over pages."""
         found: list[Job] = []
-        before_ms = 0
+        before_ms, since_ms = 0, _since_ms(since_s)
         while len(found) < limit:
-            page = self._do(_jobs(state, stage, since_s, limit - len(found), before_ms))
+            page = self._do(_jobs(state, stage, since_ms, limit - len(found), before_ms))
             found += page.jobs
             if not page.next_before_ms:
                 break
@@ -199,13 +229,9 @@ class AsyncClient:
         self._http = httpx.AsyncClient(base_url=self.url, headers=_headers(token),
                                        timeout=timeout_s)
 
-    async def _do(self, call: _Call, timeout_s: float | None = None):
+    async def _do(self, call: _Call):
         try:
-            response = await self._http.request(
-                call.method, call.path, params=call.params,
-                content=msgspec.json.encode(call.body) if call.body is not None else None,
-                headers={"Content-Type": "application/json"} if call.body is not None else None,
-                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT)
+            response = await self._http.request(**call.request())
         except httpx.HTTPError as exc:
             raise TransportError(f"gateway {self.url}: {exc}") from exc
         return call.read(response)
@@ -215,17 +241,14 @@ class AsyncClient:
         return await self._do(_submit(params, job_id, priority, deadline_s))
 
     async def status(self, job_id: str) -> Job:
-        return await self._do(_Call("GET", f"/v1/jobs/{job_id}", reply=Job))
+        return await self._do(_status(job_id))
 
     async def wait(self, job_id: str, timeout_s: float = 600.0) -> Job:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
             remaining_s = deadline - loop.time()
-            slice_s = int(max(0, min(_WAIT_SLICE_S, remaining_s)))
-            job = await self._do(_Call("GET", f"/v1/jobs/{job_id}/wait",
-                                       params={"timeout_s": slice_s}, reply=Job),
-                                 timeout_s=slice_s + 30)
+            job = await self._do(_wait(job_id, remaining_s))
             if job.state in TERMINAL_STATES:
                 return job
             if remaining_s <= 1:
@@ -237,20 +260,20 @@ class AsyncClient:
         return _write(data, path) if path is not None else data
 
     async def cancel(self, job_id: str) -> Cancelled:
-        return await self._do(_Call("DELETE", f"/v1/jobs/{job_id}", reply=Cancelled))
+        return await self._do(_cancel(job_id))
 
     async def retry(self, job_id: str) -> Retried:
-        return await self._do(_Call("POST", f"/v1/jobs/{job_id}/retry", reply=Retried))
+        return await self._do(_retry(job_id))
 
     async def events(self, job_id: str) -> JobEvents:
-        return await self._do(_Call("GET", f"/v1/jobs/{job_id}/events", reply=JobEvents))
+        return await self._do(_events(job_id))
 
     async def jobs(self, *, state: str = "", stage: str = "", since_s: float | None = None,
                    limit: int = 50) -> list[Job]:
         found: list[Job] = []
-        before_ms = 0
+        before_ms, since_ms = 0, _since_ms(since_s)
         while len(found) < limit:
-            page = await self._do(_jobs(state, stage, since_s, limit - len(found), before_ms))
+            page = await self._do(_jobs(state, stage, since_ms, limit - len(found), before_ms))
             found += page.jobs
             if not page.next_before_ms:
                 break

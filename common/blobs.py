@@ -6,9 +6,10 @@ reach the encode stage from any entry point with no shared storage.
 A job names one in its params as `"image": "blob:<sha256 hex>"`. The gateway stores what a
 client uploads (base64 in JSON, a multipart form, a server path under `inputs.dir`, a URL
 where `inputs.allow_urls`); a client writing the ingress stream stores it itself (SET with an
-expiry, docs/wire.md). Each is checked at the door: within `inputs.max_bytes`, decodes as an
-image, within `inputs.max_pixels`; the broker checks every submit's reference again, so no
-stage ever sees a missing or bad input. Content-addressed: the same image twice is one key.
+expiry, docs/wire.md). The broker, the one door every submit passes, checks each reference:
+stored, within `inputs.max_bytes`, decodes as an image within `inputs.max_pixels` (once per
+stored image), so no stage ever sees a missing or bad input. Content-addressed: the same
+image twice is one key.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from . import wire
+from .frames import Codec
 from .errors import Code, RemoteError, TransportError
 from .security import Keys, connect_curve
 
@@ -27,7 +28,7 @@ class BrokerClient:
         STAGEPOOL_SECURITY_KEYS_DIR)."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._codec = wire.Codec(wire.Reply)
+        self._codec = Codec(wire.Reply)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import msgspec
 
 from .errors import ProtocolError
-from .wire import DECODE_ERRORS, Message, Stage
+from .frames import DECODE_ERRORS
+from .wire import Message, Stage
 
 
 class Release(Message, tag="release"):

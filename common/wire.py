@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .errors import Code, PayloadTooLarge, ProtocolError
+from .errors import Code, ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20  # a control frame above this is refused with `too_large`
@@ -349,63 +349,6 @@ def schema_hash() -> str:
 
     info = msgspec.json.encode(msgspec.json.schema(tuple[Request, Reply, Dispatch, Release]))
     return hashlib.sha256(info).hexdigest()[:16]
-
-
-# What decoding hostile bytes can raise besides msgspec's own errors: invalid UTF-8 in a
-# string (UnicodeDecodeError, a ValueError), nesting past the recursion limit, and integers
-# past what a field holds. Every decode path turns them into a ProtocolError for that input.
-DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError, OverflowError)
-
-
-def looks_json(frame: bytes) -> bool:
-    """A JSON frame (answered in JSON) rather than msgpack: it opens with `{` or whitespace."""
-    return frame[:1] in (b"{", b" ", b"\n", b"\t", b"\r")
-
-
-class _Rid(msgspec.Struct):
-    rid: int = 0
-
-
-def salvage_rid(frame: bytes) -> int:
-    """The `rid` of a frame that did not decode as a request (so that its sender's error
-    reply reaches the call that waits for it); 0 when it has none."""
-    if len(frame) > MAX_FRAME_BYTES:
-        return 0
-    try:
-        found = (msgspec.json.decode(frame, type=_Rid) if looks_json(frame)
-                 else msgspec.msgpack.decode(frame, type=_Rid))
-    except DECODE_ERRORS:
-        return 0
-    return found.rid if 0 <= found.rid < 2**63 else 0
-
-
-class Codec:
-    """One encoder and typed decoders for a socket; JSON or msgpack chosen per frame."""
-
-    def __init__(self, accepts: Any):
-        self._msgpack_decoder = msgspec.msgpack.Decoder(accepts)
-        self._json_decoder = msgspec.json.Decoder(accepts)
-        self._msgpack = msgspec.msgpack.Encoder()
-        self._json = msgspec.json.Encoder()
-
-    def decode(self, frame: bytes) -> tuple[Any, bool]:
-        """Decode one frame; returns (message, was_json).
-
-        Raises ProtocolError (or PayloadTooLarge) with a reason fit to send back.
-        """
-        if len(frame) > MAX_FRAME_BYTES:
-            raise PayloadTooLarge(f"frame of {len(frame)} bytes > limit of {MAX_FRAME_BYTES}")
-        is_json = looks_json(frame)
-        try:
-            if is_json:
-                return self._json_decoder.decode(frame), True
-            return self._msgpack_decoder.decode(frame), False
-        except DECODE_ERRORS as exc:
-            raise ProtocolError(f"undecodable {'JSON' if is_json else 'msgpack'} frame: "
-                                f"{type(exc).__name__}: {str(exc)[:200]}") from None
-
-    def encode(self, message: Any, as_json: bool = False) -> bytes:
-        return self._json.encode(message) if as_json else self._msgpack.encode(message)
 
 
 def check_job_id(job_id: str) -> str:

@@ -32,6 +32,27 @@ class RedisServer:
         self.process.wait(timeout=10)
 
 
+def gateway_client(base_url: str, token: str = "", workers: int = 1,
+                   timeout_s: float = 120.0, http_timeout_s: float = 30.0):
+    """An HTTP client of a cluster's gateway, once it answers and every stage has `workers`
+    live workers (the broker's count: null while it is unreachable)."""
+    import httpx
+
+    client = httpx.Client(base_url=base_url, timeout=http_timeout_s,
+                          headers={"Authorization": f"Bearer {token}"} if token else {})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if all(q["workers"] == workers for q in client.get("/v1/queues").json()["stages"]):
+                return client
+        except (httpx.HTTPError, KeyError, TypeError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            client.close()
+            raise AssertionError("the gateway or the workers never came up")
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def redis_server(tmp_path):
     server = RedisServer(tmp_path)

@@ -17,7 +17,7 @@ import pytest
 
 from stagepool import AsyncClient, Client, RemoteError
 
-from .conftest import Cluster, RedisServer
+from .conftest import Cluster, RedisServer, gateway_client
 
 pytestmark = pytest.mark.cluster
 
@@ -37,24 +37,9 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(cluster):
+    gateway_client(cluster.gateway, TOKEN, timeout_s=30).close()  # every stage has its worker
     with Client(cluster.gateway, token=TOKEN) as client:
-        deadline = time.monotonic() + 30
-        while True:  # every stage has its worker
-            try:
-                workers = client._do(_queues())
-                if workers and all(q["workers"] == 1 for q in workers["stages"]):
-                    break
-            except Exception:
-                pass
-            assert time.monotonic() < deadline, "the cluster never came up"
-            time.sleep(0.2)
         yield client
-
-
-def _queues():
-    from stagepool.common.api import _Call
-
-    return _Call("GET", "/v1/queues", reply=dict)
 
 
 def _cli(cluster, *args, env=None) -> str:

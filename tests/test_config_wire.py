@@ -7,6 +7,7 @@ import pytest
 
 from stagepool.common import config, wire
 from stagepool.common import dispatch as dispatch_mod
+from stagepool.common.frames import Codec
 from stagepool.common.errors import ConfigError, PayloadTooLarge, ProtocolError
 
 
@@ -59,7 +60,7 @@ def test_a_garbage_dispatch_is_a_protocol_error():
 
 
 def test_the_codec_decodes_json_and_msgpack_into_the_same_message():
-    codec = wire.Codec(wire.Request)
+    codec = Codec(wire.Request)
     as_json, was_json = codec.decode(b'{"type": "status", "job_id": "a", "rid": 3}')
     as_pack, was_pack = codec.decode(msgspec.msgpack.encode({"type": "status", "job_id": "a",
                                                               "rid": 3}))
@@ -69,7 +70,7 @@ def test_the_codec_decodes_json_and_msgpack_into_the_same_message():
 
 def test_the_codec_refuses_oversize_frames():
     with pytest.raises(PayloadTooLarge):
-        wire.Codec(wire.Request).decode(b"{" + b" " * wire.MAX_FRAME_BYTES + b"}")
+        Codec(wire.Request).decode(b"{" + b" " * wire.MAX_FRAME_BYTES + b"}")
 
 
 def test_no_module_uses_pickle():

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Cluster, RedisServer
+from .conftest import Cluster, RedisServer, gateway_client
 
 TOKEN = "test-token-" + uuid.uuid4().hex[:8]
 STAGES = ("encode", "denoise", "decode")
@@ -36,18 +36,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http(cluster):
-    client = httpx.Client(base_url=cluster.gateway, timeout=10,
-                          headers={"Authorization": f"Bearer {TOKEN}"})
-    deadline = time.monotonic() + 30
-    while True:  # the gateway is up and every stage has its worker
-        try:
-            queues = client.get("/v1/queues").json()
-            if queues["broker_up"] and all(q["workers"] == 1 for q in queues["stages"]):
-                break
-        except (httpx.HTTPError, KeyError):
-            pass
-        assert time.monotonic() < deadline, "gateway or workers never came up"
-        time.sleep(0.2)
+    client = gateway_client(cluster.gateway, TOKEN, timeout_s=30, http_timeout_s=10)
     yield client
     client.close()
 

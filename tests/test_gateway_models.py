@@ -8,7 +8,6 @@ import shutil
 import time
 import uuid
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,7 +15,7 @@ from stagepool.common.client import BrokerClient
 from stagepool.common.errors import RemoteError
 from stagepool.common.jobstore import JobStore
 
-from .conftest import Cluster, RedisServer, wait_ended
+from .conftest import Cluster, RedisServer, gateway_client, wait_ended
 
 CHROMIUM = shutil.which("chromium")
 
@@ -34,17 +33,7 @@ def cluster(tmp_path_factory, tiny_models):
 
 @pytest.fixture(scope="module")
 def http(cluster):
-    client = httpx.Client(base_url=cluster.gateway, timeout=30)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            queues = client.get("/v1/queues").json()
-            if all(q["workers"] == 1 for q in queues["stages"]):
-                break
-        except (httpx.HTTPError, KeyError, TypeError):
-            pass
-        assert time.monotonic() < deadline, "gateway or workers never came up"
-        time.sleep(0.2)
+    client = gateway_client(cluster.gateway)
     yield client
     client.close()
 

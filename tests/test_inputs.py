@@ -17,7 +17,7 @@ import pytest
 
 from stagepool.common.jobstore import JobStore
 
-from .conftest import Cluster, RedisServer
+from .conftest import Cluster, RedisServer, gateway_client
 from .test_models import conditioning_image
 
 pytestmark = pytest.mark.cluster
@@ -49,16 +49,7 @@ def cluster(tmp_path_factory, tiny_models):
 
 @pytest.fixture(scope="module")
 def http(cluster):
-    client = httpx.Client(base_url=cluster.gateway, timeout=60)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if all(q["workers"] == 1 for q in client.get("/v1/queues").json()["stages"]):
-                break
-        except (httpx.HTTPError, KeyError, TypeError):
-            pass
-        assert time.monotonic() < deadline, "the cluster never came up"
-        time.sleep(0.2)
+    client = gateway_client(cluster.gateway, http_timeout_s=150)
     yield client
     client.close()
 

@@ -33,7 +33,8 @@ from ...common.httpwire import ErrorBody
 from .inputs import Inputs
 from .waiters import Waiters
 from ...stages.families import pipeline_schema
-from ...stages.families.params import configured_loras, defaults, takes_images
+from ...stages.families.params import configured_loras, takes_images
+from .lightx2v_service import default_frames
 
 log = logging.getLogger("stagepool.gateway")
 
@@ -70,8 +71,7 @@ def create_app(config: Config, observer: Observer, metrics: Metrics,
                               config.pipeline.name)
     app.state.loras = configured_loras(config.pipeline.stages)
     # LightX2V's legacy POST /v1/tasks/: a video where the pipeline's jobs default to frames
-    app.state.pipeline_makes_video = (schema is not None
-                                      and defaults(schema).get("num_frames", 1) > 1)
+    app.state.pipeline_makes_video = (default_frames(config) or 1) > 1
     if config.gateway.token:
         app.add_middleware(BearerAuth, token=config.gateway.token, public=is_public)
     return app

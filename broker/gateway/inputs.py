@@ -3,16 +3,17 @@ the job's params as `blob:<sha256>`.
 
 Accepted forms: a blob reference already stored, base64 (a `data:image/...;base64,` URL or
 bare), an http(s) URL only where `inputs.allow_urls` (off by default: a server fetches no
-arbitrary URL), a path only under `inputs.dir` (never an arbitrary server path). Each is
-checked (size, decodes as an image, pixel limit) before anything is queued; a pipeline that
-takes no image refuses one (422), never running the job as text-to-X instead.
+arbitrary URL), a path only under `inputs.dir` (never an arbitrary server path). The size is
+checked here; that it decodes as an image within the pixel limit, by the broker, before
+anything is queued. A pipeline that takes no image refuses one (422), never running the job
+as text-to-X instead.
 """
 
 from __future__ import annotations
 
 import re
 
-from ...common.blobs import BLOB_REF, BlobStore, check_image, decode_base64, read_under
+from ...common.blobs import BLOB_REF, BlobStore, decode_base64, read_under
 from ...common.config import Config
 from ...common.errors import InvalidParams
 
@@ -35,11 +36,12 @@ class Inputs:
                                 "pipeline (for example family wan2.1-i2v)")
 
     def store(self, value: str, field: str = "image") -> str:
-        """The blob reference of `value`, stored and checked (blocking: call in a thread)."""
+        """The blob reference of `value`, stored (blocking: call in a thread). A reference
+        already stored is passed on as it is: the broker checks every one at its door."""
         self.refuse_image(field)
         if BLOB_REF.match(value):
-            data = self.blobs.get(value)
-        elif value.startswith(("http://", "https://")):
+            return value
+        if value.startswith(("http://", "https://")):
             data = self._fetch(value, field)
         elif value.startswith("data:") or _BASE64.match(value):
             data = decode_base64(value, field)
@@ -48,10 +50,12 @@ class Inputs:
         return self.store_bytes(data, field)
 
     def store_bytes(self, data: bytes, field: str = "image") -> str:
-        """An uploaded file, checked and stored: its blob reference."""
+        """An uploaded file, stored: its blob reference. Only its size is checked here; the
+        broker decodes it once, at its door, for every way a job comes in."""
         self.refuse_image(field)
-        s = self.settings
-        check_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, field=field)
+        if len(data) > self.settings.max_bytes:
+            raise InvalidParams(f"{field}: {len(data)} bytes > the limit of "
+                                f"{self.settings.max_bytes}")
         return self.blobs.put(data)
 
     def _fetch(self, url: str, field: str) -> bytes:

@@ -20,13 +20,18 @@ from ...common.httpwire import ErrorBody, ServiceStatus, StopTaskResponse
 from .http import HTTPError, Op, Param, in_thread, json_response
 
 
-def makes_images(config) -> bool:
-    """A pipeline whose jobs make one image by default (the sync route's)."""
+def default_frames(config) -> int | None:
+    """How many frames the pipeline's jobs make by default (None: no model family)."""
     from ...stages.families import pipeline_schema
     from ...stages.families.params import defaults
 
     schema = pipeline_schema(config.pipeline.stages)
-    return schema is not None and defaults(schema).get("num_frames", 1) == 1
+    return None if schema is None else defaults(schema).get("num_frames", 1)
+
+
+def makes_images(config) -> bool:
+    """A pipeline whose jobs make one image by default (the sync route's)."""
+    return default_frames(config) == 1
 
 
 async def stop_all(request: Request) -> Response:

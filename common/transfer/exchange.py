@@ -31,7 +31,7 @@ from ..config import TransferConfig
 from ..security import Keys, connect_curve, require, serve_curve
 from ..errors import TransferError
 from ..dispatch import Release, TensorDesc
-from ..wire import DECODE_ERRORS
+from ..frames import DECODE_ERRORS
 from .base import Endpoint, Failure, FailedPull, FailureKind, Pull, host_identity
 from .local import LocalBackend
 from .pool import ALIGN_BYTES, Pool, PoolFull, dtype_name

@@ -49,6 +49,7 @@ class Family(abc.ABC):
         self.model_path = model_path
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
+        self._loras: list[str] = []  # the LoRAs loaded, least recently used first
 
     def params(self, params: dict[str, Any]) -> dict[str, Any]:
         """The job's params over the family defaults. An `aspect_ratio` ("16:9") without height
@@ -100,8 +101,7 @@ class Family(abc.ABC):
         """Make `name` the only active LoRA of the denoise pipeline (loading it the first
         time, diffusers' `load_lora_weights`), or none for "". The broker has checked the
         name against the stage's `loras`."""
-        pipe = self.pipe
-        loaded: list[str] = self.__dict__.setdefault("_loras", [])
+        pipe, loaded = self.pipe, self._loras
         if not name:
             if loaded:
                 pipe.disable_lora()

@@ -52,9 +52,10 @@ def _tokenizer(specials: list[str], vocab_size: int, *, eos: str, pad: str, appe
                                    model_max_length=512)
 
 
-def build_wan(path: Path) -> None:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, \
-        WanTransformer3DModel
+def _wan_parts(in_channels: int = 16, **transformer_extra) -> dict:
+    """A toy Wan2.1's components, from a fixed seed: tokenizer, UMT5 encoder, transformer
+    (`transformer_extra`: an image-to-video one's image conditioning), VAE, scheduler."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(0)
@@ -65,15 +66,22 @@ def build_wan(path: Path) -> None:
         relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=in_channels, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, **transformer_extra)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0)
-    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
-                vae=vae, scheduler=scheduler).save_pretrained(path)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "transformer": transformer,
+            "vae": vae, "scheduler": scheduler}
+
+
+def build_wan(path: Path) -> None:
+    from diffusers import WanPipeline
+
+    WanPipeline(**_wan_parts()).save_pretrained(path)
 
 
 def build_qwen_image(path: Path) -> None:
@@ -113,35 +121,17 @@ def build_qwen_image(path: Path) -> None:
 def build_wan_i2v(path: Path) -> None:
     """Wan2.1 image-to-video at toy size: the text-to-video parts, plus a CLIP vision encoder
     and a transformer that takes its features (image_dim) and the conditioning channels."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, \
-        WanImageToVideoPipeline, WanTransformer3DModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, \
-        UMT5Config, UMT5EncoderModel
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    torch.manual_seed(0)
-    tokenizer = _tokenizer(["<pad>", "</s>", "<unk>"], 400, eos="</s>", pad="<pad>",
-                           append_eos=True)
-    text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
     # in_channels: 16 noise + 4 first-frame mask + 16 conditioning latents
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36,
-        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-        image_dim=4, added_kv_proj_dim=24)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        flow_shift=3.0)
+    parts = _wan_parts(in_channels=36, image_dim=4, added_kv_proj_dim=24)
     image_encoder = CLIPVisionModel(CLIPVisionConfig(
         hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
         image_size=32, intermediate_size=16, patch_size=1))
-    WanImageToVideoPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-        scheduler=scheduler, image_encoder=image_encoder,
-        image_processor=CLIPImageProcessor(crop_size=32, size=32)).save_pretrained(path)
+    WanImageToVideoPipeline(**parts, image_encoder=image_encoder,
+                            image_processor=CLIPImageProcessor(crop_size=32, size=32)
+                            ).save_pretrained(path)
 
 
 BUILDERS = {"tiny": build_wan, "qwen-image": build_qwen_image, "tiny-i2v": build_wan_i2v}

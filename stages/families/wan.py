@@ -8,6 +8,7 @@ decode: AutoencoderKLWan -> frames, with the pipeline's own latent de-normalisat
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -21,8 +22,18 @@ class WanFamily(Family):
     Params = schemas.WanParams  # Wan2.1-T2V's own defaults: 480x832, 81 frames, 50 steps
 
     def load(self, stage: str) -> None:
+        self.pipe = self._pipeline(self._components(stage))
+        self.pipe.set_progress_bar_config(disable=True)
+        if stage == "denoise":  # the latent shape follows the VAE's compression (its config)
+            vae = json.loads((Path(self.model_path) / "vae" / "config.json").read_text())
+            downsample = vae.get("temperal_downsample", [False, True, True])
+            self.pipe.vae_scale_factor_temporal = 2 ** sum(downsample)
+            self.pipe.vae_scale_factor_spatial = 2 ** len(downsample)
+
+    def _components(self, stage: str) -> dict[str, Any]:
+        """What `stage` loads; the other components are None."""
         import torch
-        from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         path = self.model_path
@@ -39,14 +50,12 @@ class WanFamily(Family):
         elif stage == "decode":
             parts["vae"] = AutoencoderKLWan.from_pretrained(
                 path, subfolder="vae", dtype=torch.float32).to(self.device)
-        self.pipe = WanPipeline(**parts)
-        self.pipe.set_progress_bar_config(disable=True)
-        if stage == "denoise":
-            # The latent shape follows the VAE's compression, read from its config alone.
-            vae = json.loads((Path(path) / "vae" / "config.json").read_text())
-            downsample = vae.get("temperal_downsample", [False, True, True])
-            self.pipe.vae_scale_factor_temporal = 2 ** sum(downsample)
-            self.pipe.vae_scale_factor_spatial = 2 ** len(downsample)
+        return parts
+
+    def _pipeline(self, parts: dict[str, Any]):
+        from diffusers import WanPipeline
+
+        return WanPipeline(**parts)
 
     def encode(self, params: dict[str, Any]) -> Tensors:
         import torch
@@ -64,7 +73,11 @@ class WanFamily(Family):
 
     def denoise(self, params: dict[str, Any], inputs: Tensors,
                 progress: Callable[[int, int], None]) -> Tensors:
-        p = self.params(params)
+        return self._denoise(self.params(params), inputs, progress)
+
+    def _denoise(self, p: dict[str, Any], inputs: Tensors,
+                 progress: Callable[[int, int], None], **extra) -> Tensors:
+        """The pipeline's own loop on the encode stage's embeddings, to latents."""
         steps = int(p["infer_steps"])
         self.use_lora(p.get("lora_name", ""))
         latents = self.pipe(
@@ -73,7 +86,7 @@ class WanFamily(Family):
             height=p["height"], width=p["width"], num_frames=p["num_frames"],
             num_inference_steps=steps, guidance_scale=p["guidance_scale"],
             generator=self.generator(p), output_type="latent",
-            callback_on_step_end=self.step_callback(progress, steps),
+            callback_on_step_end=self.step_callback(progress, steps), **extra,
         ).frames
         return {"latents": latents}
 
@@ -125,37 +138,28 @@ class WanI2VFamily(WanFamily):
     name = "wan2.1-i2v"
     Params = schemas.WanI2VParams
 
-    def load(self, stage: str) -> None:
+    def _components(self, stage: str) -> dict[str, Any]:
         import torch
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
-        from transformers import (
-            AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel,
-        )
+        from diffusers import AutoencoderKLWan
+        from transformers import CLIPImageProcessor, CLIPVisionModel
 
-        path = self.model_path
-        parts: dict[str, Any] = {"tokenizer": None, "text_encoder": None, "transformer": None,
-                                 "vae": None, "scheduler": None, "image_processor": None,
-                                 "image_encoder": None}
-        if stage == "encode":
-            parts["tokenizer"] = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-            parts["text_encoder"] = UMT5EncoderModel.from_pretrained(
-                path, subfolder="text_encoder", dtype=self.dtype).to(self.device)
+        parts = {**super()._components(stage), "image_processor": None, "image_encoder": None}
+        if stage == "encode":  # the image's encoders too: CLIP, and the VAE on its frame
+            path = self.model_path
             parts["image_processor"] = CLIPImageProcessor.from_pretrained(
                 path, subfolder="image_processor")
             parts["image_encoder"] = CLIPVisionModel.from_pretrained(
                 path, subfolder="image_encoder", dtype=torch.float32).to(self.device)
-        if stage in ("encode", "decode"):
             parts["vae"] = AutoencoderKLWan.from_pretrained(
                 path, subfolder="vae", dtype=torch.float32).to(self.device)
-        if stage == "denoise":
-            parts["transformer"] = WanTransformer3DModel.from_pretrained(
-                path, subfolder="transformer", dtype=self.dtype).to(self.device)
-            parts["scheduler"] = _scheduler(path)
-        self.pipe = _SplitI2VPipeline(**parts)
-        self.pipe.set_progress_bar_config(disable=True)
-        if stage == "denoise":  # the VAE's shape, from its config alone (no weights here)
-            vae = json.loads((Path(path) / "vae" / "config.json").read_text())
-            self.pipe.use_vae_config(vae)
+        return parts
+
+    def _pipeline(self, parts: dict[str, Any]):
+        pipe = _split_i2v_pipeline()(**parts)
+        if parts["vae"] is None:  # denoise: the pipeline reads the VAE's z_dim alone
+            vae = json.loads((Path(self.model_path) / "vae" / "config.json").read_text())
+            pipe.use_vae_config(vae)
+        return pipe
 
     def encode(self, params: dict[str, Any]) -> Tensors:
         import torch
@@ -180,21 +184,10 @@ class WanI2VFamily(WanFamily):
         import torch
 
         p = self.params(params)
-        steps = int(p["infer_steps"])
-        self.use_lora(p.get("lora_name", ""))
         self.pipe.given = {"image_embeds": inputs["image_embeds"].to(self.device),
                            "condition": inputs["condition"].to(self.device)}
         placeholder = torch.zeros(1, 3, p["height"], p["width"])  # the frame is in `condition`
-        latents = self.pipe(
-            image=placeholder,
-            prompt_embeds=inputs["prompt_embeds"].to(self.device),
-            negative_prompt_embeds=_maybe(inputs, "negative_prompt_embeds", self.device),
-            height=p["height"], width=p["width"], num_frames=p["num_frames"],
-            num_inference_steps=steps, guidance_scale=p["guidance_scale"],
-            generator=self.generator(p), output_type="latent",
-            callback_on_step_end=self.step_callback(progress, steps),
-        ).frames
-        return {"latents": latents}
+        return self._denoise(p, inputs, progress, image=placeholder)
 
 
 class TinyWanI2VFamily(WanI2VFamily):
@@ -204,7 +197,9 @@ class TinyWanI2VFamily(WanI2VFamily):
     Params = schemas.TinyWanI2VParams
 
 
+@functools.cache
 def _split_i2v_pipeline():
+    """The class, made on first use (diffusers is imported lazily)."""
     from diffusers import WanImageToVideoPipeline
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -215,13 +210,10 @@ def _split_i2v_pipeline():
         given: dict[str, Any] = {}
 
         def use_vae_config(self, vae: dict) -> None:
+            """The VAE as its config alone (not a module: the loop never runs it)."""
             from types import SimpleNamespace
 
-            downsample = vae.get("temperal_downsample", [False, True, True])
-            # Not a module: the pipeline reads the VAE's z_dim only (the loop never runs it).
             object.__setattr__(self, "vae", SimpleNamespace(config=SimpleNamespace(**vae)))
-            self.vae_scale_factor_temporal = 2 ** sum(downsample)
-            self.vae_scale_factor_spatial = 2 ** len(downsample)
 
         def encode_image(self, image, device=None):
             if "image_embeds" in self.given:
@@ -243,7 +235,3 @@ def _split_i2v_pipeline():
             return noise, self.given["condition"].to(device=device, dtype=dtype)
 
     return SplitI2VPipeline
-
-
-def _SplitI2VPipeline(**parts):  # noqa: N802 - a class made on first use (diffusers is lazy)
-    return _split_i2v_pipeline()(**parts)
