@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from stagepool.stages.families import Family
-from stagepool.stages.families.qwen_image import QwenImageFamily
+from stagepool.stages.families.qwen_image import QwenImageEditFamily, QwenImageFamily, \
+    image_processor_for
 from stagepool.stages.families.wan import WanFamily, WanI2VFamily
 
 
@@ -40,6 +41,12 @@ def _pipeline(family: Family):
 
         pipe = WanPipeline.from_pretrained(family.model_path, dtype=family.dtype,
                                            vae=_vae(AutoencoderKLWan, family))
+    elif isinstance(family, QwenImageEditFamily):
+        from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline
+
+        pipe = QwenImageEditPipeline.from_pretrained(
+            family.model_path, dtype=family.dtype, vae=_vae(AutoencoderKLQwenImage, family),
+            processor=image_processor_for(family.model_path))
     elif isinstance(family, QwenImageFamily):
         from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
 
@@ -63,6 +70,8 @@ def _run(family: Family, pipe, p: dict[str, Any]):
     if isinstance(family, WanFamily):
         return pipe(**common, num_frames=p["num_frames"],
                     guidance_scale=p["guidance_scale"]).frames[0]
+    if isinstance(family, QwenImageEditFamily):
+        return pipe(**common, image=p["image"], true_cfg_scale=p["true_cfg_scale"]).images
     return pipe(**common, true_cfg_scale=p["true_cfg_scale"]).images
 
 

@@ -35,6 +35,12 @@ CASES = {
     # Image-to-video: the encode stage sees the conditioning frame (a PIL image by then).
     "tiny-i2v": ("tiny-i2v", "tiny-i2v", {"prompt": "a fox turns its head", "seed": 9,
                                           "width": 48, "image": "gradient"}),
+    # Image-to-image: the edit's output takes the image's size unless height/width say.
+    "tiny-qwen-image-edit": ("tiny-qwen-image-edit", "qwen-image-edit",
+                             {"prompt": "make it red", "seed": 4, "image": "gradient"}),
+    "qwen-image-edit": ("qwen-image-edit", "qwen-image-edit",
+                        {"prompt": "make it blue", "negative_prompt": "blurry", "seed": 6,
+                         "infer_steps": 4, "image": "gradient"}),
 }
 
 

@@ -33,7 +33,7 @@ class Inputs:
         if not self.takes_images:
             raise InvalidParams(f"{field}: pipeline {self.pipeline!r} takes no image (it is "
                                 "text-only); send image-conditioned jobs to an image-to-X "
-                                "pipeline (for example family wan2.1-i2v)")
+                                "pipeline (for example family wan2.1-i2v or qwen-image-edit)")
 
     def store(self, value: str, field: str = "image") -> str:
         """The blob reference of `value`, stored (blocking: call in a thread). A reference
@@ -45,6 +45,9 @@ class Inputs:
             data = self._fetch(value, field)
         elif value.startswith("data:") or _BASE64.match(value):
             data = decode_base64(value, field)
+        elif "," in value:  # LightX2V's "1.png,2.png": a multi-image edit
+            raise InvalidParams(f"{field}: one image per job (several, comma-separated, are a "
+                                "multi-image edit, which this deployment does not serve)")
         else:
             data = read_under(self.settings.dir, value, field)
         return self.store_bytes(data, field)

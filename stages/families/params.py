@@ -107,6 +107,28 @@ class TinyQwenImageParams(QwenImageParams):
     max_sequence_length: Annotated[int, msgspec.Meta(ge=1, le=512)] = 64
 
 
+class QwenImageEditParams(QwenImageParams, kw_only=True):
+    """Qwen-Image-Edit: the image to edit (required); the output takes its aspect ratio at
+    about 1 MP unless height and width (both) or aspect_ratio say otherwise."""
+
+    image: BlobRef
+    height: Side | None = None
+    width: Side | None = None
+
+    def __post_init__(self):
+        if (self.height is None) != (self.width is None):
+            raise ValueError("give both height and width, or neither (the image's own size)")
+
+
+class TinyQwenImageEditParams(QwenImageEditParams, kw_only=True):
+    """The tiny Qwen-Image-Edit model: toy defaults (a 32x32 output)."""
+
+    height: Side | None = 32
+    width: Side | None = 32
+    infer_steps: Steps = 4
+    max_sequence_length: SequenceLength = 64
+
+
 def check(schema: type[Params], params: dict[str, Any]) -> None:
     """Raise InvalidParams (naming the field) unless `params` fit `schema`."""
     try:

@@ -7,6 +7,8 @@
                   QwenImageTransformer2DModel, AutoencoderKLQwenImage)
   DIR/tiny-i2v    a Wan2.1 image-to-video model (the text-to-video parts plus a CLIP vision
                   encoder, and a transformer conditioned on its features and the first frame)
+  DIR/qwen-image-edit  a Qwen-Image-Edit model (the Qwen-Image parts, with the encoder's
+                  vision markers and a Qwen2-VL image processor)
 in the Diffusers directory layout (model_index.json plus one folder per component), the same
 layout the real checkpoints use, so every stage loads them with `from_pretrained`. Sizes follow
 diffusers' own fast tests. Tokenizers are byte-level BPEs trained in memory on a few lines of
@@ -84,15 +86,28 @@ def build_wan(path: Path) -> None:
     WanPipeline(**_wan_parts()).save_pretrained(path)
 
 
-def build_qwen_image(path: Path) -> None:
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, \
-        QwenImagePipeline, QwenImageTransformer2DModel
+_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen_parts(vision_tokens: bool) -> dict:
+    """A toy Qwen-Image's text side, from a fixed seed: tokenizer, Qwen2.5-VL encoder (its
+    vision markers in the tokenizer when `vision_tokens`, else three ids past it), transformer."""
+    from diffusers import QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
-    tokenizer = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], 500,
+    tokenizer = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+                           + (_VISION if vision_tokens else []), 500,
                            eos="<|im_end|>", pad="<|endoftext|>", append_eos=False)
-    vocab = len(tokenizer) + 3  # three ids past the tokenizer's for the vision markers
+    if vision_tokens:
+        vocab = len(tokenizer)
+        start, end, image, video = tokenizer.convert_tokens_to_ids(_VISION)
+        markers = {"vision_start_token_id": start, "vision_end_token_id": end,
+                   "image_token_id": image, "video_token_id": video}
+    else:
+        vocab = len(tokenizer) + 3
+        markers = {"vision_start_token_id": vocab - 3, "vision_end_token_id": vocab - 2,
+                   "vision_token_id": vocab - 1}
     text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": vocab,
@@ -103,19 +118,51 @@ def build_qwen_image(path: Path) -> None:
         vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
                        "out_hidden_size": 16},
         hidden_size=16, vocab_size=vocab, bos_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, vision_start_token_id=vocab - 3,
-        vision_end_token_id=vocab - 2, vision_token_id=vocab - 1))
+        eos_token_id=tokenizer.eos_token_id, **markers))
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
         num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False,
         axes_dims_rope=(8, 4, 4))
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "transformer": transformer}
+
+
+def build_qwen_image(path: Path) -> None:
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, \
+        QwenImagePipeline
+
+    parts = _qwen_parts(vision_tokens=False)
     z_dim = 4
     vae = AutoencoderKLQwenImage(base_dim=z_dim * 6, z_dim=z_dim, dim_mult=[1, 2, 4],
                                  num_res_blocks=1, temperal_downsample=[False, True],
                                  latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
-    QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                      text_encoder=text_encoder, tokenizer=tokenizer,
-                      transformer=transformer).save_pretrained(path)
+    QwenImagePipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(),
+                      vae=vae).save_pretrained(path)
+
+
+def build_qwen_image_edit(path: Path) -> None:
+    """Qwen-Image-Edit at toy size, in the real checkpoint's layout: the text side with the
+    vision markers, a VAE at the real 8x compression (the pipeline encodes its conditioning
+    image at about 1 MP: the VAE's width keeps that cheap), and a `processor` folder (the
+    Qwen2-VL image processor, at few pixels, and the tokenizer)."""
+    import json
+
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, \
+        QwenImageEditPipeline
+    from transformers import Qwen2VLImageProcessorPil
+
+    parts = _qwen_parts(vision_tokens=True)
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1],
+                                 num_res_blocks=1, temperal_downsample=[False, True, True],
+                                 latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+    QwenImageEditPipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                          processor=None).save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(
+        path / "processor")
+    parts["tokenizer"].save_pretrained(path / "processor")
+    index = json.loads((path / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def build_wan_i2v(path: Path) -> None:
@@ -134,7 +181,8 @@ def build_wan_i2v(path: Path) -> None:
                             ).save_pretrained(path)
 
 
-BUILDERS = {"tiny": build_wan, "qwen-image": build_qwen_image, "tiny-i2v": build_wan_i2v}
+BUILDERS = {"tiny": build_wan, "qwen-image": build_qwen_image, "tiny-i2v": build_wan_i2v,
+            "qwen-image-edit": build_qwen_image_edit}
 
 
 def init_tiny(root: str | Path, *, force: bool = False) -> dict[str, Path]:
