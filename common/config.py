@@ -164,7 +164,10 @@ class InputsConfig(msgspec.Struct, forbid_unknown_fields=True):
     dir: str = ""
     # `image_path` as an http(s) URL, fetched by the gateway: off unless the operator allows it.
     allow_urls: bool = False
-    url_timeout_s: float = 10.0
+    # The hosts URLs may name; [] = any host whose every address is public (never loopback,
+    # private, link-local: no cloud metadata, no internal service). A listed host is trusted.
+    url_hosts: list[str] = []
+    url_timeout_s: float = 10.0  # the whole fetch, connect to last byte
 
 
 class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True):

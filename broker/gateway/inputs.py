@@ -11,7 +11,11 @@ as text-to-X instead.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
+import time
+import urllib.parse
 
 from ...common.blobs import BLOB_REF, BlobStore, decode_base64, read_under
 from ...common.config import Config
@@ -62,22 +66,47 @@ class Inputs:
         return self.blobs.put(data)
 
     def _fetch(self, url: str, field: str) -> bytes:
+        """GET `url` where the operator allows it: a listed host, or else one whose every
+        address is public; no redirects (each would need the same check); at most
+        `max_bytes`, within `url_timeout_s` in all."""
         import httpx
 
         if not self.settings.allow_urls:
             raise InvalidParams(f"{field}: URLs are off on this deployment (inputs.allow_urls); "
                                 "send the image itself (base64 or a multipart upload)")
-        limit = self.settings.max_bytes
+        self._check_host(url, field)
+        limit, timeout_s = self.settings.max_bytes, self.settings.url_timeout_s
+        deadline = time.monotonic() + timeout_s
         try:
-            with httpx.stream("GET", url, timeout=self.settings.url_timeout_s,
-                              follow_redirects=False) as response:
+            with httpx.stream("GET", url, timeout=timeout_s, follow_redirects=False) as response:
                 response.raise_for_status()
                 chunks, size = [], 0
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     if size > limit:
                         raise InvalidParams(f"{field}: {url} is over {limit} bytes")
+                    if time.monotonic() > deadline:
+                        raise InvalidParams(f"{field}: {url} took over {timeout_s:g} s")
                     chunks.append(chunk)
         except httpx.HTTPError as exc:
             raise InvalidParams(f"{field}: could not fetch {url}: {exc}") from None
         return b"".join(chunks)
+
+    def _check_host(self, url: str, field: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        if self.settings.url_hosts:
+            if host not in self.settings.url_hosts:
+                raise InvalidParams(f"{field}: {host!r} is not one of the hosts this deployment "
+                                    f"fetches from (inputs.url_hosts)")
+            return
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            found = {info[4][0] for info in socket.getaddrinfo(host, port,
+                                                               proto=socket.IPPROTO_TCP)}
+        except (OSError, ValueError) as exc:
+            raise InvalidParams(f"{field}: cannot resolve {host!r}: {exc}") from None
+        inner = sorted(a for a in found if not ipaddress.ip_address(a.split("%")[0]).is_global)
+        if inner:
+            raise InvalidParams(f"{field}: {host!r} is a non-public address ({inner[0]}); only "
+                                "hosts listed in inputs.url_hosts may be internal")

@@ -1,0 +1,114 @@
+"""An input image named by URL (LightX2V's `image_path`): fetched by the gateway only where
+the operator allows URLs, only from listed hosts or public addresses, never following a
+redirect, within the size and time limits; stored as a blob. A real HTTP server on loopback
+and a real Redis."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+
+import msgspec
+import pytest
+
+from stagepool.broker.gateway.inputs import Inputs
+from stagepool.common.blobs import BlobStore
+from stagepool.common.config import Config, InputsConfig
+from stagepool.common.errors import InvalidParams
+from stagepool.common.jobstore import JobStore
+
+from .test_inputs import png
+from .test_models import conditioning_image
+
+IMAGE = png(conditioning_image())
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/fox.png":
+            self._send(200, IMAGE)
+        elif self.path == "/big.png":
+            self._send(200, IMAGE + b"\0" * 4096)
+        elif self.path == "/moved.png":  # to an internal address the check would refuse
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        elif self.path == "/slow.png":  # a byte at a time: each read within the timeout
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(IMAGE)))
+            self.end_headers()
+            for i in range(len(IMAGE)):
+                self.wfile.write(IMAGE[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+        else:
+            self._send(404, b"no")
+
+    def _send(self, status: int, body: bytes):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # a client that gave up mid-body (the slow case)
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = _Server(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture
+def store(redis_server, namespace):
+    store = JobStore(redis_server.url, namespace)
+    yield store
+    store.close()
+
+
+def _inputs(store, **settings) -> Inputs:
+    config = msgspec.structs.replace(Config(), inputs=InputsConfig(**settings))
+    return Inputs(config, store, takes_images=True, pipeline="edit")
+
+
+def test_a_url_from_a_listed_host_is_fetched_and_stored(server, store):
+    inputs = _inputs(store, allow_urls=True, url_hosts=["127.0.0.1"])
+    ref = inputs.store(f"{server}/fox.png", "image_path")
+    assert BlobStore(store, 60).get(ref) == IMAGE
+
+
+@pytest.mark.parametrize("path, settings, reason", [
+    ("/fox.png", {"allow_urls": False}, "URLs are off"),
+    ("/fox.png", {"url_hosts": ["images.example.com"]}, "not one of the hosts"),
+    ("/fox.png", {"url_hosts": []}, "non-public address (127.0.0.1)"),
+    ("/big.png", {"max_bytes": len(IMAGE) + 100}, "is over"),
+    ("/moved.png", {}, "could not fetch"),  # a redirect is never followed
+    ("/missing.png", {}, "could not fetch"),
+    ("/slow.png", {"url_timeout_s": 1.0}, "took over 1 s"),
+])
+def test_a_url_is_refused_with_its_reason(server, store, path, settings, reason):
+    settings = {"allow_urls": True, "url_hosts": ["127.0.0.1"], **settings}
+    inputs = _inputs(store, **settings)
+    started = time.monotonic()
+    with pytest.raises(InvalidParams, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        inputs.store(f"{server}{path}", "image_path")
+    assert time.monotonic() - started < 5
+    assert not store.redis.keys(f"{store.keys.prefix}blob:*")
+
+
+@pytest.mark.parametrize("url", ["http://localhost/x.png", "http://169.254.169.254/latest/",
+                                 "http://10.1.2.3/x.png", "http://[::1]/x.png"])
+def test_internal_addresses_are_refused_unless_listed(store, url):
+    with pytest.raises(InvalidParams, match="non-public address"):
+        _inputs(store, allow_urls=True).store(url, "image_path")
