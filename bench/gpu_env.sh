@@ -12,7 +12,7 @@ set -euo pipefail
 WHEELS=(diffusers==0.42.1 msgspec==0.22.0 pyzmq==27.3.0 redis==8.1.0 hiredis==3.5.0
         starlette==1.10.0 uvicorn==0.54.0 importlib_metadata==10.2.0 av==17.0.0
         httpx==0.28.1 httpcore==1.0.9 python-json-logger==4.2.0 python-multipart==0.0.34
-        ftfy==6.3.1 wcwidth==0.9.4 pillow==13.0.0)
+        ftfy==6.3.1 wcwidth==0.9.4 pillow==13.0.0 peft==0.21.2 accelerate==1.15.0)
 
 prepare() {
   rm -rf .whl .gpu && mkdir -p .whl .gpu/lib
