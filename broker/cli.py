@@ -145,16 +145,25 @@ def cmd_worker(args) -> int:
 
 
 def _ensure_tiny_models(config) -> None:
-    """Build the tiny model directories where a tiny-family stage names a missing one
-    (`DIR/tiny` or `DIR/qwen-image`, as `stagepool models init-tiny DIR` lays them out)."""
+    """Build the tiny model directories where a toy-size family's stage names its missing
+    one (`DIR/tiny`, `DIR/qwen-image`, ..., as `stagepool models init-tiny DIR` lays them
+    out). An unknown family is left for `check` to report."""
+    from ..stages import plugins
+    from ..stages.families import Family
+
     for stage in config.pipeline.stages:
         opts = stage.options
-        path = Path(opts.get("model_path") or "")
-        if opts.get("family") not in ("tiny", "tiny-qwen-image"):
+        if "family" not in opts or not opts.get("model_path"):
             continue
-        from ..stages.families.tiny import BUILDERS, init_tiny  # torch: model stages only
+        try:
+            family = plugins.load(plugins.FAMILIES, str(opts["family"]), Family)
+        except ConfigError:
+            continue
+        path = Path(opts["model_path"])
+        if family.tiny_dir and path.name == family.tiny_dir \
+                and not (path / "model_index.json").exists():
+            from ..stages.families.tiny import init_tiny  # torch: model stages only
 
-        if path.name in BUILDERS and not (path / "model_index.json").exists():
             print(f"building the tiny models in {path.parent} (once)", flush=True)
             init_tiny(path.parent)
 

@@ -150,3 +150,29 @@ def test_a_noop_deployment_runs_where_torch_cannot_be_imported(tmp_path, redis_s
     jobs = _run_cluster(tmp_path, redis_server, namespace, stages, [{"n": 1}, {"n": 2}],
                         env={"PYTHONPATH": str(blocker)})
     assert [j.result["stage"] for j in jobs] == ["c", "c"]
+
+
+@pytest.mark.parametrize("name, builds", [
+    ("tiny", True), ("tiny-i2v", True), ("tiny-qwen-image-edit", True),
+    ("wan2.1", False), ("qwen-image-edit", False), ("noop", False)])
+def test_up_builds_a_toy_familys_missing_model_dir_and_no_other(name, builds, tmp_path,
+                                                                 monkeypatch):
+    """Each shipped config, its model_path moved under tmp_path: `stagepool up` builds the
+    tiny models where a toy-size family names its missing directory, and nowhere else."""
+    import msgspec
+
+    from stagepool.broker import cli
+    from stagepool.stages.families import tiny
+
+    config = config_mod.load(f"configs/{name}.toml", env={})
+    stages = [msgspec.structs.replace(stage, options={
+        **stage.options, "model_path": str(tmp_path / Path(stage.options["model_path"]).name)})
+        if "model_path" in stage.options else stage for stage in config.pipeline.stages]
+    config = msgspec.structs.replace(config, pipeline=msgspec.structs.replace(
+        config.pipeline, stages=stages))
+    built = []
+    monkeypatch.setattr(tiny, "init_tiny", built.append)
+    cli._ensure_tiny_models(config)
+    assert built == ([tmp_path] * len(stages) if builds else [])
+    if builds:
+        assert Path(stages[0].options["model_path"]).name in tiny.BUILDERS

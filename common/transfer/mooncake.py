@@ -12,6 +12,9 @@ What this engine does that the design works around:
   - polling a finished or unknown batch id crashes the process: we never poll batch ids,
     we use the synchronous batch read on the engine thread;
   - each engine takes two ports (its RPC port and the tcp transport's);
+  - starting, it writes glog lines straight to fd 2, one at ERROR ("Local segment descriptor
+    not found", before its own segment exists): we capture fd 2 while it starts and log what
+    it wrote through our logger, less those two known lines;
   - a dead or silent peer costs a timeout per read: a peer that failed a read is marked dead
     for `dead_s` (as are peers other workers found dead, `mark_dead`), and pulls from it fail
     at once, so every job that needs it goes back a stage without waiting.
@@ -20,8 +23,10 @@ Metadata is exchanged peer to peer (`P2PHANDSHAKE`): no etcd or metadata server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -87,9 +92,12 @@ class MooncakeBackend(Backend):
         self.dead_s = dead_s
         self.backoff_s = max(MIN_BACKOFF_S, backoff_s)
         self._engine = TransferEngine()
-        if self._engine.initialize(host, "P2PHANDSHAKE", protocol, device) != 0:
+        with _engine_stderr():
+            started = self._engine.initialize(host, "P2PHANDSHAKE", protocol, device) == 0
+            registered = started and self._engine.register_memory(pool.base, pool.nbytes) == 0
+        if not started:
             raise TransferError(f"Mooncake engine failed to start ({protocol} on {host})")
-        if self._engine.register_memory(pool.base, pool.nbytes) != 0:
+        if not registered:
             raise TransferError("Mooncake could not register the pool")
         self._session = f"{host}:{self._engine.get_rpc_port()}"
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mooncake")
@@ -191,3 +199,23 @@ class MooncakeBackend(Backend):
             self._engine.unregister_memory(self.pool.base)
         except Exception:  # noqa: BLE001 - best effort at exit; the process is going away
             log.debug("unregister failed", exc_info=True)
+
+
+_START_NOISE = ("Logging before InitGoogleLogging", "Local segment descriptor not found")
+
+
+@contextlib.contextmanager
+def _engine_stderr():
+    """What the engine writes to fd 2 meanwhile, logged as warnings, less its start noise."""
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if line.strip() and not any(noise in line for noise in _START_NOISE):
+                    log.warning("mooncake: %s", line.strip())

@@ -33,6 +33,9 @@ class Family(abc.ABC):
     Params: type[schemas.Params] | None = None  # the jobs' schema; None: params unchecked
     defaults: dict[str, Any]  # job params a request may leave out: the schema's, when it has one
     needs_model_dir = True  # model_path must be a Diffusers directory (model_index.json)
+    # The directory `stagepool models init-tiny DIR` builds for a toy-size family ("": none):
+    # `stagepool up` builds it where a stage's model_path names a missing one.
+    tiny_dir = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -122,6 +125,18 @@ class Family(abc.ABC):
 
         # A CPU generator: the same noise for the same seed on every device.
         return torch.Generator("cpu").manual_seed(int(params["seed"]))
+
+
+def image_processor(name: str):
+    """transformers' image processor class `name`, or its PIL twin where torchvision is not
+    installed (transformers falls back the same way, with a warning in every worker log)."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None:
+        name += "Pil"
+    return getattr(transformers, name)
 
 
 def size_for_aspect(ratio: str, area: int, multiple: int = 16) -> tuple[int, int]:

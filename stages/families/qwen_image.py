@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from . import Family, Tensors, size_for_aspect
+from . import Family, Tensors, image_processor, size_for_aspect
 from . import params as schemas
 
 
@@ -120,6 +120,7 @@ class TinyQwenImageFamily(QwenImageFamily):
 
     name = "tiny-qwen-image"
     Params = schemas.TinyQwenImageParams
+    tiny_dir = "qwen-image"
 
 
 EDIT_AREA = 1024 * 1024  # pixels: QwenImageEditPipeline sizes its conditioning image so
@@ -207,6 +208,7 @@ class TinyQwenImageEditFamily(QwenImageEditFamily):
 
     name = "tiny-qwen-image-edit"
     Params = schemas.TinyQwenImageEditParams
+    tiny_dir = "qwen-image-edit"
 
 
 class _LatentsGiven:
@@ -229,11 +231,8 @@ def image_processor_for(path: str):
 
     transformers' Qwen2VLProcessor insists on a video processor, whose class needs torchvision
     even though an edit never sees a video; this one takes the tokenizer and the image
-    processor (the torchvision one where torchvision is installed, else the PIL one, as
-    transformers itself falls back)."""
-    import importlib.util
-
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+    processor (the torchvision one where torchvision is installed, else the PIL one)."""
+    from transformers import AutoTokenizer, Qwen2VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
     class ImageQwen2VLProcessor(Qwen2VLProcessor):
@@ -243,9 +242,6 @@ def image_processor_for(path: str):
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-    if importlib.util.find_spec("torchvision") is not None:
-        from transformers import AutoImageProcessor as images
-    else:
-        images = Qwen2VLImageProcessorPil
+    images = image_processor("Qwen2VLImageProcessor")
     return ImageQwen2VLProcessor(images.from_pretrained(path, subfolder="processor"),
                                  AutoTokenizer.from_pretrained(path, subfolder="processor"))

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from . import image_processor
+
 log = logging.getLogger(__name__)
 
 _CORPUS = [
@@ -148,7 +150,6 @@ def build_qwen_image_edit(path: Path) -> None:
 
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, \
         QwenImageEditPipeline
-    from transformers import Qwen2VLImageProcessorPil
 
     parts = _qwen_parts(vision_tokens=True)
     z_dim = 4
@@ -157,7 +158,7 @@ def build_qwen_image_edit(path: Path) -> None:
                                  latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
     QwenImageEditPipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                           processor=None).save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(
+    image_processor("Qwen2VLImageProcessor")(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(
         path / "processor")
     parts["tokenizer"].save_pretrained(path / "processor")
     index = json.loads((path / "model_index.json").read_text())
@@ -169,7 +170,7 @@ def build_wan_i2v(path: Path) -> None:
     """Wan2.1 image-to-video at toy size: the text-to-video parts, plus a CLIP vision encoder
     and a transformer that takes its features (image_dim) and the conditioning channels."""
     from diffusers import WanImageToVideoPipeline
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     # in_channels: 16 noise + 4 first-frame mask + 16 conditioning latents
     parts = _wan_parts(in_channels=36, image_dim=4, added_kv_proj_dim=24)
@@ -177,7 +178,7 @@ def build_wan_i2v(path: Path) -> None:
         hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
         image_size=32, intermediate_size=16, patch_size=1))
     WanImageToVideoPipeline(**parts, image_encoder=image_encoder,
-                            image_processor=CLIPImageProcessor(crop_size=32, size=32)
+                            image_processor=image_processor("CLIPImageProcessor")(crop_size=32, size=32)
                             ).save_pretrained(path)
 
 
@@ -187,6 +188,9 @@ BUILDERS = {"tiny": build_wan, "qwen-image": build_qwen_image, "tiny-i2v": build
 
 def init_tiny(root: str | Path, *, force: bool = False) -> dict[str, Path]:
     """Build every tiny model directory under `root` (skipping built ones); returns them."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar per saved model says nothing here
     root = Path(root)
     built = {}
     for name, build in BUILDERS.items():

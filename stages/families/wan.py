@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from . import Family, Tensors
+from . import Family, Tensors, image_processor
 from . import params as schemas
 
 
@@ -109,6 +109,7 @@ class TinyFamily(WanFamily):
 
     name = "tiny"
     Params = schemas.TinyWanParams
+    tiny_dir = "tiny"
 
 def _scheduler(path: str):
     import diffusers
@@ -141,12 +142,12 @@ class WanI2VFamily(WanFamily):
     def _components(self, stage: str) -> dict[str, Any]:
         import torch
         from diffusers import AutoencoderKLWan
-        from transformers import CLIPImageProcessor, CLIPVisionModel
+        from transformers import CLIPVisionModel
 
         parts = {**super()._components(stage), "image_processor": None, "image_encoder": None}
         if stage == "encode":  # the image's encoders too: CLIP, and the VAE on its frame
             path = self.model_path
-            parts["image_processor"] = CLIPImageProcessor.from_pretrained(
+            parts["image_processor"] = image_processor("CLIPImageProcessor").from_pretrained(
                 path, subfolder="image_processor")
             parts["image_encoder"] = CLIPVisionModel.from_pretrained(
                 path, subfolder="image_encoder", dtype=torch.float32).to(self.device)
@@ -195,6 +196,7 @@ class TinyWanI2VFamily(WanI2VFamily):
 
     name = "tiny-i2v"
     Params = schemas.TinyWanI2VParams
+    tiny_dir = "tiny-i2v"
 
 
 @functools.cache
