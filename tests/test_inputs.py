@@ -156,9 +156,9 @@ def test_a_text_only_pipeline_refuses_an_image_instead_of_ignoring_it(tmp_path, 
 
 def test_an_image_edit_runs_from_lightx2v_and_native_requests_and_uses_its_image(
         tmp_path, tiny_models):
-    """Qwen-Image-Edit (tiny): LightX2V's i2i request (image_path as base64, target_shape) and
-    the native one give the same image for the same input and seed; another input, another
-    image. Several images at once (the 2509 model's multi-image edit) are refused."""
+    """Qwen-Image-Edit (tiny): LightX2V's i2i request (image_path as base64, target_shape, its
+    guidance_scale the family's true_cfg_scale) and the native one give the same image for the
+    same input and seed; another input, another image. Several images at once (the 2509 model's multi-image edit) are refused."""
     redis_server = RedisServer(tmp_path / "redis")
     cluster = Cluster(tmp_path, redis_server.url, f"e{uuid.uuid4().hex[:8]}", workers=1,
                       models=tiny_models["qwen-image-edit"], family="tiny-qwen-image-edit",
@@ -166,12 +166,13 @@ def test_an_image_edit_runs_from_lightx2v_and_native_requests_and_uses_its_image
     http = gateway_client(cluster.gateway, http_timeout_s=150)
     try:
         a, b = (base64.b64encode(png(conditioning_image(shift=s))).decode() for s in (0, 5))
-        task = {"prompt": "make it red", "seed": 3, "infer_steps": 4, "target_shape": [32, 48],
-                "image_path": a}
+        task = {"prompt": "make it red", "negative_prompt": " ", "guidance_scale": 2.5,
+                "seed": 3, "infer_steps": 4, "target_shape": [32, 48], "image_path": a}
         synced = http.post("/v1/tasks/image/sync", json=task)
         assert synced.status_code == 200, synced.text
         assert synced.headers["content-type"] == "image/png"
-        params = {"prompt": "make it red", "seed": 3, "height": 32, "width": 48}
+        params = {"prompt": "make it red", "negative_prompt": " ", "true_cfg_scale": 2.5,
+                  "seed": 3, "height": 32, "width": 48}
         for job_id, image in (("edit-a", a), ("edit-b", b)):
             created = http.post("/v1/jobs", json={"params": {**params, "image": image},
                                                   "job_id": job_id})

@@ -70,6 +70,9 @@ def create_app(config: Config, observer: Observer, metrics: Metrics,
                               takes_images(schema) if schema is not None else None,
                               config.pipeline.name)
     app.state.loras = configured_loras(config.pipeline.stages)
+    fields = set(schema.__struct_fields__) if schema is not None else set()
+    # LightX2V's guidance_scale is the CFG scale, which Qwen-Image's params call true_cfg_scale
+    app.state.cfg_field = "true_cfg_scale" if "true_cfg_scale" in fields else "guidance_scale"
     # LightX2V's legacy POST /v1/tasks/: a video where the pipeline's jobs default to frames
     app.state.pipeline_makes_video = (default_frames(config) or 1) > 1
     if config.gateway.token:

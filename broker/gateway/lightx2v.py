@@ -10,7 +10,7 @@
     GET    /v1/tasks/queue/status    pending and active counts
 
 Request fields map onto the families' params: prompt, negative_prompt, seed (random when not
-given, as LightX2V does), infer_steps, guidance_scale, fps; target_shape [h, w] -> height and
+given, as LightX2V does), infer_steps, guidance_scale (Qwen-Image's true_cfg_scale), fps; target_shape [h, w] -> height and
 width ([n]: square); target_video_length -> num_frames (video; images have one frame); aspect_ratio is
 passed on for the family to size the output by; image_path (base64, a path under inputs.dir,
 a URL where allowed) -> params.image, stored (inputs.py). What the deployment cannot serve is
@@ -45,7 +45,9 @@ from ...stages.families.params import check_lora
 _SECONDS = 1000.0
 
 
-def task_params(task: TaskRequest, kind: str) -> dict:
+def task_params(task: TaskRequest, kind: str, cfg_field: str = "guidance_scale") -> dict:
+    """The job params of a LightX2V request; `cfg_field`: the family's name for the CFG scale
+    (Qwen-Image's is true_cfg_scale)."""
     params: dict = {"prompt": task.prompt, "infer_steps": task.infer_steps, "task": kind,
                     "seed": task.seed if task.seed is not None else random.randrange(2**32)}
     if task.negative_prompt:
@@ -56,7 +58,7 @@ def task_params(task: TaskRequest, kind: str) -> dict:
         params["aspect_ratio"] = task.aspect_ratio
     params["num_frames"] = task.target_video_length if kind == "video" else 1
     if task.guidance_scale is not None:
-        params["guidance_scale"] = task.guidance_scale
+        params[cfg_field] = task.guidance_scale
     if task.fps is not None:
         params["fps"] = task.fps
     return params
@@ -178,7 +180,7 @@ _TASK_FIELDS = set(TaskRequest.__struct_fields__)
 
 
 async def _submit(app, task: TaskRequest, kind: str) -> Response:
-    params = task_params(task, kind)
+    params = task_params(task, kind, app.cfg_field)
     if task.audio_path:
         raise HTTPError(422, Code.INVALID_PARAMS, "audio_path: this deployment has no audio "
                         "model; the request is refused rather than run without its audio")
