@@ -10,6 +10,7 @@ import io
 import json
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -181,7 +182,7 @@ def test_an_image_edit_runs_from_lightx2v_and_native_requests_and_uses_its_image
         for job_id in ("edit-a", "edit-b"):
             job = http.get(f"/v1/jobs/{job_id}/wait", params={"timeout_s": 120}).json()
             assert job["state"] == "succeeded", job
-            files[job_id] = open(job["result"]["files"]["image"], "rb").read()
+            files[job_id] = Path(job["result"]["files"]["image"]).read_bytes()
         assert files["edit-a"] == synced.content  # the same input, seed and size
         assert files["edit-a"] != files["edit-b"]  # the image was used
         several = http.post("/v1/tasks/image/", json={**task, "image_path": "1.png,2.png"})
