@@ -26,6 +26,7 @@ pytestmark = pytest.mark.cluster
 INPUTS = """
 [inputs]
 max_pixels = 1000000
+max_bytes = 2000000
 """
 
 
@@ -127,6 +128,33 @@ def test_bad_inputs_are_refused_at_the_door_with_their_reason_and_nothing_queued
         response = http.post("/v1/tasks/video/", json={"prompt": "p", field: value})
         assert response.status_code == 422 and field in response.json()["message"]
     assert http.get("/v1/queues").json()["totals"]["jobs"] == jobs_before
+
+
+def test_a_photo_sized_image_fits_a_submit_and_a_body_over_the_input_limit_gets_413(cluster,
+                                                                                   http):
+    """The JSON body limit (gateway.max_body_kb, 256 KiB) grows by a base64 image of
+    inputs.max_bytes on an image pipeline; past that, JSON and multipart alike get 413 before
+    the body is read further (a file part is never spooled to disk unbounded)."""
+    noise = np.random.default_rng(0).integers(0, 256, (560, 600, 3), dtype=np.uint8)
+    from PIL import Image
+
+    photo = png(Image.fromarray(noise))
+    assert 800_000 < len(photo) < 2_000_000  # incompressible: a photo's size, over 256 KiB
+    body = {"params": {"prompt": "p", "width": 48, "seed": 1,
+                       "image": base64.b64encode(photo).decode()}, "job_id": "photo-1"}
+    assert http.post("/v1/jobs", json=body).status_code == 201
+    jobs_before = http.get("/v1/queues").json()["totals"]["jobs"]
+    too_big = photo * 3  # ~3 MB > inputs.max_bytes, and its base64 > the body limit
+    body = {"params": {"prompt": "p", "image": base64.b64encode(too_big).decode()}}
+    assert http.post("/v1/jobs", json=body).status_code == 413
+    task = {"prompt": "p", "image_path": base64.b64encode(too_big).decode()}
+    assert http.post("/v1/tasks/image/", json=task).status_code == 413
+    form = http.post("/v1/tasks/video/form", data={"prompt": "p"},
+                     files={"image_file": ("big.png", too_big * 2, "image/png")})
+    assert form.status_code == 413, form.text
+    assert http.get("/v1/queues").json()["totals"]["jobs"] == jobs_before
+    job = http.get("/v1/jobs/photo-1/wait", params={"timeout_s": 120}).json()
+    assert job["state"] == "succeeded", job
 
 
 def test_a_text_only_pipeline_refuses_an_image_instead_of_ignoring_it(tmp_path, tiny_models):

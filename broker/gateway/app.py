@@ -69,6 +69,10 @@ def create_app(config: Config, observer: Observer, metrics: Metrics,
     app.state.inputs = Inputs(config, observer.store,
                               takes_images(schema) if schema is not None else None,
                               config.pipeline.name)
+    # A submit may carry its image inline (base64 in JSON, or a multipart upload): room for
+    # one of inputs.max_bytes, encoded, beside the usual body.
+    app.state.submit_body_bytes = app.state.max_body_bytes + (
+        4 * -(-config.inputs.max_bytes // 3) if app.state.inputs.takes_images else 0)
     app.state.loras = configured_loras(config.pipeline.stages)
     fields = set(schema.__struct_fields__) if schema is not None else set()
     # LightX2V's guidance_scale is the CFG scale, which Qwen-Image's params call true_cfg_scale

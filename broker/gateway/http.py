@@ -72,8 +72,8 @@ def error_response(status: int, code: str, message: str) -> Response:
     return json_response(ErrorBody(code=code, message=message, detail=message), status)
 
 
-async def read_json(request: Request, kind: type, limit_bytes: int):
-    """The body decoded as `kind`; 413 above `limit_bytes`, 400/422 when it does not fit."""
+async def read_body(request: Request, limit_bytes: int) -> bytes:
+    """The whole body; 413 (reading no further) once it is over `limit_bytes`."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit_bytes):
         raise HTTPError(413, Code.TOO_LARGE, f"body over the limit of {limit_bytes} bytes")
@@ -83,7 +83,12 @@ async def read_json(request: Request, kind: type, limit_bytes: int):
         if size > limit_bytes:
             raise HTTPError(413, Code.TOO_LARGE, f"body over the limit of {limit_bytes} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, kind: type, limit_bytes: int):
+    """The body decoded as `kind`; 413 above `limit_bytes`, 400/422 when it does not fit."""
+    body = await read_body(request, limit_bytes)
     if not body:  # no body: every field takes its default
         body = b"{}"
     try:

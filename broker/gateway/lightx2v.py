@@ -32,7 +32,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from ...common.errors import Code, RemoteError
-from .http import HTTPError, Op, Param, in_thread, json_response, query_int, read_json
+from .http import HTTPError, Op, Param, in_thread, json_response, query_int, read_body, \
+    read_json
 from .lightx2v_service import makes_images
 from .native import JOB_ID_PARAM, job_result
 from ...common.httpwire import (
@@ -130,7 +131,7 @@ def _status_of(observer, job_id: str) -> TaskStatus | None:
 
 async def _create(request: Request, kind: str) -> Response:
     app = request.app.state
-    task = await read_json(request, TaskRequest, app.max_body_bytes)
+    task = await read_json(request, TaskRequest, app.submit_body_bytes)
     return await _submit(app, task, kind)
 
 
@@ -139,8 +140,15 @@ async def _create_form(request: Request, kind: str) -> Response:
     `image_file` upload (stored like any input, never written where the client says)."""
     app = request.app.state
     limit = app.inputs.settings.max_bytes
+    # Read within a bound first: starlette spools file parts to disk with no limit of its own.
+    body = await read_body(request, app.submit_body_bytes)
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        form = await request.form(max_files=2, max_fields=64, max_part_size=limit)
+        form = await Request(request.scope, replay).form(max_files=2, max_fields=64,
+                                                          max_part_size=limit)
     except Exception as exc:  # starlette's MultiPartException and parser errors
         raise HTTPError(400, Code.BAD_REQUEST, f"not a multipart form: {exc}") from None
     fields, upload = {}, None
@@ -223,7 +231,7 @@ async def create_image_sync(request: Request) -> Response:
     ValueError)."""
     app = request.app.state
     timeout_s = query_int(request, "timeout_seconds", 600, 1, 3600)
-    task = await read_json(request, TaskRequest, app.max_body_bytes)
+    task = await read_json(request, TaskRequest, app.submit_body_bytes)
     created = msgspec.json.decode((await _submit(app, task, "image")).body)
     job_id = created["task_id"]
     observer = app.observer

@@ -48,7 +48,7 @@ def _state(request: Request):
 
 async def submit(request: Request) -> Response:
     app = _state(request)
-    body = await read_json(request, SubmitRequest, app.max_body_bytes)
+    body = await read_json(request, SubmitRequest, app.submit_body_bytes)
     params = body.params
     if isinstance(params.get("image"), str) and app.inputs.takes_images is not None:
         # base64, a URL, a path: stored and checked, then named in the params
