@@ -56,8 +56,8 @@ class JobDesk:
                 raise InvalidParams(f"image: pipeline {self.config.pipeline.name!r} takes no "
                                     "image (it is text-only); nothing was queued")
             schemas.check(self.params_schema, params)
-            if self.takes_images:
-                self.blobs.check(params["image"], self.config.inputs)
+            for ref in schemas.image_refs(params):
+                self.blobs.check(ref, self.config.inputs)
             schemas.check_lora(params, self.loras)
         schemas.check_time_limit(params, self.longest_limit_s)
 

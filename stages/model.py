@@ -31,6 +31,7 @@ import msgspec
 from ..common.config import DEFAULT_RESULTS_DIR
 from ..common.errors import StageStopped
 from .base import JobContext, Stage, StageOutput
+from .families.params import image_refs
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,21 @@ class EncodeStage(ModelStage):
 
     def call(self, job: JobContext) -> StageOutput:
         params = job.params
-        if isinstance(params.get("image"), str):  # the stored input, checked at the door
-            import io
-
-            from PIL import Image
-
-            with Image.open(io.BytesIO(job.read_input(params["image"]))) as image:
-                params = {**params, "image": image.convert("RGB")}
+        refs = image_refs(params)  # the stored inputs, checked at the door
+        if refs:
+            images = [_open_image(job.read_input(ref)) for ref in refs]
+            params = {**params, "image": images if isinstance(params["image"], list)
+                      else images[0]}
         return StageOutput(tensors=self.family.encode(params))
+
+
+def _open_image(data: bytes):
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
 
 
 class DenoiseStage(ModelStage):

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from stagepool.stages.families import Family
-from stagepool.stages.families.qwen_image import QwenImageEditFamily, QwenImageFamily, \
-    image_processor_for
+from stagepool.stages.families.qwen_image import QwenImageFamily
+from stagepool.stages.families.qwen_image_edit import QwenImageEditFamily, \
+    QwenImageEditPlusFamily, image_processor_for
 from stagepool.stages.families.wan import WanFamily, WanI2VFamily
 
 
@@ -42,11 +43,14 @@ def _pipeline(family: Family):
         pipe = WanPipeline.from_pretrained(family.model_path, dtype=family.dtype,
                                            vae=_vae(AutoencoderKLWan, family))
     elif isinstance(family, QwenImageEditFamily):
-        from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline
+        from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline, \
+            QwenImageEditPlusPipeline
 
         pipe = QwenImageEditPipeline.from_pretrained(
             family.model_path, dtype=family.dtype, vae=_vae(AutoencoderKLQwenImage, family),
             processor=image_processor_for(family.model_path))
+        if isinstance(family, QwenImageEditPlusFamily):  # the same components (2509's layout)
+            pipe = QwenImageEditPlusPipeline(**pipe.components)
     elif isinstance(family, QwenImageFamily):
         from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
 

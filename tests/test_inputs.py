@@ -219,3 +219,42 @@ def test_an_image_edit_runs_from_lightx2v_and_native_requests_and_uses_its_image
         http.close()
         cluster.stop()
         redis_server.stop()
+
+
+def test_a_multi_image_edit_takes_a_list_or_lightx2vs_comma_separated_images(tmp_path,
+                                                                             tiny_models):
+    """Qwen-Image-Edit-2509's pipeline (tiny): two images as a JSON list and as LightX2V's
+    comma-separated image_path give the same image; one image alone, another; four are
+    refused before anything is queued."""
+    redis_server = RedisServer(tmp_path / "redis")
+    cluster = Cluster(tmp_path, redis_server.url, f"p{uuid.uuid4().hex[:8]}", workers=1,
+                      models=tiny_models["qwen-image-edit"], family="tiny-qwen-image-edit-plus",
+                      lease_ms=30000, extra=INPUTS)
+    http = gateway_client(cluster.gateway, http_timeout_s=150)
+    try:
+        a, b = (base64.b64encode(png(conditioning_image(shift=s))).decode() for s in (0, 5))
+        params = {"prompt": "the fox of Picture 1 in the snow of Picture 2", "seed": 3,
+                  "height": 32, "width": 48}
+        task = {**params, "infer_steps": 4, "target_shape": [32, 48], "image_path": f"{a},{b}",
+                "task_id": "plus-lightx2v"}
+        del task["height"], task["width"]
+        assert http.post("/v1/tasks/image/", json=task).status_code == 200
+        for job_id, image in (("plus-list", [a, b]), ("plus-one", [a])):
+            created = http.post("/v1/jobs", json={"params": {**params, "image": image},
+                                                  "job_id": job_id})
+            assert created.status_code == 201, created.text
+        files = {}
+        for job_id in ("plus-lightx2v", "plus-list", "plus-one"):
+            job = http.get(f"/v1/jobs/{job_id}/wait", params={"timeout_s": 120}).json()
+            assert job["state"] == "succeeded", job
+            files[job_id] = Path(job["result"]["files"]["image"]).read_bytes()
+        assert files["plus-lightx2v"] == files["plus-list"]
+        assert files["plus-list"] != files["plus-one"]  # the second image was used
+        jobs_before = http.get("/v1/queues").json()["totals"]["jobs"]
+        four = http.post("/v1/jobs", json={"params": {**params, "image": [a, b, a, b]}})
+        assert four.status_code == 422 and "a job takes 1 to 3" in four.json()["message"]
+        assert http.get("/v1/queues").json()["totals"]["jobs"] == jobs_before
+    finally:
+        http.close()
+        cluster.stop()
+        redis_server.stop()

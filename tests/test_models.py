@@ -41,7 +41,25 @@ CASES = {
     "qwen-image-edit": ("qwen-image-edit", "qwen-image-edit",
                         {"prompt": "make it blue", "negative_prompt": "blurry", "seed": 6,
                          "infer_steps": 4, "image": "gradient"}),
+    # Qwen-Image-Edit-2509's pipeline: several images (Picture 1, 2) or one.
+    "tiny-qwen-image-edit-plus": ("tiny-qwen-image-edit-plus", "qwen-image-edit",
+                                  {"prompt": "the cat of Picture 1 on the sofa of Picture 2",
+                                   "negative_prompt": " ", "seed": 8,
+                                   "image": ["gradient", "gradient-tall"]}),
+    "qwen-image-edit-plus": ("qwen-image-edit-plus", "qwen-image-edit",
+                             {"prompt": "make it green", "seed": 2, "infer_steps": 4,
+                              "image": "gradient"}),
 }
+
+
+def with_images(params: dict) -> dict:
+    """The case's params with its named test images made ("gradient", "gradient-tall")."""
+    made = {"gradient": lambda: conditioning_image(),
+            "gradient-tall": lambda: conditioning_image(width=24, height=40, shift=3)}
+    image = params.get("image")
+    if isinstance(image, list):
+        return {**params, "image": [made[name]() for name in image]}
+    return {**params, "image": made[image]()} if image in made else params
 
 
 def conditioning_image(width: int = 48, height: int = 32, shift: int = 0):
@@ -83,8 +101,7 @@ def _split(family: str, path: str, params: dict, dtype: str = "float32", steps=N
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_three_stage_split_equals_the_monolithic_pipeline(case, tiny_models):
     family, model_dir, params = CASES[case]
-    if params.get("image") == "gradient":
-        params = {**params, "image": conditioning_image()}
+    params = with_images(params)
     steps = []
     split, encode = _split(family, str(tiny_models[model_dir]), params, steps=steps)
     whole = np.asarray(monolithic(encode, params))
@@ -98,8 +115,7 @@ def test_the_split_runs_in_bfloat16_as_the_gpu_configs_do(case, tiny_models):
     """The GPU configs run encoders and transformers in bfloat16 (VAEs in float32): each
     hand-off between the two precisions holds, and the image stays close to float32's."""
     family, model_dir, params = CASES[case]
-    if params.get("image") == "gradient":
-        params = {**params, "image": conditioning_image()}
+    params = with_images(params)
     path = str(tiny_models[model_dir])
     half, _ = _split(family, path, params, "bfloat16")
     full, _ = _split(family, path, params)

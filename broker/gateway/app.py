@@ -33,7 +33,7 @@ from ...common.httpwire import ErrorBody
 from .inputs import Inputs
 from .waiters import Waiters
 from ...stages.families import pipeline_schema
-from ...stages.families.params import configured_loras, takes_images
+from ...stages.families.params import configured_loras, images_per_job, takes_images
 from .lightx2v_service import default_frames
 
 log = logging.getLogger("stagepool.gateway")
@@ -67,12 +67,12 @@ def create_app(config: Config, observer: Observer, metrics: Metrics,
     app.state.pipeline = describe_pipeline(config)
     schema = pipeline_schema(config.pipeline.stages)
     app.state.inputs = Inputs(config, observer.store,
-                              takes_images(schema) if schema is not None else None,
+                              images_per_job(schema) if schema is not None else None,
                               config.pipeline.name)
-    # A submit may carry its image inline (base64 in JSON, or a multipart upload): room for
-    # one of inputs.max_bytes, encoded, beside the usual body.
+    # A submit may carry its images inline (base64 in JSON, or a multipart upload): room for
+    # as many as a job takes, each of inputs.max_bytes, encoded, beside the usual body.
     app.state.submit_body_bytes = app.state.max_body_bytes + (
-        4 * -(-config.inputs.max_bytes // 3) if app.state.inputs.takes_images else 0)
+        4 * -(-config.inputs.max_bytes // 3) * (app.state.inputs.images_per_job or 0))
     app.state.loras = configured_loras(config.pipeline.stages)
     fields = set(schema.__struct_fields__) if schema is not None else set()
     # LightX2V's guidance_scale is the CFG scale, which Qwen-Image's params call true_cfg_scale

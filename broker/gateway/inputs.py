@@ -22,16 +22,24 @@ from ...common.config import Config
 from ...common.errors import InvalidParams
 
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]{64,}$")  # bare base64 (a path has a dot or is short)
+# LightX2V's "1.png,2.png": images split at commas, a data URL's own comma kept (a URL with a
+# comma of its own writes it as %2C)
+_IMAGES = re.compile(r"\s*(data:[^,]*,[^,]*|[^,]+)")
 
 
 class Inputs:
-    def __init__(self, config: Config, store, takes_images: bool | None, pipeline: str):
-        """`takes_images`: None for a pipeline without a params schema (no model family),
-        whose params pass unchecked."""
+    def __init__(self, config: Config, store, images_per_job: int | None, pipeline: str):
+        """`images_per_job`: how many input images a job may name (0: a text-only pipeline);
+        None for a pipeline without a params schema (no model family), whose params pass
+        unchecked."""
         self.settings = config.inputs
         self.blobs = BlobStore(store, config.inputs.ttl_s)
-        self.takes_images = takes_images
+        self.images_per_job = images_per_job
         self.pipeline = pipeline
+
+    @property
+    def takes_images(self) -> bool | None:
+        return None if self.images_per_job is None else self.images_per_job > 0
 
     def refuse_image(self, field: str) -> None:
         if not self.takes_images:
@@ -39,19 +47,36 @@ class Inputs:
                                 "text-only); send image-conditioned jobs to an image-to-X "
                                 "pipeline (for example family wan2.1-i2v or qwen-image-edit)")
 
-    def store(self, value: str, field: str = "image") -> str:
-        """The blob reference of `value`, stored (blocking: call in a thread). A reference
-        already stored is passed on as it is: the broker checks every one at its door."""
+    def store(self, value, field: str = "image") -> str | list[str]:
+        """`value` stored (blocking: call in a thread): its blob reference, or a list of them
+        for a list, or for LightX2V's comma-separated images, where the pipeline takes
+        several. A reference already stored is passed on: the broker checks each at its door."""
         self.refuse_image(field)
+        if isinstance(value, str):
+            parts = _IMAGES.findall(value) if "," in value else [value]
+            if len(parts) == 1:
+                return self._store_one(value, field)
+            several = [part.strip() for part in parts]
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            several = value
+        else:
+            raise InvalidParams(f"{field}: expected an image (a string) or a list of them")
+        most = self.images_per_job or 0
+        if most < 2:
+            raise InvalidParams(f"{field}: one image per job, as a string (a list, or "
+                                "several comma-separated, is a multi-image edit, which this "
+                                "deployment does not serve; family qwen-image-edit-plus does)")
+        if not 1 <= len(several) <= most:
+            raise InvalidParams(f"{field}: {len(several)} images; a job takes 1 to {most}")
+        return [self._store_one(item, f"{field}[{i}]") for i, item in enumerate(several)]
+
+    def _store_one(self, value: str, field: str) -> str:
         if BLOB_REF.match(value):
             return value
         if value.startswith(("http://", "https://")):
             data = self._fetch(value, field)
         elif value.startswith("data:") or _BASE64.match(value):
             data = decode_base64(value, field)
-        elif "," in value:  # LightX2V's "1.png,2.png": a multi-image edit
-            raise InvalidParams(f"{field}: one image per job (several, comma-separated, are a "
-                                "multi-image edit, which this deployment does not serve)")
         else:
             data = read_under(self.settings.dir, value, field)
         return self.store_bytes(data, field)

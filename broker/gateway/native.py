@@ -50,8 +50,8 @@ async def submit(request: Request) -> Response:
     app = _state(request)
     body = await read_json(request, SubmitRequest, app.submit_body_bytes)
     params = body.params
-    if isinstance(params.get("image"), str) and app.inputs.takes_images is not None:
-        # base64, a URL, a path: stored and checked, then named in the params
+    if params.get("image") is not None and app.inputs.takes_images is not None:
+        # base64, a URL, a path (or a list of them): stored and checked, then named
         params = {**params, "image": await in_thread(app.inputs.store, params["image"],
                                                       "params.image")}
     submitted = await in_thread(app.observer.submit, params, body.job_id, body.priority,

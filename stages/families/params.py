@@ -7,7 +7,7 @@ field named, and no worker, no GPU, ever sees it. Torch-free: the broker imports
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -30,6 +30,8 @@ BlobRef = Annotated[str, msgspec.Meta(pattern=r"^blob:[0-9a-f]{64}$",
 
 class Params(msgspec.Struct, forbid_unknown_fields=True):
     """What every family's job takes besides its model's own knobs."""
+
+    images: ClassVar[int] = 0  # how many input images a job names (`image`): none here
 
     prompt: Prompt = ""
     seed: Seed = 0
@@ -63,6 +65,7 @@ class WanParams(Params):
 class WanI2VParams(WanParams, kw_only=True):
     """Wan2.1 image-to-video: the conditioning frame (required), then the T2V knobs."""
 
+    images: ClassVar[int] = 1
     image: BlobRef
 
 
@@ -111,6 +114,7 @@ class QwenImageEditParams(QwenImageParams, kw_only=True):
     """Qwen-Image-Edit: the image to edit (required); the output takes its aspect ratio at
     about 1 MP unless height and width (both) or aspect_ratio say otherwise."""
 
+    images: ClassVar[int] = 1
     image: BlobRef
     height: Side | None = None
     width: Side | None = None
@@ -122,6 +126,27 @@ class QwenImageEditParams(QwenImageParams, kw_only=True):
 
 class TinyQwenImageEditParams(QwenImageEditParams, kw_only=True):
     """The tiny Qwen-Image-Edit model: toy defaults (a 32x32 output)."""
+
+    height: Side | None = 32
+    width: Side | None = 32
+    infer_steps: Steps = 4
+    max_sequence_length: SequenceLength = 64
+
+
+MAX_IMAGES = 3  # Qwen-Image-Edit-2509/2511 are made for one to three input images
+Images = Annotated[list[BlobRef], msgspec.Meta(min_length=1, max_length=MAX_IMAGES)]
+
+
+class QwenImageEditPlusParams(QwenImageEditParams, kw_only=True):
+    """Qwen-Image-Edit-2509/2511: one image, or a list of up to three (Picture 1, 2, 3 to the
+    prompt); the output takes the last one's aspect ratio unless height and width say."""
+
+    images: ClassVar[int] = MAX_IMAGES
+    image: BlobRef | Images
+
+
+class TinyQwenImageEditPlusParams(QwenImageEditPlusParams, kw_only=True):
+    """The tiny model as Qwen-Image-Edit-2509: toy defaults (a 32x32 output)."""
 
     height: Side | None = 32
     width: Side | None = 32
@@ -187,4 +212,15 @@ def defaults(schema: type[Params]) -> dict[str, Any]:
 
 def takes_images(schema: type[Params] | None) -> bool:
     """Whether the pipeline's jobs take a conditioning image (a text-only one refuses it)."""
-    return schema is not None and "image" in {f.name for f in msgspec.structs.fields(schema)}
+    return images_per_job(schema) > 0
+
+
+def images_per_job(schema: type[Params] | None) -> int:
+    """How many input images a job may name: 0 (text-only), 1, or more."""
+    return schema.images if schema is not None else 0
+
+
+def image_refs(params: dict[str, Any]) -> list[str]:
+    """The stored inputs a job's params name (`image`: one reference or a list of them)."""
+    image = params.get("image")
+    return [] if image is None else list(image) if isinstance(image, list) else [image]

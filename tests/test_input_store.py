@@ -1,11 +1,14 @@
-"""An input image named by URL (LightX2V's `image_path`): fetched by the gateway only where
-the operator allows URLs, only from listed hosts or public addresses, never following a
-redirect, within the size and time limits; stored as a blob. A real HTTP server on loopback
-and a real Redis."""
+"""How the gateway stores a job's input images (broker/gateway/inputs.py), on a real Redis:
+one or several (a list, or LightX2V's comma-separated `image_path`) where the pipeline takes
+them; by URL only where the operator allows URLs, only from listed hosts or public addresses,
+never following a redirect, within the size and time limits (a real HTTP server on
+loopback)."""
 
 from __future__ import annotations
 
+import base64
 import http.server
+import re
 import threading
 import time
 
@@ -13,7 +16,7 @@ import msgspec
 import pytest
 
 from stagepool.broker.gateway.inputs import Inputs
-from stagepool.common.blobs import BlobStore
+from stagepool.common.blobs import BlobStore, ref_of
 from stagepool.common.config import Config, InputsConfig
 from stagepool.common.errors import InvalidParams
 from stagepool.common.jobstore import JobStore
@@ -78,9 +81,9 @@ def store(redis_server, namespace):
     store.close()
 
 
-def _inputs(store, **settings) -> Inputs:
+def _inputs(store, images_per_job: int = 1, **settings) -> Inputs:
     config = msgspec.structs.replace(Config(), inputs=InputsConfig(**settings))
-    return Inputs(config, store, takes_images=True, pipeline="edit")
+    return Inputs(config, store, images_per_job=images_per_job, pipeline="edit")
 
 
 def test_a_url_from_a_listed_host_is_fetched_and_stored(server, store):
@@ -113,3 +116,31 @@ def test_a_url_is_refused_with_its_reason(server, store, path, settings, reason)
 def test_internal_addresses_are_refused_unless_listed(store, url):
     with pytest.raises(InvalidParams, match="non-public address"):
         _inputs(store, allow_urls=True).store(url, "image_path")
+
+
+def test_several_images_are_stored_where_the_pipeline_takes_several(store):
+    other = png(conditioning_image(shift=4))
+    a, b = (base64.b64encode(data).decode() for data in (IMAGE, other))
+    inputs = _inputs(store, images_per_job=3)
+    refs = inputs.store([a, "data:image/png;base64," + b], "params.image")
+    assert refs == [ref_of(IMAGE), ref_of(other)]
+    # LightX2V's comma-separated image_path; a data URL's own comma is not a separator
+    assert inputs.store(f"{a}, data:image/png;base64,{b}", "image_path") == refs
+    assert inputs.store(a, "image_path") == ref_of(IMAGE)  # one stays one
+    blobs = BlobStore(store, 60)
+    assert [blobs.get(ref) for ref in refs] == [IMAGE, other]
+
+
+@pytest.mark.parametrize("images_per_job, value, reason", [
+    (1, ["x"], "one image per job"),
+    (1, "a.png,b.png", "one image per job"),
+    (3, ["a", "b", "c", "d"], "4 images; a job takes 1 to 3"),
+    (3, [], "0 images"),
+    (3, ["a", 7], "expected an image"),
+    (3, {"url": "a"}, "expected an image"),
+    (0, "a.png", "takes no image"),
+])
+def test_image_lists_a_pipeline_cannot_take_are_refused(store, images_per_job, value, reason):
+    with pytest.raises(InvalidParams, match=re.escape(reason)):
+        _inputs(store, images_per_job=images_per_job).store(value, "image_path")
+    assert not store.redis.keys(f"{store.keys.prefix}blob:*")
