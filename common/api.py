@@ -34,6 +34,7 @@ from .httpwire import (
     Cancelled, ErrorBody, Job, JobEvents, JobList, Retried, Submitted,
 )
 from .errors import RemoteError, TransportError
+from .frames import DECODE_ERRORS
 from .locate import gateway_url
 from .wire import TERMINAL_STATES
 
@@ -65,7 +66,7 @@ class _Call:
             try:
                 error = msgspec.json.decode(response.content, type=ErrorBody)
                 code, message = error.code, error.message
-            except msgspec.DecodeError:
+            except (msgspec.ValidationError, *DECODE_ERRORS):  # not our error body
                 code, message = f"http_{response.status_code}", response.text[:500]
             retry_after = float(response.headers.get("retry-after", 0) or 0)
             raise RemoteError(code, message, retry_after)

@@ -154,6 +154,8 @@ def test_bad_requests_get_4xx_with_a_clear_message_and_the_gateway_lives(cluster
     check(http.post("/v1/jobs", json={"params": []}), 422, "Expected `object`")
     check(http.post("/v1/jobs", json={"priority": 2**40}), 422, "priority")
     check(http.post("/v1/jobs", content=b'{"params": '), 400, "not JSON")
+    check(http.post("/v1/jobs", content=b'{"params": {"prompt": "\xff"}}'), 400, "not JSON")
+    check(http.post("/v1/jobs", content=b"[" * 5000 + b"]" * 5000), 400, "not JSON")
     check(http.post("/v1/jobs", json={"job_id": "a b"}), 422, "job_id")
     check(http.post("/v1/jobs", json={"params": {"x": "y" * (300 << 10)}}), 413, "limit")
     check(http.post("/v1/jobs", json={"params": {"x": "y" * (100 << 10)}}), 400,

@@ -106,6 +106,34 @@ keys_dir = "{keys.directory}"
         log.close()
 
 
+@pytest.mark.parametrize("body", [b"\x92\xa1\xff\x01",  # a tag of bad UTF-8
+                                  b"\x91" * 3000 + b"\xc0"])  # nesting past the limit
+def test_a_ring_reply_that_does_not_decode_is_a_transport_error(body):
+    """What a keyed server's random nonce looks like to a client without the key: whatever
+    it decodes to, the client says TransportError (once it raised UnicodeDecodeError)."""
+    import socket
+    import threading
+
+    from stagepool.common.ring.tcpops import framed
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(framed(body))
+            conn.recv(1)  # until the client hangs up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(TransportError):
+            TcpMemory(f"tcp://127.0.0.1:{listener.getsockname()[1]}", "ring", timeout_s=2)
+    finally:
+        thread.join(5)
+        listener.close()
+
+
 def test_the_tcp_ring_serves_only_clients_that_hold_its_key(tmp_path, keys):
     layout = Layout(capacity=8, slot_bytes=256, cells=2)
     memory = ShmMemory(f"stagepool-test-keyed-{os.getpid()}", layout.nbytes, create=True)

@@ -24,6 +24,7 @@ from ...common.errors import (
     Code, InvalidParams, PayloadTooLarge, ProtocolError, RemoteError, StagepoolError, StoreUnavailable,
     TransportError,
 )
+from ...common.frames import DECODE_ERRORS
 from ...common.httpwire import ErrorBody
 
 log = logging.getLogger("stagepool.gateway")
@@ -93,7 +94,7 @@ async def read_json(request: Request, kind: type, limit_bytes: int):
         body = b"{}"
     try:
         raw = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
+    except DECODE_ERRORS as exc:  # bad UTF-8 in a string, nesting past the limit too
         raise HTTPError(400, Code.BAD_REQUEST, f"body is not JSON: {exc}") from None
     if isinstance(raw, dict):  # JSON Schema's rule: 5.0 is an integer (params are left alone)
         raw = {k: [_integral(x) for x in v] if isinstance(v, list) else _integral(v)

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ..errors import PayloadTooLarge, ProtocolError, RemoteError, RingError, TransportError
+from ..frames import DECODE_ERRORS
 from ..security import NONCE_BYTES, FrameSeal
 from .base import WAKE_ALL, WAKE_ANY, RemoteMemory
 from .cells import HELD, state_of
@@ -93,7 +94,8 @@ class TcpMemory(RemoteMemory):
                     reply = self._decoder.decode(self._recv_reply(sock, deadline))
                     if reply.rid == op.rid:
                         break
-            except (OSError, msgspec.DecodeError, TransportError) as exc:
+            except (OSError, TransportError, *DECODE_ERRORS) as exc:  # a keyed server's nonce
+                # decodes as garbage for a client without the key
                 self._drop()
                 raise TransportError(f"ring op against {self.endpoint} failed: {exc}") from None
         if isinstance(reply, OpError):

@@ -29,6 +29,7 @@ import time
 import msgspec
 
 from ..errors import CellLost, ProtocolError, StagepoolError, TransportError
+from ..frames import DECODE_ERRORS
 from ..security import NONCE_BYTES, FrameSeal
 from .base import WAKE_ALL, WAKE_ANY
 from .layout import OFF_ENQUEUE, OFF_WATCHERS, WAKE_WATCHERS
@@ -282,7 +283,7 @@ class TcpRingServer:
             op = self._decoder.decode(frame)
             rid = op.rid
             reply = self._execute(conn, op)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        except (msgspec.ValidationError, *DECODE_ERRORS) as exc:
             log.warning("ring server: undecodable op from %s: %s", conn.peer, exc)
             reply = OpError(rid, "bad_request", f"undecodable ring op: {exc}")
         except (IndexError, ValueError, OverflowError, KeyError, ProtocolError,
