@@ -110,19 +110,26 @@ def test_the_three_stage_split_equals_the_monolithic_pipeline(case, tiny_models)
     assert float(np.abs(split - whole).max()) == 0.0
 
 
-@pytest.mark.parametrize("case", ["tiny", "tiny-qwen-image", "tiny-i2v", "tiny-qwen-image-edit"])
-def test_the_split_runs_in_bfloat16_as_the_gpu_configs_do(case, tiny_models):
-    """The GPU configs run encoders and transformers in bfloat16 (VAEs in float32): each
-    hand-off between the two precisions holds, and the image stays close to float32's."""
+@pytest.mark.parametrize("case", ["tiny", "tiny-qwen-image", "tiny-i2v"])
+def test_the_split_equals_the_monolithic_pipeline_in_bfloat16_too(case, tiny_models):
+    """As the GPU configs run them: encoders and transformer in bfloat16, the VAE in float32."""
     family, model_dir, params = CASES[case]
+    params = with_images(params)
+    split, encode = _split(family, str(tiny_models[model_dir]), params, "bfloat16")
+    assert float(np.abs(split - np.asarray(monolithic(encode, params))).max()) == 0.0
+
+
+def test_an_edit_runs_with_bfloat16_encoders_beside_a_float32_vae(tiny_models):
+    """diffusers' edit pipeline cannot: it casts the image to the encoder's dtype before its
+    VAE. The encode stage hands the VAE its own dtype; the image stays near float32's (about
+    1e-4 mean abs on the CPU, 9e-3 on an H100, where noise would be about 0.3)."""
+    family, model_dir, params = CASES["tiny-qwen-image-edit"]
     params = with_images(params)
     path = str(tiny_models[model_dir])
     half, _ = _split(family, path, params, "bfloat16")
     full, _ = _split(family, path, params)
-    reseeded, _ = _split(family, path, {**params, "seed": params["seed"] + 1})
     assert half.shape == full.shape and np.isfinite(half).all()
-    # Precision moves the image far less than another seed does (x55 to x170 less here).
-    assert float(np.abs(half - full).mean()) < float(np.abs(reseeded - full).mean()) / 10
+    assert 0 < float(np.abs(half - full).mean()) < 0.05
 
 
 def test_pixels_made_from_a_tensor_are_the_bytes_made_from_its_array(tmp_path):
