@@ -5,6 +5,7 @@ refused at the door with its reason and nothing queued."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -12,7 +13,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -47,6 +47,24 @@ def cluster(tmp_path_factory, tiny_models):
     yield cluster
     cluster.stop()
     redis_server.stop()
+
+
+@contextlib.contextmanager
+def cluster_http(tmp_path, model_dir, family: str):
+    """A cluster of `family` on a tiny model directory (one worker per stage, [inputs] as
+    above), and an HTTP client of its gateway once its workers are up."""
+    redis_server = RedisServer(tmp_path / "redis")
+    cluster = Cluster(tmp_path, redis_server.url, f"c{uuid.uuid4().hex[:8]}", workers=1,
+                      models=model_dir, family=family, lease_ms=30000, extra=INPUTS)
+    try:
+        http = gateway_client(cluster.gateway, http_timeout_s=150)
+        try:
+            yield http
+        finally:
+            http.close()
+    finally:
+        cluster.stop()
+        redis_server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -158,42 +176,23 @@ def test_a_photo_sized_image_fits_a_submit_and_a_body_over_the_input_limit_gets_
 
 
 def test_a_text_only_pipeline_refuses_an_image_instead_of_ignoring_it(tmp_path, tiny_models):
-    redis_server = RedisServer(tmp_path / "redis")
-    cluster = Cluster(tmp_path, redis_server.url, f"t{uuid.uuid4().hex[:8]}", workers=1,
-                      models=tiny_models["tiny"], lease_ms=30000)
-    try:
-        with httpx.Client(base_url=cluster.gateway, timeout=30) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    client.get("/healthz").raise_for_status()
-                    break
-                except httpx.HTTPError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
-            image = base64.b64encode(png(conditioning_image())).decode()
-            refused = client.post("/v1/tasks/image/", json={"prompt": "p", "image_path": image})
-            assert refused.status_code == 422
-            assert "takes no image" in refused.json()["message"]
-            native = client.post("/v1/jobs", json={"params": {"prompt": "p", "image": image}})
-            assert native.status_code == 422 and "takes no image" in native.json()["message"]
-            assert client.get("/v1/queues").json()["totals"]["jobs"] == 0
-    finally:
-        cluster.stop()
-        redis_server.stop()
+    with cluster_http(tmp_path, tiny_models["tiny"], "tiny") as http:
+        image = base64.b64encode(png(conditioning_image())).decode()
+        refused = http.post("/v1/tasks/image/", json={"prompt": "p", "image_path": image})
+        assert refused.status_code == 422
+        assert "takes no image" in refused.json()["message"]
+        native = http.post("/v1/jobs", json={"params": {"prompt": "p", "image": image}})
+        assert native.status_code == 422 and "takes no image" in native.json()["message"]
+        assert http.get("/v1/queues").json()["totals"]["jobs"] == 0
 
 
 def test_an_image_edit_runs_from_lightx2v_and_native_requests_and_uses_its_image(
         tmp_path, tiny_models):
     """Qwen-Image-Edit (tiny): LightX2V's i2i request (image_path as base64, target_shape, its
     guidance_scale the family's true_cfg_scale) and the native one give the same image for the
-    same input and seed; another input, another image. Several images at once (the 2509 model's multi-image edit) are refused."""
-    redis_server = RedisServer(tmp_path / "redis")
-    cluster = Cluster(tmp_path, redis_server.url, f"e{uuid.uuid4().hex[:8]}", workers=1,
-                      models=tiny_models["qwen-image-edit"], family="tiny-qwen-image-edit",
-                      lease_ms=30000, extra=INPUTS)
-    http = gateway_client(cluster.gateway, http_timeout_s=150)
-    try:
+    same input and seed; another input, another image. Several images at once (the 2509
+    model's multi-image edit) are refused."""
+    with cluster_http(tmp_path, tiny_models["qwen-image-edit"], "tiny-qwen-image-edit") as http:
         a, b = (base64.b64encode(png(conditioning_image(shift=s))).decode() for s in (0, 5))
         task = {"prompt": "make it red", "negative_prompt": " ", "guidance_scale": 2.5,
                 "seed": 3, "infer_steps": 4, "target_shape": [32, 48], "image_path": a}
@@ -215,10 +214,6 @@ def test_an_image_edit_runs_from_lightx2v_and_native_requests_and_uses_its_image
         assert files["edit-a"] != files["edit-b"]  # the image was used
         several = http.post("/v1/tasks/image/", json={**task, "image_path": "1.png,2.png"})
         assert several.status_code == 422 and "one image" in several.json()["message"]
-    finally:
-        http.close()
-        cluster.stop()
-        redis_server.stop()
 
 
 def test_a_multi_image_edit_takes_a_list_or_lightx2vs_comma_separated_images(tmp_path,
@@ -226,19 +221,14 @@ def test_a_multi_image_edit_takes_a_list_or_lightx2vs_comma_separated_images(tmp
     """Qwen-Image-Edit-2509's pipeline (tiny): two images as a JSON list and as LightX2V's
     comma-separated image_path give the same image; one image alone, another; four are
     refused before anything is queued."""
-    redis_server = RedisServer(tmp_path / "redis")
-    cluster = Cluster(tmp_path, redis_server.url, f"p{uuid.uuid4().hex[:8]}", workers=1,
-                      models=tiny_models["qwen-image-edit"], family="tiny-qwen-image-edit-plus",
-                      lease_ms=30000, extra=INPUTS)
-    http = gateway_client(cluster.gateway, http_timeout_s=150)
-    try:
+    with cluster_http(tmp_path, tiny_models["qwen-image-edit"],
+                      "tiny-qwen-image-edit-plus") as http:
         a, b = (base64.b64encode(png(conditioning_image(shift=s))).decode() for s in (0, 5))
-        params = {"prompt": "the fox of Picture 1 in the snow of Picture 2", "seed": 3,
-                  "height": 32, "width": 48}
-        task = {**params, "infer_steps": 4, "target_shape": [32, 48], "image_path": f"{a},{b}",
+        prompt = {"prompt": "the fox of Picture 1 in the snow of Picture 2", "seed": 3}
+        task = {**prompt, "infer_steps": 4, "target_shape": [32, 48], "image_path": f"{a},{b}",
                 "task_id": "plus-lightx2v"}
-        del task["height"], task["width"]
         assert http.post("/v1/tasks/image/", json=task).status_code == 200
+        params = {**prompt, "height": 32, "width": 48}
         for job_id, image in (("plus-list", [a, b]), ("plus-one", [a])):
             created = http.post("/v1/jobs", json={"params": {**params, "image": image},
                                                   "job_id": job_id})
@@ -254,7 +244,3 @@ def test_a_multi_image_edit_takes_a_list_or_lightx2vs_comma_separated_images(tmp
         four = http.post("/v1/jobs", json={"params": {**params, "image": [a, b, a, b]}})
         assert four.status_code == 422 and "a job takes 1 to 3" in four.json()["message"]
         assert http.get("/v1/queues").json()["totals"]["jobs"] == jobs_before
-    finally:
-        http.close()
-        cluster.stop()
-        redis_server.stop()
