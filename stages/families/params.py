@@ -31,7 +31,7 @@ BlobRef = Annotated[str, msgspec.Meta(pattern=r"^blob:[0-9a-f]{64}$",
 class Params(msgspec.Struct, forbid_unknown_fields=True):
     """What every family's job takes besides its model's own knobs."""
 
-    images: ClassVar[int] = 0  # how many input images a job names (`image`): none here
+    max_images: ClassVar[int] = 0  # how many input images a job may name (`image`): none
 
     prompt: Prompt = ""
     seed: Seed = 0
@@ -65,7 +65,7 @@ class WanParams(Params):
 class WanI2VParams(WanParams, kw_only=True):
     """Wan2.1 image-to-video: the conditioning frame (required), then the T2V knobs."""
 
-    images: ClassVar[int] = 1
+    max_images: ClassVar[int] = 1
     image: BlobRef
 
 
@@ -114,7 +114,7 @@ class QwenImageEditParams(QwenImageParams, kw_only=True):
     """Qwen-Image-Edit: the image to edit (required); the output takes its aspect ratio at
     about 1 MP unless height and width (both) or aspect_ratio say otherwise."""
 
-    images: ClassVar[int] = 1
+    max_images: ClassVar[int] = 1
     image: BlobRef
     height: Side | None = None
     width: Side | None = None
@@ -141,7 +141,7 @@ class QwenImageEditPlusParams(QwenImageEditParams, kw_only=True):
     """Qwen-Image-Edit-2509/2511: one image, or a list of up to three (Picture 1, 2, 3 to the
     prompt); the output takes the last one's aspect ratio unless height and width say."""
 
-    images: ClassVar[int] = MAX_IMAGES
+    max_images: ClassVar[int] = MAX_IMAGES
     image: BlobRef | Images
 
 
@@ -217,7 +217,7 @@ def takes_images(schema: type[Params] | None) -> bool:
 
 def images_per_job(schema: type[Params] | None) -> int:
     """How many input images a job may name: 0 (text-only), 1, or more."""
-    return schema.images if schema is not None else 0
+    return schema.max_images if schema is not None else 0
 
 
 def image_refs(params: dict[str, Any]) -> list[str]:
