@@ -8,7 +8,7 @@
                      [--redis-url URL]
     stagepool gateway --config FILE [--host H] [--port P]   HTTP API, /metrics, dashboard
     stagepool top [--interval S]            live queue depth, workers and jobs
-    stagepool submit [--param K=V ...] [--params JSON] [--job-id ID] [--json]
+    stagepool submit [--param K=V ...] [--params JSON] [--image FILE ...] [--job-id ID] [--json]
     stagepool status ID [--json]
     stagepool wait ID [--timeout S]
     stagepool cancel ID
@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("submit", cmd_submit, "submit a job; prints its id")
     p.add_argument("--param", action="append", default=[], metavar="K=V")
     p.add_argument("--params", default=None, help="params as a JSON object")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an input image (again for a multi-image edit): stored in the "
+                        "cluster's Redis, named in params.image")
     p.add_argument("--job-id", default=None)
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=None, metavar="S",

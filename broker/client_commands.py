@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 
@@ -40,6 +41,37 @@ def cluster_config(args):
     (a client needs only addresses and keys, which the environment may give)."""
     path = getattr(args, "config", None) or (locate.running(args.state_dir) or {}).get("config")
     return config_mod.load(path) if path else None
+
+
+def redis_address(args) -> tuple[str, str]:
+    """(URL, namespace) of the cluster's Redis: the environment's, else the running
+    cluster's, else the config's."""
+    config = cluster_config(args) or config_mod.Config()
+    url = (os.environ.get("STAGEPOOL_REDIS_URL")
+           or (locate.running(args.state_dir) or {}).get("redis_url") or config.redis.url)
+    return url, os.environ.get("STAGEPOOL_NAMESPACE") or config.redis.namespace
+
+
+def store_images(args, paths: list[str]) -> list[str]:
+    """Image files stored beside the jobs, as the gateway stores uploads (common/blobs.py):
+    their blob references. The broker checks each when the job is submitted."""
+    from ..common.blobs import BlobStore
+    from ..common.jobstore import JobStore
+
+    config = cluster_config(args) or config_mod.Config()
+    store = JobStore(*redis_address(args))
+    try:
+        blobs = BlobStore(store, config.inputs.ttl_s)
+        refs = []
+        for path in paths:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"--image {path}: {exc.strerror or exc}") from None
+            refs.append(blobs.put(data))
+        return refs
+    finally:
+        store.close()
 
 
 def _client(args) -> BrokerClient:
@@ -106,6 +138,9 @@ def cmd_submit(args) -> int:
     for item in args.param:
         key, _, value = item.partition("=")
         params[key] = value
+    if args.image:
+        refs = store_images(args, args.image)
+        params["image"] = refs[0] if len(refs) == 1 else refs
     with _client(args) as client:
         deadline_ms = int((time.time() + args.deadline_s) * 1000) if args.deadline_s else 0
         submitted = client.submit(params, job_id=args.job_id, priority=args.priority,

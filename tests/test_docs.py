@@ -36,7 +36,7 @@ NODE_MODULES = ROOT / ".venv" / "node" / "node_modules"
 EXAMPLE_JOBS = ["fox-1", "doc-1", "py-1", "zmq-1", "js-1", "curl-1"]
 # The image examples (docs/gateway.md's image-editing cluster): their blocks' names start so.
 IMAGES = "images-"
-IMAGE_JOBS = ["edit-1", "edit-2", "fox-edit"]
+IMAGE_JOBS = ["edit-1", "edit-2", "edit-3", "fox-edit"]
 
 
 def blocks() -> list[tuple[str, str, str, Path]]:
@@ -129,7 +129,7 @@ def test_every_marked_example_runs_as_written(tmp_path):
     names = [name for name, *_ in found]
     assert {"terminal-1", "terminal-2", "python", "redis-cli", "wire-redis-cli",
             "wire-zmq-node", "gateway-curl", "client-batch", "images-up", "images-curl",
-            "images-wire-redis-cli"} <= set(names), names
+            "images-cli", "images-wire-redis-cli"} <= set(names), names
     assert len(names) == len(set(names)), "two examples share a name"
     work = tmp_path / "work"
     work.mkdir()
@@ -149,4 +149,5 @@ def test_every_marked_example_runs_as_written(tmp_path):
     # The image examples edit the fox the first session drew.
     _session(found, "images-up", ".stagepool-edit", IMAGE_JOBS, work, base,
              tmp_path / "images-up.log")
-    assert (work / "edit-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("edit-1.png", "fox-red.png"):
+        assert (work / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
