@@ -43,10 +43,9 @@ def cluster_config(args):
     return config_mod.load(path) if path else None
 
 
-def redis_address(args) -> tuple[str, str]:
+def redis_address(args, config) -> tuple[str, str]:
     """(URL, namespace) of the cluster's Redis: the environment's, else the running
-    cluster's, else the config's."""
-    config = cluster_config(args) or config_mod.Config()
+    cluster's, else `config`'s."""
     url = (os.environ.get("STAGEPOOL_REDIS_URL")
            or (locate.running(args.state_dir) or {}).get("redis_url") or config.redis.url)
     return url, os.environ.get("STAGEPOOL_NAMESPACE") or config.redis.namespace
@@ -59,7 +58,7 @@ def store_images(args, paths: list[str]) -> list[str]:
     from ..common.jobstore import JobStore
 
     config = cluster_config(args) or config_mod.Config()
-    store = JobStore(*redis_address(args))
+    store = JobStore(*redis_address(args, config))
     try:
         blobs = BlobStore(store, config.inputs.ttl_s)
         refs = []

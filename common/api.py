@@ -66,7 +66,7 @@ class _Call:
             try:
                 error = msgspec.json.decode(response.content, type=ErrorBody)
                 code, message = error.code, error.message
-            except (msgspec.ValidationError, *DECODE_ERRORS):  # not our error body
+            except DECODE_ERRORS:  # not our error body (ValidationError is a DecodeError)
                 code, message = f"http_{response.status_code}", response.text[:500]
             retry_after = float(response.headers.get("retry-after", 0) or 0)
             raise RemoteError(code, message, retry_after)

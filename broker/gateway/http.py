@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...common.errors import (
-    Code, InvalidParams, PayloadTooLarge, ProtocolError, RemoteError, StagepoolError, StoreUnavailable,
-    TransportError,
+    Code, InvalidParams, PayloadTooLarge, ProtocolError, RemoteError, StagepoolError,
+    StoreUnavailable, TransportError,
 )
 from ...common.frames import DECODE_ERRORS
 from ...common.httpwire import ErrorBody

@@ -10,10 +10,11 @@
     GET    /v1/tasks/queue/status    pending and active counts
 
 Request fields map onto the families' params: prompt, negative_prompt, seed (random when not
-given, as LightX2V does), infer_steps, guidance_scale (Qwen-Image's true_cfg_scale), fps; target_shape [h, w] -> height and
-width ([n]: square); target_video_length -> num_frames (video; images have one frame); aspect_ratio is
-passed on for the family to size the output by; image_path (base64, a path under inputs.dir,
-a URL where allowed) -> params.image, stored (inputs.py). What the deployment cannot serve is
+given, as LightX2V does), infer_steps, guidance_scale (Qwen-Image's true_cfg_scale), fps;
+target_shape [h, w] -> height and width ([n]: square); target_video_length -> num_frames
+(video; images have one frame); aspect_ratio is passed on for the family to size the output by;
+image_path (base64, a path under inputs.dir, a URL where allowed; comma-separated for a
+multi-image edit) -> params.image, stored (inputs.py). What the deployment cannot serve is
 refused with 422, never run without it: an image for a text-only pipeline, an audio_path, a
 lora_name. Other fields (use_prompt_enhancer, ...) and unknown ones are accepted and ignored.
 
@@ -188,6 +189,13 @@ _TASK_FIELDS = set(TaskRequest.__struct_fields__)
 
 
 async def _submit(app, task: TaskRequest, kind: str) -> Response:
+    submitted = await _submit_task(app, task, kind)
+    return json_response(TaskResponse(task_id=submitted.job_id, task_status="pending",
+                                      save_result_path=task.save_result_path or submitted.job_id))
+
+
+async def _submit_task(app, task: TaskRequest, kind: str):
+    """The task as a job (its image stored), submitted: the broker's Submitted."""
     params = task_params(task, kind, app.cfg_field)
     if task.audio_path:
         raise HTTPError(422, Code.INVALID_PARAMS, "audio_path: this deployment has no audio "
@@ -197,9 +205,7 @@ async def _submit(app, task: TaskRequest, kind: str) -> Response:
         params["lora_name"] = task.lora_name
     if task.image_path:
         params["image"] = await in_thread(app.inputs.store, task.image_path, "image_path")
-    submitted = await in_thread(app.observer.submit, params, task.task_id, 0)
-    return json_response(TaskResponse(task_id=submitted.job_id, task_status="pending",
-                                      save_result_path=task.save_result_path or submitted.job_id))
+    return await in_thread(app.observer.submit, params, task.task_id, 0)
 
 
 async def create_image(request: Request) -> Response:
@@ -232,8 +238,7 @@ async def create_image_sync(request: Request) -> Response:
     app = request.app.state
     timeout_s = query_int(request, "timeout_seconds", 600, 1, 3600)
     task = await read_json(request, TaskRequest, app.submit_body_bytes)
-    created = msgspec.json.decode((await _submit(app, task, "image")).body)
-    job_id = created["task_id"]
+    job_id = (await _submit_task(app, task, "image")).job_id
     observer = app.observer
     await app.waiters.wait(job_id, timeout_s, lambda: observer.ended(job_id))
     job = await in_thread(observer.job, job_id)

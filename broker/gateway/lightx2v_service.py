@@ -102,7 +102,6 @@ async def health(request: Request) -> Response:
     return json_response({"status": "healthy"})
 
 
-
 OPS = [
     Op("DELETE", "/v1/tasks/all/running", stop_all, "Stop every task (LightX2V)", "lightx2v",
        responses={200: StopTaskResponse, 503: ErrorBody}),

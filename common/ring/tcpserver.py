@@ -108,9 +108,8 @@ class TcpRingServer:
         serve = threading.Thread(target=self._serve, name="ring-tcp", daemon=True)
         self._threads.append(serve)
         for name, region in self._regions.items():
-            watch = threading.Thread(
-                target=self._watch, args=(region, self._watched[name]),
-                name=f"ring-watch-{name}", daemon=True)
+            watch = threading.Thread(target=self._watch, args=(region, self._watched[name]),
+                                     name=f"ring-watch-{name}", daemon=True)
             self._threads.append(watch)
         for thread in self._threads:
             thread.start()
@@ -283,7 +282,7 @@ class TcpRingServer:
             op = self._decoder.decode(frame)
             rid = op.rid
             reply = self._execute(conn, op)
-        except (msgspec.ValidationError, *DECODE_ERRORS) as exc:
+        except DECODE_ERRORS as exc:  # msgspec.ValidationError is a DecodeError
             log.warning("ring server: undecodable op from %s: %s", conn.peer, exc)
             reply = OpError(rid, "bad_request", f"undecodable ring op: {exc}")
         except (IndexError, ValueError, OverflowError, KeyError, ProtocolError,

@@ -20,6 +20,7 @@ import torch (the broker imports it), only loading and running one does.
 from __future__ import annotations
 
 import abc
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,6 +120,14 @@ class Family(abc.ABC):
         loaded.append(name)
         pipe.set_adapters([name])
         pipe.enable_lora()
+
+    def vae_config(self) -> dict[str, Any]:
+        """The VAE's config.json: what a stage that loads no VAE reads of it (the latent
+        layout follows its compression)."""
+        if not hasattr(self, "_vae_config"):
+            self._vae_config = json.loads(
+                (Path(self.model_path) / "vae" / "config.json").read_text())
+        return self._vae_config
 
     def generator(self, params: dict[str, Any]):
         import torch

@@ -9,9 +9,7 @@ decode: de-normalise, AutoencoderKLQwenImage -> one frame
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any, Callable
 
 from . import Family, Tensors
@@ -29,7 +27,7 @@ class QwenImageFamily(Family):
             from diffusers.image_processor import VaeImageProcessor
 
             logging.getLogger(type(self.pipe).__module__).addFilter(_no_mask_notice)
-            vae = json.loads((Path(self.model_path) / "vae" / "config.json").read_text())
+            vae = self.vae_config()
             self.pipe.vae_scale_factor = 2 ** len(vae.get("temperal_downsample", [0, 0, 0]))
             self.pipe.latent_channels = vae.get("z_dim", 16)
             self.pipe.image_processor = VaeImageProcessor(

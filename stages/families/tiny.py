@@ -158,8 +158,8 @@ def build_qwen_image_edit(path: Path) -> None:
                                  latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
     QwenImageEditPipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                           processor=None).save_pretrained(path)
-    image_processor("Qwen2VLImageProcessor")(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(
-        path / "processor")
+    images = image_processor("Qwen2VLImageProcessor")(min_pixels=28 * 28, max_pixels=56 * 56)
+    images.save_pretrained(path / "processor")
     parts["tokenizer"].save_pretrained(path / "processor")
     index = json.loads((path / "model_index.json").read_text())
     index["processor"] = ["transformers", "Qwen2VLProcessor"]
@@ -177,9 +177,9 @@ def build_wan_i2v(path: Path) -> None:
     image_encoder = CLIPVisionModel(CLIPVisionConfig(
         hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
         image_size=32, intermediate_size=16, patch_size=1))
+    images = image_processor("CLIPImageProcessor")(crop_size=32, size=32)
     WanImageToVideoPipeline(**parts, image_encoder=image_encoder,
-                            image_processor=image_processor("CLIPImageProcessor")(crop_size=32, size=32)
-                            ).save_pretrained(path)
+                            image_processor=images).save_pretrained(path)
 
 
 BUILDERS = {"tiny": build_wan, "qwen-image": build_qwen_image, "tiny-i2v": build_wan_i2v,

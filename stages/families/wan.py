@@ -25,8 +25,7 @@ class WanFamily(Family):
         self.pipe = self._pipeline(self._components(stage))
         self.pipe.set_progress_bar_config(disable=True)
         if stage == "denoise":  # the latent shape follows the VAE's compression (its config)
-            vae = json.loads((Path(self.model_path) / "vae" / "config.json").read_text())
-            downsample = vae.get("temperal_downsample", [False, True, True])
+            downsample = self.vae_config().get("temperal_downsample", [False, True, True])
             self.pipe.vae_scale_factor_temporal = 2 ** sum(downsample)
             self.pipe.vae_scale_factor_spatial = 2 ** len(downsample)
 
@@ -111,6 +110,7 @@ class TinyFamily(WanFamily):
     Params = schemas.TinyWanParams
     tiny_dir = "tiny"
 
+
 def _scheduler(path: str):
     import diffusers
 
@@ -158,8 +158,7 @@ class WanI2VFamily(WanFamily):
     def _pipeline(self, parts: dict[str, Any]):
         pipe = _split_i2v_pipeline()(**parts)
         if parts["vae"] is None:  # denoise: the pipeline reads the VAE's z_dim alone
-            vae = json.loads((Path(self.model_path) / "vae" / "config.json").read_text())
-            pipe.use_vae_config(vae)
+            pipe.use_vae_config(self.vae_config())
         return pipe
 
     def encode(self, params: dict[str, Any]) -> Tensors:
