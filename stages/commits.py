@@ -15,6 +15,7 @@ the job fails after max_attempts.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ from ..common import transitions as tx
 from ..common.config import Config
 from ..common.jobstore import Outcome
 from ..common.dispatch import Dispatch, encode_dispatch
+from ..common.errors import StagepoolError
+from ..common.ring import Ring, lanes
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class Commits:
         self.index = names.index(session.stage)
         self.next_stage = names[self.index + 1] if self.index + 1 < len(names) else ""
         self.session = session  # our identity (worker id), the job store, max_attempts
+        self.settings = config.worker
 
     def start(self, dispatches: list[Dispatch]) -> list[bytes | None]:
         """Per dispatch, in order: its params JSON if it started, else None (dropped)."""
@@ -98,9 +102,26 @@ class Commits:
             return None
         return msgspec.structs.replace(dispatch, attempt=int(outcome.values[0]))
 
+    def publish(self, rings: list[Ring], dispatches: list[Dispatch]) -> None:
+        """Each into its priority lane of `rings`, in one go. The leases stay alive while we
+        wait for room: nothing is lost if we die here."""
+        items = [(lanes.lane_of(d.priority), encode_dispatch(d)) for d in dispatches]
+        while items:
+            try:
+                items = lanes.produce_many(rings, items, self.settings.publish_wait_s)
+            except StagepoolError as exc:
+                log.warning("hand-on failed: %s", exc)
+                time.sleep(self.settings.register_retry_s)
+            if items and self.session.reattach.is_set():
+                # The broker restarted: it rebuilt these dispatches from Redis already.
+                log.info("broker changed during hand-on; the rebuild covers it")
+                return
+            if items:
+                log.warning("hand-on waiting for room: %d dispatches", len(items))
+
     def progress(self, dispatch: Dispatch, step: int, steps: int) -> Outcome:
-        return self.session.store.apply(tx.Progress(dispatch.job_id, self.stage.name, dispatch.attempt, step,
-                                       steps))
+        return self.session.store.apply(tx.Progress(dispatch.job_id, self.stage.name,
+                                                    dispatch.attempt, step, steps))
 
 
 def handed_on(done: Ran, outcome: Outcome) -> Dispatch | None:

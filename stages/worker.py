@@ -18,7 +18,7 @@ Lifecycle of a batch of dispatches in a worker (one commit path for every stage)
      was superseded) makes the worker register again for fresh cells.
 A worker killed anywhere in 2-6 leaves a claimed slot or a lease that the broker's reaper
 recovers; its replacement pulls the same held inputs again.
-A running stage stops at its next step (`StageStopped` from `job.progress`) when Redis says
+A running stage stops at its next step (`StageStopped` from `job.progress`, steps.py) when
 its job ended or its attempt was superseded, or when its time limit passed (then it is
 retried). A run that reaches no step within worker.stop_grace_s past its limit (a hung
 kernel) makes the worker exit: the reaper recovers the job, the supervisor a new worker.
@@ -42,9 +42,8 @@ import msgspec
 from ..common.addresses import endpoint_host, route_to
 from ..common.config import Config
 from ..common.errors import RemoteError, StagepoolError, StageStopped, TransportError
-from ..common.ring import Ring, lanes
-from ..common.dispatch import Dispatch, encode_dispatch
-from . import base, claims
+from ..common.dispatch import Dispatch
+from . import base, claims, steps
 from .commits import Commits, Ran, handed_on
 from .families.params import job_time_limit_s
 from .gpu import GpuProbe
@@ -81,7 +80,7 @@ class Worker:
         self._busy = threading.Event()
         self._run_deadline = 0.0  # monotonic: the time limit of the run in progress (0: none)
         self._turn = 0  # batches claimed: which priority lane goes first (lanes.claim_order)
-        self._stop_now = False  # a second stop signal: the running stage stops at its next step
+        self._stop_now = threading.Event()  # a second stop signal: the run stops at its next step
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.drain())
@@ -91,7 +90,7 @@ class Worker:
         """Finish the current batch, then stop; asked again, stop the running stage at its
         next step (its job is re-queued) and then stop."""
         if self._draining.is_set():
-            self._stop_now = True
+            self._stop_now.set()
         self._draining.set()
 
     def run(self) -> None:
@@ -219,8 +218,10 @@ class Worker:
         job = base.JobContext(job_id=dispatch.job_id, attempt=dispatch.attempt, params=params,
                               inputs=pull.tensors if pull else {},
                               read_input=self.session.blobs().get,
-                              progress=self._progress_reporter(dispatch, cell,
-                                                               self._run_deadline, limit_s))
+                              progress=steps.reporter(
+                                  self.commits, self.session.consume, cell, dispatch,
+                                  self._run_deadline, limit_s,
+                                  self.config.worker.progress_interval_ms / 1000, self._stop_now))
         try:
             output = self.stage.run(job)
         except Exception as exc:
@@ -269,75 +270,18 @@ class Worker:
                 if done.held:
                     self.data.release(done.dispatch.job_id)
                 continue
-            self._attempt(done.dispatch, ran_from, "committed")
             self.session.jobs_done += 1
             hand_on = handed_on(done, outcome)
             if hand_on is not None:
                 hand_ons.append(hand_on)
-            committed.append(done)
-        self._publish(self.session.produce_lanes, hand_ons)
-        for done in committed:
+            committed.append((done, ran_from))
+        self.commits.publish(self.session.produce_lanes, hand_ons)  # first: the next stage waits
+        for done, ran_from in committed:
+            self._attempt(done.dispatch, ran_from, "committed")
             if done.pull is not None:  # our stage is committed: the producer may let go
                 self.data.release_upstream(done.dispatch)
 
     def _retry(self, dispatch: Dispatch, error: str, permanent: bool = False) -> None:
         again = self.commits.retry(dispatch, error, permanent)
         if again is not None:
-            self._publish(self.session.consume_lanes, [again])
-
-    def _publish(self, rings: list[Ring], dispatches: list[Dispatch]) -> None:
-        """Each into its priority lane, in one go. The leases stay alive while we wait for
-        room: nothing is lost if we die here."""
-        items = [(lanes.lane_of(d.priority), encode_dispatch(d)) for d in dispatches]
-        while items:
-            try:
-                items = lanes.produce_many(rings, items, self.config.worker.publish_wait_s)
-            except StagepoolError as exc:
-                log.warning("hand-on failed: %s", exc)
-                time.sleep(self.config.worker.register_retry_s)
-            if items and self.session.reattach.is_set():
-                # The broker restarted: it rebuilt these dispatches from Redis already.
-                log.info("broker changed during hand-on; the rebuild covers it")
-                return
-            if items:
-                log.warning("hand-on waiting for room: %d dispatches", len(items))
-
-    def _progress_reporter(self, dispatch: Dispatch, cell: int, deadline: float,
-                           limit_s: float):
-        """`job.progress`: raise StageStopped where the run must stop, else record the step.
-
-        Each step reads our lease cell's stop word (where the broker asks us to stop: a local
-        load on shm); a step is written to Redis at most every progress_interval_ms (and the
-        last), and Redis's answer stops a superseded or ended attempt too."""
-        interval_s = self.config.worker.progress_interval_ms / 1000
-        ring = self.session.consume
-        next_write = 0.0
-
-        def report(step: int, steps: int) -> None:
-            nonlocal next_write
-            now = time.monotonic()
-            if ring.stop_requested(cell):
-                raise StageStopped(f"the broker stopped the attempt at step {step}/{steps} "
-                                   "(cancelled, or recovered after its lease expired)")
-            if now > deadline:
-                raise StageStopped(f"time limit of {limit_s:g} s passed at step "
-                                   f"{step}/{steps}", retry=True)
-            if self._stop_now:
-                raise StageStopped(f"the worker is stopping (at step {step}/{steps}): the job "
-                                   "runs again", retry=True)
-            if now < next_write and step < steps:
-                return
-            next_write = now + interval_s
-            try:
-                outcome = self.commits.progress(dispatch, step, steps)
-            except StagepoolError:
-                log.debug("progress not recorded", exc_info=True)
-            else:
-                if outcome.status == "terminal":
-                    raise StageStopped(f"the job is {outcome.values[0].decode()} "
-                                       f"(at step {step}/{steps})")
-                if not outcome.ok:
-                    raise StageStopped(f"the attempt is {outcome.status} (at step "
-                                       f"{step}/{steps}): another attempt owns the job")
-
-        return report
+            self.commits.publish(self.session.consume_lanes, [again])

@@ -144,7 +144,7 @@ def build_qwen_image(path: Path) -> None:
 def build_qwen_image_edit(path: Path) -> None:
     """Qwen-Image-Edit at toy size, in the real checkpoint's layout: the text side with the
     vision markers, a VAE at the real 8x compression (the pipeline encodes its conditioning
-    image at about 1 MP: the VAE's width keeps that cheap), and a `processor` folder (the
+    image at about 1 MP: the VAE's width keeps that small), and a `processor` folder (the
     Qwen2-VL image processor, at few pixels, and the tokenizer)."""
     import json
 
