@@ -120,6 +120,7 @@ def _race(redis_server, namespace, action, contenders=5) -> list[str]:
     return [results.get(timeout=5) for _ in procs]
 
 
+@pytest.mark.cluster
 def test_five_processes_committing_one_result_exactly_one_wins(store, redis_server, namespace):
     store.apply(tx.Submit("race", "noop", b"{}", "decode", b"d"))
     store.apply(tx.Start("race", "decode", 1, "w0", "decoding", 0))
@@ -129,6 +130,7 @@ def test_five_processes_committing_one_result_exactly_one_wins(store, redis_serv
     assert store.get("race")["commits"] == "1"
 
 
+@pytest.mark.cluster
 def test_five_processes_starting_one_attempt_exactly_one_wins(store, redis_server, namespace):
     store.apply(tx.Submit("race", "noop", b"{}", "encode", b"d"))
     statuses = _race(redis_server, namespace, _race_start)

@@ -98,7 +98,13 @@ def _split(family: str, path: str, params: dict, dtype: str = "float32", steps=N
         b.close()
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# The edit pipelines encode their images at about 1 MP whatever the weights' size (seconds
+# each on a CPU): one of them in the fast tier, the others beside the clusters.
+_AT_1MP = {"qwen-image-edit", "qwen-image-edit-plus", "tiny-qwen-image-edit-plus"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.cluster) if c in _AT_1MP
+                                  else c for c in sorted(CASES)])
 def test_the_three_stage_split_equals_the_monolithic_pipeline(case, tiny_models):
     family, model_dir, params = CASES[case]
     params = with_images(params)
@@ -119,6 +125,7 @@ def test_the_split_equals_the_monolithic_pipeline_in_bfloat16_too(case, tiny_mod
     assert float(np.abs(split - np.asarray(monolithic(encode, params))).max()) == 0.0
 
 
+@pytest.mark.cluster
 def test_an_edit_runs_with_bfloat16_encoders_beside_a_float32_vae(tiny_models):
     """diffusers' edit pipeline cannot: it casts the image to the encoder's dtype before its
     VAE. The encode stage hands the VAE its own dtype; the image stays near float32's (about

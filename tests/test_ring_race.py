@@ -26,6 +26,7 @@ from tests import ring_procs
 
 from .conftest import wait_ended
 
+pytestmark = pytest.mark.cluster  # every test races processes
 ctx = multiprocessing.get_context("spawn")
 
 

@@ -71,6 +71,7 @@ def consumer_factory():
         exchange.close()
 
 
+@pytest.mark.cluster  # a producer process
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tensors_of_every_size_arrive_bit_exact(backend, consumer_factory):
     spec = {f"t{n}": n for n in SIZES}
@@ -88,6 +89,7 @@ def test_tensors_of_every_size_arrive_bit_exact(backend, consumer_factory):
         producer.close()
 
 
+@pytest.mark.cluster  # a producer process
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_corrupted_buffer_fails_the_checksum(backend, consumer_factory):
     producer = Producer(backend, {"embeds": 1 << 20})
@@ -101,6 +103,7 @@ def test_a_corrupted_buffer_fails_the_checksum(backend, consumer_factory):
         producer.close()
 
 
+@pytest.mark.cluster  # a producer process
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_killed_producer_is_reported_gone(backend, consumer_factory):
     producer = Producer(backend, {"embeds": 4096})
@@ -110,6 +113,7 @@ def test_a_killed_producer_is_reported_gone(backend, consumer_factory):
     assert pull.failure.kind is FailureKind.PRODUCER_GONE and pull.failure.upstream
 
 
+@pytest.mark.cluster  # a producer process
 def test_a_dead_producer_costs_one_timeout_then_fails_at_once_until_it_is_back(
         consumer_factory):
     """The first pull from a killed producer waits out the engine's tries; it is then
@@ -132,6 +136,7 @@ def test_a_dead_producer_costs_one_timeout_then_fails_at_once_until_it_is_back(
     assert consumer.dead_peer(producer.endpoint) == ""
 
 
+@pytest.mark.cluster  # a producer process
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_release_notice_frees_the_producers_hold(backend, consumer_factory):
     producer = Producer(backend, {"embeds": 4096})
@@ -149,6 +154,7 @@ def test_a_release_notice_frees_the_producers_hold(backend, consumer_factory):
         producer.close()
 
 
+@pytest.mark.cluster  # a producer process
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_descriptors_outside_the_pool_are_refused(backend, consumer_factory):
     producer = Producer(backend, {"embeds": 4096})
