@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.server
 import re
+import socket
 import threading
 import time
 
@@ -144,3 +145,57 @@ def test_image_lists_a_pipeline_cannot_take_are_refused(store, images_per_job, v
     with pytest.raises(InvalidParams, match=re.escape(reason)):
         _inputs(store, images_per_job=images_per_job).store(value, "image_path")
     assert not store.redis.keys(f"{store.keys.prefix}blob:*")
+
+
+class _Recording(_Handler):
+    """Serves as _Handler does, and notes each request's (server address, Host header)."""
+
+    seen: list[tuple[str, str]] = []
+
+    def do_GET(self):
+        self.seen.append((self.server.server_address[0], self.headers.get("Host", "")))
+        super().do_GET()
+
+
+def test_the_fetch_connects_to_the_address_the_check_approved(store, monkeypatch):
+    """DNS rebinding: the name resolves to a public address for the check, then to an
+    internal one. The fetch goes to the approved address, naming the host it asked for.
+    (Here 127.0.0.2 stands for the public address, 127.0.0.1 for the internal service.)"""
+    from stagepool.broker.gateway import inputs as inputs_mod
+
+    servers = [_Server((address, 0), _Recording) for address in ("127.0.0.2", "127.0.0.1")]
+    for httpd in servers:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = servers[0].server_address[1]
+    servers[1].server_close()  # the internal service: on the same port, where it matters
+    servers[1] = _Server(("127.0.0.1", port), _Recording)
+    threading.Thread(target=servers[1].serve_forever, daemon=True).start()
+    real, answers = socket.getaddrinfo, iter(["127.0.0.2"])
+
+    def rebinding(host, *args, **kwargs):
+        if host == "images.test":  # the check's answer, then the attacker's
+            host = next(answers, "127.0.0.1")
+        return real(host, *args, **kwargs)
+
+    _Recording.seen.clear()
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(inputs_mod, "is_public", lambda address: address == "127.0.0.2")
+    try:
+        ref = _inputs(store, allow_urls=True).store(f"http://images.test:{port}/fox.png",
+                                                    "image_path")
+    finally:
+        for httpd in servers:
+            httpd.shutdown()
+            httpd.server_close()
+    assert BlobStore(store, 60).get(ref) == IMAGE
+    assert _Recording.seen == [("127.0.0.2", f"images.test:{port}")]
+
+
+def test_a_pinned_request_keeps_its_host_for_the_header_and_the_tls_name():
+    from stagepool.broker.gateway.inputs import pinned
+
+    assert pinned("https://user:pw@images.example:8443/a.png?x=1", "2001:db8::1") == (
+        "https://user:pw@[2001:db8::1]:8443/a.png?x=1", {"Host": "images.example:8443"},
+        {"sni_hostname": "images.example"})
+    assert pinned("http://images.example/a.png", "93.184.215.14") == (
+        "http://93.184.215.14/a.png", {"Host": "images.example"}, {})

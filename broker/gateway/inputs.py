@@ -99,11 +99,14 @@ class Inputs:
         if not self.settings.allow_urls:
             raise InvalidParams(f"{field}: URLs are off on this deployment (inputs.allow_urls); "
                                 "send the image itself (base64 or a multipart upload)")
-        self._check_host(url, field)
+        address = self._check_host(url, field)
+        request_url, headers, extensions = pinned(url, address) if address else (url, {}, {})
         limit, timeout_s = self.settings.max_bytes, self.settings.url_timeout_s
         deadline = time.monotonic() + timeout_s
         try:
-            with httpx.stream("GET", url, timeout=timeout_s, follow_redirects=False) as response:
+            with httpx.Client(timeout=timeout_s, follow_redirects=False) as client, \
+                    client.stream("GET", request_url, headers=headers,
+                                  extensions=extensions) as response:
                 response.raise_for_status()
                 chunks, size = [], 0
                 for chunk in response.iter_bytes():
@@ -117,21 +120,45 @@ class Inputs:
             raise InvalidParams(f"{field}: could not fetch {url}: {exc}") from None
         return b"".join(chunks)
 
-    def _check_host(self, url: str, field: str) -> None:
+    def _check_host(self, url: str, field: str) -> str | None:
+        """None for a listed host; else the public address the fetch must connect to (every
+        address the name resolves to is public)."""
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname or ""
         if self.settings.url_hosts:
             if host not in self.settings.url_hosts:
                 raise InvalidParams(f"{field}: {host!r} is not one of the hosts this deployment "
                                     f"fetches from (inputs.url_hosts)")
-            return
+            return None
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            found = {info[4][0] for info in socket.getaddrinfo(host, port,
-                                                               proto=socket.IPPROTO_TCP)}
+            found = list(dict.fromkeys(info[4][0] for info in socket.getaddrinfo(
+                host, port, proto=socket.IPPROTO_TCP)))
         except (OSError, ValueError) as exc:
             raise InvalidParams(f"{field}: cannot resolve {host!r}: {exc}") from None
-        inner = sorted(a for a in found if not ipaddress.ip_address(a.split("%")[0]).is_global)
-        if inner:
-            raise InvalidParams(f"{field}: {host!r} is a non-public address ({inner[0]}); only "
+        inner = sorted(a for a in found if not is_public(a))
+        if inner or not found:
+            raise InvalidParams(f"{field}: {host!r} is a non-public address "
+                                f"({inner[0] if inner else 'none found'}); only "
                                 "hosts listed in inputs.url_hosts may be internal")
+        return found[0]
+
+
+def is_public(address: str) -> bool:
+    return ipaddress.ip_address(address.split("%")[0]).is_global
+
+
+def pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """`url` sent to `address`, the one the check approved, rather than to whatever its name
+    resolves to when the fetch connects (a DNS server answering differently the second time
+    would get past the check): (URL, headers, httpx extensions). The Host header and the
+    TLS server name (checked against the certificate) stay the URL's own."""
+    parts = urllib.parse.urlsplit(url)
+    ip = ipaddress.ip_address(address.split("%")[0])
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    netloc = (f"{userinfo}@" if userinfo else "") + (f"[{ip}]" if ip.version == 6 else str(ip))
+    if parts.port:
+        netloc += f":{parts.port}"
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return (urllib.parse.urlunsplit(parts._replace(netloc=netloc)), {"Host": hostport},
+            extensions)
