@@ -258,13 +258,23 @@ class Cluster:
         return json.loads((self.state_dir / "cluster.json").read_text())["children"]
 
     def wait_ready(self, client, workers_per_stage: int, timeout_s: float = 30) -> None:
+        """Until every stage has its workers and the gateway (where there is one) answers."""
+        import httpx
+
         deadline = time.monotonic() + timeout_s
         while True:
             queues = client.queues().queues
             if all(q.workers >= workers_per_stage for q in queues):
-                return
+                break
             assert time.monotonic() < deadline, f"workers never registered: {queues}"
             time.sleep(0.1)
+        while self.gateway:
+            try:
+                httpx.get(f"{self.gateway}/health", timeout=5)
+                return
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the gateway never answered"
+                time.sleep(0.1)
 
     def stop(self) -> None:
         import signal
