@@ -385,7 +385,9 @@ def machine() -> dict:
 # -- reporting -------------------------------------------------------------------------------
 
 def summarize(results: dict) -> dict:
-    peers = {k: v for k, v in results.items() if k not in ("stagepool", "raw")}
+    # The peers: neither stagepool (on either ring) nor the raw chain, which stores nothing.
+    peers = {k: v for k, v in results.items()
+             if not k.startswith("stagepool") and k != "raw"}
     summary = {}
     if "stagepool" in results and peers:
         ours = results["stagepool"]
