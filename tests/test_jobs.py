@@ -83,6 +83,17 @@ def test_a_failed_job_is_revived_at_the_stage_it_failed_in(store):
     assert store.history("f")[-3]["detail"] == "ValueError: bad"  # each error keeps its text
 
 
+def test_a_jobs_history_keeps_its_newest_200_entries(store):
+    _submit(store, "h")
+    for _ in range(110):  # two entries a round: cancelled, revived
+        assert store.apply(tx.Cancel("h")).ok
+        assert store.apply(tx.Revive("h")).status == "retry"
+    history = store.history("h")
+    assert len(history) == 200
+    assert [e["event"] for e in history[-2:]] == ["cancelled", "revived"]
+    assert history[-1]["attempt"] == "111"
+
+
 def test_a_dead_job_leaves_the_dead_letters_when_revived(store):
     _submit(store, "d")
     store.apply(tx.Retry("d", "encode", 1, "b", "lease expired", 1, "crash"))

@@ -95,10 +95,10 @@ local function event(name, stage, attempt, worker, detail, ms)
     'ts_ms', now_ms, 'ms', ms or '')
   -- The job's own history, for its page: the same entry, kept (and expiring) with its record.
   local log = log_prefix .. id
-  redis.call('RPUSH', log, cjson.encode({event = name, stage = stage or '',
+  local length = redis.call('RPUSH', log, cjson.encode({event = name, stage = stage or '',
     attempt = attempt or '', worker = worker or '', detail = detail or '', ts_ms = now_ms,
     ms = ms ~= '' and ms or nil}))
-  redis.call('LTRIM', log, -200, -1)
+  if length > 200 then redis.call('LTRIM', log, -200, -1) end
 end
 
 local function expire_record()
