@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def reporter(commits: Commits, ring: Ring, cell: int, dispatch: Dispatch, deadline: float,
-             limit_s: float, interval_s: float,
-             stopping: threading.Event) -> Callable[[int, int], None]:
+             limit_s: float, stopping: threading.Event) -> Callable[[int, int], None]:
     """`job.progress` for one attempt leased in `cell` of `ring`, due by `deadline`
     (monotonic)."""
+    interval_s = commits.settings.progress_interval_ms / 1000
     next_write = 0.0
 
     def report(step: int, steps: int) -> None:

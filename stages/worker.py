@@ -220,8 +220,7 @@ class Worker:
                               read_input=self.session.blobs().get,
                               progress=steps.reporter(
                                   self.commits, self.session.consume, cell, dispatch,
-                                  self._run_deadline, limit_s,
-                                  self.config.worker.progress_interval_ms / 1000, self._stop_now))
+                                  self._run_deadline, limit_s, self._stop_now))
         try:
             output = self.stage.run(job)
         except Exception as exc:

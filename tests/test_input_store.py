@@ -163,13 +163,11 @@ def test_the_fetch_connects_to_the_address_the_check_approved(store, monkeypatch
     (Here 127.0.0.2 stands for the public address, 127.0.0.1 for the internal service.)"""
     from stagepool.broker.gateway import inputs as inputs_mod
 
-    servers = [_Server((address, 0), _Recording) for address in ("127.0.0.2", "127.0.0.1")]
+    public = _Server(("127.0.0.2", 0), _Recording)
+    port = public.server_address[1]
+    servers = [public, _Server(("127.0.0.1", port), _Recording)]  # the internal one: same port
     for httpd in servers:
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    port = servers[0].server_address[1]
-    servers[1].server_close()  # the internal service: on the same port, where it matters
-    servers[1] = _Server(("127.0.0.1", port), _Recording)
-    threading.Thread(target=servers[1].serve_forever, daemon=True).start()
     real, answers = socket.getaddrinfo, iter(["127.0.0.2"])
 
     def rebinding(host, *args, **kwargs):

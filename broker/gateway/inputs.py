@@ -144,8 +144,13 @@ class Inputs:
         return found[0]
 
 
+def _ip(address: str):
+    """getaddrinfo's address as an ip_address (an IPv6 zone, "%eth0", dropped)."""
+    return ipaddress.ip_address(address.split("%")[0])
+
+
 def is_public(address: str) -> bool:
-    return ipaddress.ip_address(address.split("%")[0]).is_global
+    return _ip(address).is_global
 
 
 def pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]]:
@@ -154,7 +159,7 @@ def pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]]
     would get past the check): (URL, headers, httpx extensions). The Host header and the
     TLS server name (checked against the certificate) stay the URL's own."""
     parts = urllib.parse.urlsplit(url)
-    ip = ipaddress.ip_address(address.split("%")[0])
+    ip = _ip(address)
     userinfo, _, hostport = parts.netloc.rpartition("@")
     netloc = (f"{userinfo}@" if userinfo else "") + (f"[{ip}]" if ip.version == 6 else str(ip))
     if parts.port:
